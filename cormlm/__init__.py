@@ -1,0 +1,34 @@
+"""cormlm: PyTorch-native Llama / Mistral / Falcon with a ragged, evicting KV cache.
+
+    import cormlm
+    model = cormlm.load_model("path/or/hub-id")
+    tok = cormlm.load_tokenizer("path/or/hub-id")
+    out = cormlm.generate(model, ids, max_new_tokens=64, cache=cormlm.CacheConfig("full"))
+"""
+
+from __future__ import annotations
+
+import os
+
+from .cache import CacheConfig, CacheStats, KVCache, available_policies
+from .config import ModelConfig, supported_model_types
+from .errors import (CacheConfigError, CheckpointError, CheckpointNotFoundError, ConfigError, CormlmError,
+                     HubError, InputError, UnsupportedModelError)
+from .generate import GenerationOutput, generate, make_cache
+from .hub import resolve_checkpoint
+from .loading import load_model
+from .tokenizer import Tokenizer, load_tokenizer_from_folder
+
+
+def load_tokenizer(model: str | os.PathLike, *, revision: str | None = None,
+                   cache_dir: str | os.PathLike | None = None) -> Tokenizer:
+    """The tokenizer of a checkpoint folder or hub id (tokenizer.json or tokenizer.model)."""
+    return load_tokenizer_from_folder(resolve_checkpoint(model, revision=revision, cache_dir=cache_dir))
+
+
+__all__ = [
+    "CacheConfig", "CacheConfigError", "CacheStats", "CheckpointError", "CheckpointNotFoundError", "ConfigError",
+    "CormlmError", "GenerationOutput", "HubError", "InputError", "KVCache", "ModelConfig", "Tokenizer",
+    "UnsupportedModelError", "available_policies", "generate", "load_model", "load_tokenizer", "make_cache",
+    "supported_model_types",
+]

@@ -1,0 +1,125 @@
+"""Attention arithmetic shared by the model (no cache) and every cache implementation.
+
+Masks are derived from *positions*, never from tensor indices: a key at position ``p`` is
+visible to a query at position ``t`` iff ``0 <= p <= t`` (and ``t - p < window`` under a
+sliding window). Position ``-1`` marks padding or an empty slot. This is what lets a
+ragged cache compact or reorder its storage freely: ALiBi biases and windows follow the
+key's original position, not its slot.
+
+GQA/MQA never materialise repeated keys and values: the queries of a group are folded
+into the sequence dimension (``[B, Hkv, G*T, D]``) so SDPA sees one key/value head per
+group.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class AttentionSpec:
+    """How one layer's attention turns positions into masks and biases."""
+
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    scale: float
+    sliding_window: int | None = None
+    # ALiBi: bias = slope[h] * (key_pos - query_pos), added to the scaled scores.
+    alibi_slopes: torch.Tensor | None = None
+
+    @property
+    def group_size(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+
+def visibility_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
+    """Boolean [B, Hk, T, S]: which keys each query may attend to.
+
+    ``q_pos`` is [B, T]; ``k_pos`` is [B, S] (shared by all heads) or [B, Hk, S] (per KV
+    head, as in a ragged cache). Rows with no visible key (padding queries) are opened to
+    every key so that softmax stays finite; their outputs are never used.
+    """
+    if k_pos.dim() == 2:
+        k_pos = k_pos[:, None]
+    q = q_pos[:, None, :, None]
+    k = k_pos[:, :, None, :]
+    mask = (k >= 0) & (k <= q)
+    if window is not None:
+        mask &= (q - k) < window
+    return mask | ~mask.any(dim=-1, keepdim=True)
+
+
+def _group_queries(q: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """[B, Hq, T, D] -> [B, Hkv, G*T, D]; query head h belongs to KV head h // G."""
+    b, hq, t, d = q.shape
+    return q.reshape(b, num_kv_heads, (hq // num_kv_heads) * t, d)
+
+
+def _ungroup(out: torch.Tensor, num_heads: int) -> torch.Tensor:
+    b, hkv, gt, d = out.shape
+    return out.reshape(b, num_heads, gt * hkv // num_heads, d)
+
+
+def _group_mask(mask: torch.Tensor, group: int) -> torch.Tensor:
+    """[B, Hk, T, S] -> [B, Hk, G*T, S] matching :func:`_group_queries`."""
+    if group == 1:
+        return mask
+    b, hk, t, s = mask.shape
+    return mask[:, :, None].expand(b, hk, group, t, s).reshape(b, hk, group * t, s)
+
+
+def alibi_bias(spec: AttentionSpec, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+    """Float32 [B, Hq, T, S] ALiBi bias from original positions."""
+    if k_pos.dim() == 2:
+        k_pos = k_pos[:, None]
+    kv_of_head = torch.arange(spec.num_heads, device=q_pos.device) // spec.group_size
+    k = k_pos if k_pos.shape[1] == 1 else k_pos[:, kv_of_head]
+    dist = (k[:, :, None, :] - q_pos[:, None, :, None]).float()
+    return spec.alibi_slopes.float()[None, :, None, None] * dist
+
+
+def attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    spec: AttentionSpec,
+    q_pos: torch.Tensor | None = None,
+    k_pos: torch.Tensor | None = None,
+    causal: bool = False,
+) -> torch.Tensor:
+    """SDPA over ``k``/``v`` [B, Hkv, S, D] for queries ``q`` [B, Hq, T, D] -> [B, Hq, T, D].
+
+    With ``causal=True`` and no positions, the plain lower-triangular case (a whole
+    unpadded sequence) takes SDPA's causal kernel with no mask tensor at all.
+    """
+    group = spec.group_size
+    if causal and q_pos is None:
+        if group == 1 and spec.sliding_window is None and spec.alibi_slopes is None:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=spec.scale)
+        q_pos = k_pos = torch.arange(q.shape[2], device=q.device).expand(q.shape[0], -1)
+    if q_pos is None or k_pos is None:
+        raise ValueError("attend needs q_pos and k_pos unless causal=True on an unpadded sequence")
+    mask = visibility_mask(q_pos, k_pos, spec.sliding_window)
+    if spec.alibi_slopes is not None:
+        bias = alibi_bias(spec, q_pos, k_pos)
+        hq_mask = mask if mask.shape[1] == 1 else mask.repeat_interleave(group, dim=1)
+        bias = bias.masked_fill(~hq_mask, float("-inf")).to(q.dtype)
+        b, hq, t, s = bias.shape
+        grouped_bias = bias.reshape(b, spec.num_kv_heads, group * t, s)
+        out = F.scaled_dot_product_attention(
+            _group_queries(q, spec.num_kv_heads), k, v, attn_mask=grouped_bias, scale=spec.scale
+        )
+        return _ungroup(out, spec.num_heads)
+    out = F.scaled_dot_product_attention(
+        _group_queries(q, spec.num_kv_heads), k, v, attn_mask=_group_mask(mask, group), scale=spec.scale
+    )
+    return _ungroup(out, spec.num_heads)
+
+
+def default_scale(head_dim: int) -> float:
+    return 1.0 / math.sqrt(head_dim)

@@ -1,0 +1,90 @@
+"""How each family's Hugging Face tensor names map onto cormlm's parameters.
+
+A :class:`ParamSource` says which checkpoint tensors (with their expected shapes) make one
+of our parameters and how they combine (q/k/v into one fused projection, gate/up into one
+MLP matrix). The loader checks names and shapes against this plan before reading data, so
+a missing tensor or a shape mismatch is reported by name with the shape expected.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .config import ModelConfig
+
+Combine = Callable[[list[torch.Tensor]], torch.Tensor]
+
+
+def _single(tensors: list[torch.Tensor]) -> torch.Tensor:
+    return tensors[0]
+
+
+def _concat_rows(tensors: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat(tensors, dim=0)
+
+
+@dataclass(frozen=True)
+class ParamSource:
+    target: str  # our parameter name, e.g. "blocks.0.attn.qkv.weight"
+    sources: tuple[tuple[str, tuple[int, ...]], ...]  # (checkpoint name, expected shape)
+    combine: Combine = _single
+
+
+# Tensors some checkpoints carry that hold nothing we need (derived buffers).
+IGNORED_SUFFIXES = (".rotary_emb.inv_freq", ".masked_bias", ".attn.bias")
+
+
+def llama_layout(config: ModelConfig) -> list[ParamSource]:
+    """Llama 2 / 3.x and Mistral: ``model.layers.N.self_attn.q_proj.weight`` and friends."""
+    h, d, inter = config.hidden_size, config.head_dim, config.intermediate_size
+    q, kv = config.num_heads * d, config.num_kv_heads * d
+    plan = [ParamSource("embed.weight", (("model.embed_tokens.weight", (config.vocab_size, h)),)),
+            ParamSource("final_norm.weight", (("model.norm.weight", (h,)),))]
+    if not config.tie_word_embeddings:
+        plan.append(ParamSource("lm_head.weight", (("lm_head.weight", (config.vocab_size, h)),)))
+    for i in range(config.num_layers):
+        src, dst = f"model.layers.{i}.", f"blocks.{i}."
+        attn, mlp = src + "self_attn.", src + "mlp."
+        plan += [
+            ParamSource(dst + "attn_norm.weight", ((src + "input_layernorm.weight", (h,)),)),
+            ParamSource(dst + "mlp_norm.weight", ((src + "post_attention_layernorm.weight", (h,)),)),
+            ParamSource(dst + "attn.qkv.weight", ((attn + "q_proj.weight", (q, h)), (attn + "k_proj.weight", (kv, h)),
+                                                  (attn + "v_proj.weight", (kv, h))), _concat_rows),
+            ParamSource(dst + "attn.o_proj.weight", ((attn + "o_proj.weight", (h, q)),)),
+            ParamSource(dst + "mlp.gate_up.weight", ((mlp + "gate_proj.weight", (inter, h)),
+                                                     (mlp + "up_proj.weight", (inter, h))), _concat_rows),
+            ParamSource(dst + "mlp.down.weight", ((mlp + "down_proj.weight", (h, inter)),)),
+        ]
+        if config.attention_bias:
+            plan.append(ParamSource(dst + "attn.qkv.bias", ((attn + "q_proj.bias", (q,)), (attn + "k_proj.bias", (kv,)),
+                                                            (attn + "v_proj.bias", (kv,))), _concat_rows))
+        if config.attention_out_bias:
+            plan.append(ParamSource(dst + "attn.o_proj.bias", ((attn + "o_proj.bias", (h,)),)))
+        if config.mlp_bias:
+            plan += [
+                ParamSource(dst + "mlp.gate_up.bias", ((mlp + "gate_proj.bias", (inter,)), (mlp + "up_proj.bias", (inter,))),
+                            _concat_rows),
+                ParamSource(dst + "mlp.down.bias", ((mlp + "down_proj.bias", (h,)),)),
+            ]
+    return plan
+
+
+LAYOUTS: dict[str, Callable[[ModelConfig], list[ParamSource]]] = {
+    "llama": llama_layout,
+    "mistral": llama_layout,
+}
+
+
+def checkpoint_layout(config: ModelConfig) -> list[ParamSource]:
+    return LAYOUTS[config.family](config)
+
+
+def is_ignorable(config: ModelConfig, name: str) -> bool:
+    """Checkpoint tensors that may be present but carry nothing cormlm loads."""
+    if name.endswith(IGNORED_SUFFIXES):
+        return True
+    # Tied checkpoints sometimes store the head anyway; the embedding is the source of truth.
+    return config.tie_word_embeddings and name == "lm_head.weight"

@@ -1,0 +1,252 @@
+"""One model configuration for every family, read from a checkpoint's config.json.
+
+Families differ by data here (norm, MLP, residual style, positions, QKV layout), not by
+copies of the model code. ``from_hf_config`` is the only place that knows how each
+family's config.json spells things; the model reads nothing but :class:`ModelConfig`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from .errors import CheckpointNotFoundError, ConfigError, UnsupportedModelError
+from .jsonfiles import read_json, read_optional_json
+
+ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
+
+
+@dataclass(frozen=True)
+class RopeConfig:
+    """Rotary embedding parameters, already normalised from either config.json style."""
+
+    theta: float = 10000.0
+    type: str = "default"
+    factor: float = 1.0
+    partial_rotary_factor: float = 1.0
+    original_max_position_embeddings: int | None = None
+    # llama3
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    # yarn
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    attention_factor: float | None = None
+    truncate: bool = True
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything the shared model code needs to build any supported family."""
+
+    family: str
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    max_position_embeddings: int
+    norm: str = "rms"  # "rms" | "layer"
+    norm_eps: float = 1e-5
+    mlp: str = "gated"  # "gated" (SwiGLU-style) | "plain"
+    activation: str = "silu"
+    residual: str = "sequential"  # "sequential" | "parallel"
+    parallel_norms: int = 1  # parallel residual: 1 shared norm or 2 (ln_attn, ln_mlp)
+    position: str = "rope"  # "rope" | "alibi"
+    rope: RopeConfig = field(default_factory=RopeConfig)
+    attention_bias: bool = False  # q, k, v projections
+    attention_out_bias: bool = False  # o projection
+    mlp_bias: bool = False
+    tie_word_embeddings: bool = False
+    sliding_window: int | None = None
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    pad_token_id: int | None = None
+    stored_dtype: str | None = None  # config.json "torch_dtype" / "dtype"
+
+    @property
+    def group_size(self) -> int:
+        """Query heads served by one KV head (1 = MHA, num_heads = MQA)."""
+        return self.num_heads // self.num_kv_heads
+
+    @property
+    def context_length(self) -> int:
+        """The longest sequence the model accepts.
+
+        Dynamic-NTK RoPE exists to stretch a model past its trained length, so there the
+        limit is ``factor`` times ``max_position_embeddings``; every other published format
+        already stores the extended length in ``max_position_embeddings``.
+        """
+        if self.position == "rope" and self.rope.type == "dynamic":
+            return int(self.max_position_embeddings * self.rope.factor)
+        return self.max_position_embeddings
+
+    def kv_bytes_per_token(self, element_size: int) -> int:
+        """Bytes one token's keys and values take across all layers in a full cache."""
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * element_size
+
+    def replace(self, **changes: Any) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def _require(cfg: dict[str, Any], key: str, source: str) -> Any:
+    if key not in cfg or cfg[key] is None:
+        raise ConfigError(f"{source}: missing required field '{key}'")
+    return cfg[key]
+
+
+def _positive_int(value: Any, name: str, source: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ConfigError(f"{source}: '{name}' must be a positive integer, got {value!r}")
+    return value
+
+
+def parse_rope(cfg: dict[str, Any], source: str, max_positions: int) -> RopeConfig:
+    """Normalise RoPE settings from transformers-4 style (``rope_theta`` + ``rope_scaling``
+    with ``type`` or ``rope_type``) or transformers-5 style (``rope_parameters``)."""
+    params: dict[str, Any] = dict(cfg.get("rope_parameters") or {})
+    scaling = cfg.get("rope_scaling") or {}
+    if not isinstance(scaling, dict) or not isinstance(params, dict):
+        raise ConfigError(f"{source}: 'rope_scaling' / 'rope_parameters' must be JSON objects")
+    for key, value in scaling.items():
+        params.setdefault(key, value)
+    rope_type = params.get("rope_type") or params.get("type") or "default"
+    if rope_type not in ROPE_TYPES:
+        raise ConfigError(
+            f"{source}: RoPE type '{rope_type}' is not supported; supported types: {', '.join(ROPE_TYPES)}"
+        )
+    theta = params.get("rope_theta", cfg.get("rope_theta", 10000.0))
+    partial = params.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0)) or 1.0
+    original = params.get("original_max_position_embeddings", cfg.get("original_max_position_embeddings"))
+    factor = params.get("factor")
+    if rope_type == "yarn" and factor is None:
+        if original is None:
+            raise ConfigError(f"{source}: yarn RoPE needs 'factor' or 'original_max_position_embeddings'")
+        factor = max_positions / original
+    if rope_type != "default":
+        if factor is None:
+            raise ConfigError(f"{source}: RoPE type '{rope_type}' needs a 'factor'")
+        if not isinstance(factor, (int, float)) or factor <= 0 or not math.isfinite(factor):
+            raise ConfigError(f"{source}: RoPE 'factor' must be a positive number, got {factor!r}")
+    if rope_type in ("llama3", "yarn") and original is None:
+        original = max_positions
+    return RopeConfig(
+        theta=float(theta),
+        type=rope_type,
+        factor=float(factor if factor is not None else 1.0),
+        partial_rotary_factor=float(partial),
+        original_max_position_embeddings=None if original is None else int(original),
+        low_freq_factor=float(params.get("low_freq_factor", 1.0)),
+        high_freq_factor=float(params.get("high_freq_factor", 4.0)),
+        beta_fast=float(params.get("beta_fast") or 32.0),
+        beta_slow=float(params.get("beta_slow") or 1.0),
+        mscale=params.get("mscale"),
+        mscale_all_dim=params.get("mscale_all_dim"),
+        attention_factor=params.get("attention_factor"),
+        truncate=bool(params.get("truncate", True)),
+    )
+
+
+def _eos_ids(value: Any) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, int):
+        return (value,)
+    return tuple(int(v) for v in value)
+
+
+def _llama_like(cfg: dict[str, Any], source: str, family: str) -> ModelConfig:
+    hidden = _positive_int(_require(cfg, "hidden_size", source), "hidden_size", source)
+    heads = _positive_int(_require(cfg, "num_attention_heads", source), "num_attention_heads", source)
+    kv_heads = _positive_int(cfg.get("num_key_value_heads") or heads, "num_key_value_heads", source)
+    if heads % kv_heads:
+        raise ConfigError(
+            f"{source}: num_attention_heads ({heads}) must be a multiple of num_key_value_heads ({kv_heads})"
+        )
+    head_dim = cfg.get("head_dim") or hidden // heads
+    if not cfg.get("head_dim") and hidden % heads:
+        raise ConfigError(f"{source}: hidden_size ({hidden}) is not divisible by num_attention_heads ({heads})")
+    max_pos = _positive_int(cfg.get("max_position_embeddings", 2048), "max_position_embeddings", source)
+    sliding = cfg.get("sliding_window") if family == "mistral" else None
+    if cfg.get("use_sliding_window") is False:
+        sliding = None
+    act = cfg.get("hidden_act", "silu")
+    if act not in ("silu", "gelu", "gelu_new", "gelu_pytorch_tanh", "relu"):
+        raise ConfigError(f"{source}: hidden_act '{act}' is not supported; use silu, gelu or relu")
+    attention_bias = bool(cfg.get("attention_bias", False))
+    return ModelConfig(
+        family=family,
+        vocab_size=_positive_int(_require(cfg, "vocab_size", source), "vocab_size", source),
+        hidden_size=hidden,
+        num_layers=_positive_int(_require(cfg, "num_hidden_layers", source), "num_hidden_layers", source),
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        head_dim=_positive_int(head_dim, "head_dim", source),
+        intermediate_size=_positive_int(_require(cfg, "intermediate_size", source), "intermediate_size", source),
+        max_position_embeddings=max_pos,
+        norm="rms",
+        norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+        mlp="gated",
+        activation=act,
+        residual="sequential",
+        position="rope",
+        rope=parse_rope(cfg, source, max_pos),
+        attention_bias=attention_bias,
+        attention_out_bias=attention_bias,
+        mlp_bias=bool(cfg.get("mlp_bias", False)),
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        sliding_window=None if sliding is None else _positive_int(sliding, "sliding_window", source),
+        bos_token_id=cfg.get("bos_token_id"),
+        eos_token_ids=_eos_ids(cfg.get("eos_token_id")),
+        pad_token_id=cfg.get("pad_token_id"),
+        stored_dtype=cfg.get("dtype") or cfg.get("torch_dtype"),
+    )
+
+
+FAMILY_PARSERS: dict[str, Callable[[dict[str, Any], str], ModelConfig]] = {
+    "llama": lambda cfg, src: _llama_like(cfg, src, "llama"),
+    "mistral": lambda cfg, src: _llama_like(cfg, src, "mistral"),
+}
+
+
+def supported_model_types() -> list[str]:
+    return sorted(FAMILY_PARSERS)
+
+
+def from_hf_config(cfg: dict[str, Any], source: str = "config.json") -> ModelConfig:
+    """Build a :class:`ModelConfig` from a parsed config.json."""
+    model_type = cfg.get("model_type")
+    if model_type is None:
+        raise ConfigError(
+            f"{source}: no 'model_type' field; supported model types: {', '.join(supported_model_types())}"
+        )
+    parser = FAMILY_PARSERS.get(model_type)
+    if parser is None:
+        raise UnsupportedModelError(
+            f"{source}: model_type '{model_type}' is not supported; "
+            f"supported model types: {', '.join(supported_model_types())}"
+        )
+    return parser(cfg, source)
+
+
+def load_config(folder: Path) -> ModelConfig:
+    """Read config.json (and generation_config.json for stop tokens) from a checkpoint folder."""
+    path = folder / "config.json"
+    if not path.is_file():
+        raise CheckpointNotFoundError(
+            f"{folder} has no config.json; pass the folder of a Hugging Face checkpoint "
+            "(config.json + *.safetensors)"
+        )
+    config = from_hf_config(read_json(path), str(path))
+    generation = read_optional_json(folder / "generation_config.json")
+    eos = _eos_ids(generation.get("eos_token_id")) or config.eos_token_ids
+    bos = generation.get("bos_token_id", config.bos_token_id)
+    pad = generation.get("pad_token_id", config.pad_token_id)
+    return config.replace(eos_token_ids=eos, bos_token_id=bos, pad_token_id=pad)

@@ -1,0 +1,65 @@
+"""``load_model``: checkpoint folder or hub id -> ready-to-run model."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .config import load_config
+from .errors import ConfigError
+from .hub import resolve_checkpoint
+from .models.transformer import CausalLM
+from .weights import ProgressCallback, load_weights
+
+DTYPE_NAMES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+}
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"unknown device {device!r}; use 'cpu', 'cuda', 'cuda:N' or 'auto'") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device 'cuda' was asked for but no CUDA GPU is available; use device='cpu'")
+    return device
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, stored: str | None, device: torch.device) -> torch.dtype:
+    """None/"auto": float32 on CPU (fast and exact there), else the checkpoint's own dtype."""
+    if isinstance(dtype, torch.dtype):
+        if dtype not in DTYPE_NAMES.values():
+            raise ConfigError(f"dtype {dtype} is not supported; use float32, bfloat16 or float16")
+        return dtype
+    if dtype is None or dtype == "auto":
+        if device.type == "cpu":
+            return torch.float32
+        return DTYPE_NAMES.get(str(stored), torch.bfloat16)
+    if dtype not in DTYPE_NAMES:
+        raise ConfigError(f"unknown dtype {dtype!r}; use auto, float32, bfloat16 or float16")
+    return DTYPE_NAMES[dtype]
+
+
+def load_model(model: str | os.PathLike, dtype: str | torch.dtype | None = None,
+               device: str | torch.device | None = None, *, revision: str | None = None,
+               cache_dir: str | os.PathLike | None = None,
+               progress: ProgressCallback | None = None) -> CausalLM:
+    """Load a Hugging Face checkpoint (local folder or hub id) as an eval-mode model.
+
+    The model is built on the meta device and filled tensor by tensor, so loading never
+    holds two copies of the weights.
+    """
+    folder = resolve_checkpoint(model, revision=revision, cache_dir=cache_dir)
+    config = load_config(folder)
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, config.stored_dtype, device)
+    with torch.device("meta"):
+        net = CausalLM(config)
+    load_weights(net, folder, dtype, device, progress)
+    return net.eval()

@@ -1,0 +1,70 @@
+"""The one attention module every family uses.
+
+Its only state is the cache object it is handed per call; families differ in the
+projections' biases, the position encoding (RoPE or ALiBi) and the KV head count, all
+read from :class:`ModelConfig`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from ..attention_ops import AttentionSpec, attend, default_scale
+from ..config import ModelConfig
+from .rope import apply_rotary
+
+if TYPE_CHECKING:
+    from ..cache.base import KVCache
+
+
+@dataclass
+class StepContext:
+    """What every layer of one forward call shares: positions, rotary tables and cache."""
+
+    positions: torch.Tensor  # [B, T] absolute 0-indexed positions, -1 for padding
+    rotary: tuple[torch.Tensor, torch.Tensor] | None  # (cos, sin) [B, T, rotary_dim]
+    cache: "KVCache | None"
+    plain_causal: bool  # one unpadded sequence, no cache: SDPA's causal kernel suffices
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_index: int, alibi_slopes: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.layer_index = layer_index
+        self.num_heads = config.num_heads
+        self.num_kv_heads = config.num_kv_heads
+        self.head_dim = config.head_dim
+        q_size = config.num_heads * config.head_dim
+        kv_size = config.num_kv_heads * config.head_dim
+        self.split_sizes = (q_size, kv_size, kv_size)
+        self.qkv = nn.Linear(config.hidden_size, q_size + 2 * kv_size, bias=config.attention_bias)
+        self.o_proj = nn.Linear(q_size, config.hidden_size, bias=config.attention_out_bias)
+        self.spec = AttentionSpec(
+            num_heads=config.num_heads,
+            num_kv_heads=config.num_kv_heads,
+            head_dim=config.head_dim,
+            scale=default_scale(config.head_dim),
+            sliding_window=config.sliding_window,
+            alibi_slopes=alibi_slopes,
+        )
+
+    def forward(self, x: torch.Tensor, step: StepContext) -> torch.Tensor:
+        b, t, _ = x.shape
+        q, k, v = self.qkv(x).split(self.split_sizes, dim=-1)
+        q = q.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+        k = k.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if step.rotary is not None:
+            cos, sin = step.rotary
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if step.cache is not None:
+            out = step.cache.attend(self.layer_index, q, k, v, step.positions, self.spec)
+        elif step.plain_causal:
+            out = attend(q, k, v, self.spec, causal=True)
+        else:
+            out = attend(q, k, v, self.spec, q_pos=step.positions, k_pos=step.positions)
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))

@@ -1,0 +1,159 @@
+"""The decoder-only transformer shared by every family.
+
+One :class:`Block` covers sequential residuals (Llama, Mistral, Falcon-RW) and parallel
+attention + MLP with one or two norms (Falcon); which one is configuration data.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from ..config import ModelConfig
+from ..errors import InputError
+from .attention import Attention, StepContext
+from .mlp import make_mlp
+from .norms import make_norm
+from .rope import RotaryEmbedding
+
+if TYPE_CHECKING:
+    from ..cache.base import KVCache
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, index: int) -> None:
+        super().__init__()
+        self.parallel = config.residual == "parallel"
+        self.attn_norm = make_norm(config)
+        self.attn = Attention(config, index)
+        self.mlp = make_mlp(config)
+        has_mlp_norm = not self.parallel or config.parallel_norms == 2
+        self.mlp_norm = make_norm(config) if has_mlp_norm else None
+
+    def forward(self, x: torch.Tensor, step: StepContext) -> torch.Tensor:
+        h = self.attn_norm(x)
+        if not self.parallel:
+            x = x + self.attn(h, step)
+            return x + self.mlp(self.mlp_norm(x))
+        mlp_in = h if self.mlp_norm is None else self.mlp_norm(x)
+        return x + (self.mlp(mlp_in) + self.attn(h, step))
+
+
+class CausalLM(nn.Module):
+    """Embeddings, blocks, final norm and LM head; ``forward`` returns logits."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
+        self.final_norm = make_norm(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed.weight
+        self.rotary = RotaryEmbedding(config) if config.position == "rope" else None
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.weight.dtype
+
+    def reset_derived_buffers(self) -> None:
+        """Recompute buffers derived from the config (not stored in checkpoints)."""
+        if self.rotary is not None:
+            self.rotary.reset_buffers(self.device)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        cache: "KVCache | None" = None,
+        last_logits_only: bool = False,
+    ) -> torch.Tensor:
+        """Logits [B, T, vocab] (or [B, 1, vocab] with ``last_logits_only``).
+
+        ``attention_mask`` [B, T] marks real tokens with 1 and padding with 0 (left
+        padding for batches of different lengths). With a ``cache``, the tokens are
+        appended to it and may be evicted by its policy.
+        """
+        valid = self.check_inputs(input_ids, attention_mask, cache)
+        return self.forward_unchecked(input_ids, valid, cache, last_logits_only)
+
+    def check_inputs(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, cache: "KVCache | None"
+    ) -> torch.Tensor | None:
+        """Validate a call's inputs; return the padding mask as bool (None when unpadded)."""
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+            shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+            raise InputError(f"input_ids must be a 2-D tensor [batch, tokens], got {shape}")
+        if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
+            raise InputError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
+        if input_ids.shape[1] == 0:
+            raise InputError("input_ids is empty: give at least one token")
+        vocab = self.config.vocab_size
+        bad = (input_ids < 0) | (input_ids >= vocab)
+        if bool(bad.any()):
+            b, t = (int(i) for i in bad.nonzero()[0])
+            raise InputError(
+                f"token id {int(input_ids[b, t])} at [batch {b}, position {t}] is outside the vocabulary "
+                f"(ids must be in 0..{vocab - 1}); was the prompt encoded with this model's tokenizer?"
+            )
+        valid = None
+        if attention_mask is not None:
+            if tuple(attention_mask.shape) != tuple(input_ids.shape):
+                raise InputError(
+                    f"attention_mask has shape {tuple(attention_mask.shape)} but input_ids has "
+                    f"{tuple(input_ids.shape)}; they must match"
+                )
+            valid = attention_mask.to(device=input_ids.device) != 0
+            if bool(valid.all()):
+                valid = None
+        if cache is not None:
+            if cache.batch_size != input_ids.shape[0]:
+                raise InputError(
+                    f"the cache was made for batch size {cache.batch_size} but input_ids has "
+                    f"{input_ids.shape[0]} rows; make a cache per batch with cormlm.make_cache"
+                )
+            if cache.num_layers != self.config.num_layers:
+                raise InputError("this cache was made for a different model; use cormlm.make_cache(model, ...)")
+        seen = 0 if cache is None else cache.max_length
+        new = input_ids.shape[1] if valid is None else int(valid.sum(dim=1).max())
+        limit = self.config.context_length
+        if seen + new > limit:
+            raise InputError(
+                f"the sequence would be {seen + new} tokens long but the model accepts at most {limit} "
+                f"(max_position_embeddings); shorten the prompt or lower max_new_tokens"
+            )
+        return valid
+
+    def forward_unchecked(
+        self,
+        input_ids: torch.Tensor,
+        valid: torch.Tensor | None,
+        cache: "KVCache | None" = None,
+        last_logits_only: bool = False,
+    ) -> torch.Tensor:
+        """The forward pass without input checks (decode loops that made their own ids)."""
+        b, t = input_ids.shape
+        if cache is not None:
+            positions, max_position = cache.begin_step(valid, t)
+        elif valid is None:
+            positions = torch.arange(t, device=input_ids.device).expand(b, t)
+            max_position = t - 1
+        else:
+            positions = valid.long().cumsum(dim=1) - 1
+            positions = positions.masked_fill(~valid, -1)
+            max_position = int(positions.max())
+        rotary = self.rotary(positions, max_position) if self.rotary is not None else None
+        step = StepContext(positions, rotary, cache, plain_causal=cache is None and valid is None)
+        x = self.embed(input_ids)
+        for block in self.blocks:
+            x = block(x, step)
+        if last_logits_only:
+            x = x[:, -1:]
+        return self.lm_head(self.final_norm(x))
