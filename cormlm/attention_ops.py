@@ -6,9 +6,9 @@ sliding window). Position ``-1`` marks padding or an empty slot. This is what le
 ragged cache compact or reorder its storage freely: ALiBi biases and windows follow the
 key's original position, not its slot.
 
-GQA/MQA never materialise repeated keys and values: the queries of a group are folded
-into the sequence dimension (``[B, Hkv, G*T, D]``) so SDPA sees one key/value head per
-group.
+GQA/MQA never materialise repeated keys and values in our code: SDPA's ``enable_gqa``
+serves shared masks, and per-head masks fold the queries of a group into the sequence
+dimension (``[B, Hkv, G*T, D]``) so SDPA sees one key/value head per group.
 """
 
 from __future__ import annotations
@@ -94,13 +94,16 @@ def attend(
 ) -> torch.Tensor:
     """SDPA over ``k``/``v`` [B, Hkv, S, D] for queries ``q`` [B, Hq, T, D] -> [B, Hq, T, D].
 
-    With ``causal=True`` and no positions, the plain lower-triangular case (a whole
-    unpadded sequence) takes SDPA's causal kernel with no mask tensor at all.
+    With ``causal=True`` and no positions (a whole unpadded sequence), SDPA's causal kernel
+    runs with no mask tensor at all. A mask shared by all KV heads (``k_pos`` [B, S]) is
+    broadcast; per-head masks (``k_pos`` [B, Hkv, S], a ragged cache) fold each query
+    group into the sequence dimension so that nothing is repeated per query head.
     """
     group = spec.group_size
+    gqa = group > 1
     if causal and q_pos is None:
-        if group == 1 and spec.sliding_window is None and spec.alibi_slopes is None:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=spec.scale)
+        if spec.sliding_window is None and spec.alibi_slopes is None:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=spec.scale, enable_gqa=gqa)
         q_pos = k_pos = torch.arange(q.shape[2], device=q.device).expand(q.shape[0], -1)
     if q_pos is None or k_pos is None:
         raise ValueError("attend needs q_pos and k_pos unless causal=True on an unpadded sequence")
@@ -109,12 +112,9 @@ def attend(
         bias = alibi_bias(spec, q_pos, k_pos)
         hq_mask = mask if mask.shape[1] == 1 else mask.repeat_interleave(group, dim=1)
         bias = bias.masked_fill(~hq_mask, float("-inf")).to(q.dtype)
-        b, hq, t, s = bias.shape
-        grouped_bias = bias.reshape(b, spec.num_kv_heads, group * t, s)
-        out = F.scaled_dot_product_attention(
-            _group_queries(q, spec.num_kv_heads), k, v, attn_mask=grouped_bias, scale=spec.scale
-        )
-        return _ungroup(out, spec.num_heads)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=spec.scale, enable_gqa=gqa)
+    if mask.shape[1] == 1:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=spec.scale, enable_gqa=gqa)
     out = F.scaled_dot_product_attention(
         _group_queries(q, spec.num_kv_heads), k, v, attn_mask=_group_mask(mask, group), scale=spec.scale
     )
