@@ -89,6 +89,10 @@ class KVCache(ABC):
         """Per batch row, per KV head: the 0-indexed positions the layer still holds."""
 
     @abstractmethod
+    def storage_tensors(self) -> list[torch.Tensor]:
+        """Every tensor the cache holds (keys, values and bookkeeping): what stats() measures."""
+
+    @abstractmethod
     def stats(self) -> CacheStats:
         """Retained tokens, bytes held (real storage) and bytes a full cache would hold."""
 

@@ -18,6 +18,7 @@ class CacheConfig:
     policy: str = "full"
     window: int = 256
     recent: int = 256
+    block_size: int = 16  # slots per storage block: memory granularity per (row, layer, KV head)
 
     def __post_init__(self) -> None:
         from .registry import available_policies
@@ -26,11 +27,13 @@ class CacheConfig:
             raise CacheConfigError(
                 f"unknown cache policy '{self.policy}'; available policies: {', '.join(available_policies())}"
             )
-        for name in ("window", "recent"):
+        for name in ("window", "recent", "block_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise CacheConfigError(f"CacheConfig.{name} must be an integer, got {value!r}")
         if self.window < 1:
             raise CacheConfigError(f"CacheConfig.window must be >= 1 (queries remembered), got {self.window}")
+        if self.block_size < 1:
+            raise CacheConfigError(f"CacheConfig.block_size must be >= 1, got {self.block_size}")
         if self.recent < 0:
             raise CacheConfigError(f"CacheConfig.recent must be >= 0 (protected positions), got {self.recent}")

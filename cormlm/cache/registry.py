@@ -1,18 +1,21 @@
-"""Which cache implementation serves which policy, and how to build one for a model."""
+"""Which policy a CacheConfig names, and how to build the cache for a model."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Callable
 
 from .base import KVCache
-from .dense import DenseCache
+from .corm import CormPolicy
+from .policy import EvictionPolicy
+from .ragged import RaggedCache
 
 if TYPE_CHECKING:
     from .config import CacheConfig
 
-CacheFactory = Callable[..., KVCache]
-
-_POLICIES: dict[str, CacheFactory] = {"full": lambda cfg, **kw: DenseCache(**kw)}
+_POLICIES: dict[str, Callable[["CacheConfig"], EvictionPolicy]] = {
+    "full": lambda cfg: EvictionPolicy(),
+    "corm": lambda cfg: CormPolicy(window=cfg.window, recent=cfg.recent),
+}
 
 
 def available_policies() -> list[str]:
@@ -21,5 +24,6 @@ def available_policies() -> list[str]:
 
 def build_cache(cfg: "CacheConfig", *, batch_size: int, num_layers: int, num_kv_heads: int,
                 head_dim: int, dtype, device) -> KVCache:
-    return _POLICIES[cfg.policy](cfg, batch_size=batch_size, num_layers=num_layers,
-                                 num_kv_heads=num_kv_heads, head_dim=head_dim, dtype=dtype, device=device)
+    return RaggedCache(_POLICIES[cfg.policy](cfg), block_size=cfg.block_size, batch_size=batch_size,
+                       num_layers=num_layers, num_kv_heads=num_kv_heads, head_dim=head_dim, dtype=dtype,
+                       device=device)

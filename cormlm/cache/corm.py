@@ -1,0 +1,44 @@
+"""CORM (Dai et al., arXiv 2404.15949) exactly as ../shared/CORM.md defines it.
+
+The paper's w x n message matrix is kept as one integer per key, ``last_important``: the
+last (1-indexed) step at which any query head of the group gave the key at least the
+uniform share 1/t of its attention (0 = never). A key is long-term minor at step t iff
+t >= w and last_important <= t - w, which is exactly "unimportant to each of the last w
+queries", in O(n) memory whatever w is.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .policy import EvictionPolicy, SlotView
+
+
+class CormPolicy(EvictionPolicy):
+    name = "corm"
+    needs_probs = True
+
+    def __init__(self, window: int, recent: int) -> None:
+        self.window = window
+        self.recent = recent
+
+    def state_fields(self) -> dict[str, tuple[torch.dtype, float]]:
+        return {"last_important": (torch.int32, 0)}
+
+    def query_rows(self, num_queries: int) -> int:
+        return min(self.window, num_queries)
+
+    def observe(self, probs: torch.Tensor, query_t: torch.Tensor) -> dict[str, torch.Tensor]:
+        threshold = 1.0 / query_t.float()  # padding queries: t = 0 -> inf, never important
+        important = (probs >= threshold[..., None, :, None]).any(dim=-3)  # union over the group
+        marked = torch.where(important, query_t[..., :, None].to(torch.int32), 0)
+        return {"last_important": marked.amax(dim=-2)}
+
+    def merge(self, state: dict[str, torch.Tensor], observed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {"last_important": torch.maximum(state["last_important"], observed["last_important"])}
+
+    def evict(self, view: SlotView) -> torch.Tensor:
+        t = view.query_t
+        minor = (t >= self.window) & (view.state["last_important"] <= t - self.window)
+        old_enough = view.positions + 1 <= t - self.recent
+        return minor & old_enough & (view.positions >= 0)

@@ -1,0 +1,228 @@
+"""Paged storage of one layer's keys and values, ragged per (batch row, KV head).
+
+Why a paged pool rather than compacted dense [B, Hkv, capacity, D] storage: under CORM
+heads keep very different numbers of keys, and a dense layout pays for the longest head
+in every head. Here each (row, KV head) *stream* owns its own blocks of ``block_size``
+slots taken from one pool per layer, so bytes follow the sum of what the streams retain
+(block granularity aside).
+
+- Appending writes only the new tokens into each stream's tail block (or into a fresh
+  block taken from the free list): never a copy of the cache.
+- Eviction marks slots empty; a block whose slots are all empty goes back to the free list
+  at once. Holes inside live blocks are reclaimed by ``compact``, which repacks the live
+  slots stream by stream and resizes the pool to fit: the cache calls it when holes or free
+  blocks make up a large share of the pool, so held bytes track retained tokens and the
+  memory really goes back to the allocator.
+- Positions, not slots, define attention (see ``attention_ops``), so slot order within a
+  stream never matters and no reordering is needed on eviction.
+- Fixed-capacity tensors addressed by index tensors: a decode step has static shapes
+  between pool resizes, and pool sizes come from a small set of buckets, so
+  ``torch.compile`` sees few distinct shapes. The host tracks fill pointers and an upper
+  bound of allocated blocks, so a decode step needs no device-to-host sync.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def bucket(n: int) -> int:
+    """Round a block count up to one of few sizes (quarter-octave steps, <= 25% slack)."""
+    if n <= 8:
+        return 8
+    step = 2 ** (max(n - 1, 1).bit_length() - 3)
+    return math.ceil(n / step) * step
+
+
+class BlockPool:
+    def __init__(self, num_streams: int, block_size: int, head_dim: int, dtype: torch.dtype,
+                 device: torch.device, state_fields: dict[str, tuple[torch.dtype, float]]) -> None:
+        self.num_streams = num_streams
+        self.block_size = block_size
+        self.head_dim = head_dim
+        self.dtype = dtype
+        self.device = device
+        self.state_fields = state_fields
+        self._allocate(0)
+        self.tail = torch.full((num_streams,), -1, dtype=torch.long, device=device)
+        # Host mirror of each tail block's fill; block_size means "no room, take a new block".
+        self.fill = torch.full((num_streams,), block_size, dtype=torch.long)
+        self.allocated_upper = 0  # host upper bound of blocks owned by streams
+
+    # ----------------------------------------------------------------- storage
+    def _allocate(self, num_blocks: int) -> None:
+        bs, d, dev = self.block_size, self.head_dim, self.device
+        self.keys = torch.zeros(num_blocks, bs, d, dtype=self.dtype, device=dev)
+        self.values = torch.zeros(num_blocks, bs, d, dtype=self.dtype, device=dev)
+        self.positions = torch.full((num_blocks, bs), -1, dtype=torch.int32, device=dev)
+        self.owner = torch.full((num_blocks,), -1, dtype=torch.long, device=dev)
+        self.state = {name: torch.full((num_blocks, bs), fresh, dtype=dtype, device=dev)
+                      for name, (dtype, fresh) in self.state_fields.items()}
+
+    @property
+    def capacity(self) -> int:
+        return self.keys.shape[0]
+
+    def storage_tensors(self) -> list[torch.Tensor]:
+        return [self.keys, self.values, self.positions, self.owner, self.tail, *self.state.values()]
+
+    def nbytes(self) -> int:
+        return sum(t.untyped_storage().nbytes() for t in self.storage_tensors())
+
+    def _grow(self, needed_blocks: int) -> None:
+        old = (self.keys, self.values, self.positions, self.owner, self.state)
+        n = self.capacity
+        self._allocate(bucket(needed_blocks))
+        self.keys[:n], self.values[:n], self.positions[:n], self.owner[:n] = old[:4]
+        for name, tensor in old[4].items():
+            self.state[name][:n] = tensor
+
+    def _reserve(self, new_blocks: int) -> None:
+        """Make sure ``new_blocks`` free blocks exist (syncs only when the bound says maybe not)."""
+        if self.allocated_upper + new_blocks <= self.capacity:
+            return
+        self.allocated_upper = int((self.owner >= 0).sum())
+        if self.allocated_upper + new_blocks > self.capacity:
+            self._grow(self.allocated_upper + new_blocks)
+
+    def _take_free(self, count: int) -> torch.Tensor:
+        """Indices of ``count`` free blocks (free blocks sort first, stably)."""
+        order = torch.argsort((self.owner >= 0).to(torch.int8), stable=True)
+        return order[:count]
+
+    # ------------------------------------------------------------------ append
+    def append(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
+               counts: torch.Tensor | None) -> torch.Tensor:
+        """Store new tokens; return their flat slot ids [S, T] (-1 for padding).
+
+        ``keys``/``values`` are [S, T, D], ``positions`` [S, T] (-1 = padding, which is left
+        padding and never stored); ``counts`` (host, [S]) are the valid tokens per stream,
+        None when all T are valid.
+        """
+        s, t, _ = keys.shape
+        bs = self.block_size
+        dev = self.device
+        counts_host = torch.full((s,), t, dtype=torch.long) if counts is None else counts
+        room = bs - self.fill
+        extra = (counts_host - room).clamp(min=0)
+        new_per_stream = (extra + bs - 1) // bs
+        total_new = int(new_per_stream.sum())
+        new_ids = torch.empty(0, dtype=torch.long, device=dev)
+        if total_new:
+            self._reserve(total_new)
+            new_ids = self._take_free(total_new)
+            streams = torch.arange(s, device=dev).repeat_interleave(new_per_stream.to(dev))
+            self.owner[new_ids] = streams
+            self.allocated_upper += total_new
+        valid = None if counts is None else positions >= 0
+        rank = (torch.arange(t, device=dev).expand(s, t) if valid is None
+                else valid.long().cumsum(dim=1) - 1)
+        room_d, fill_d = room.to(dev)[:, None], self.fill.to(dev)[:, None]
+        in_tail = rank < room_d
+        past = (rank - room_d).clamp(min=0)
+        if total_new:
+            first_new = (new_per_stream.cumsum(0) - new_per_stream).to(dev)[:, None]
+            fresh_block = new_ids[(first_new + past // bs).clamp(max=total_new - 1)]
+            block = torch.where(in_tail, self.tail[:, None], fresh_block)
+        else:
+            block = self.tail[:, None].expand(s, t)
+        slots = block * bs + torch.where(in_tail, fill_d + rank, past % bs)
+        if valid is not None:
+            slots = slots.masked_fill(~valid, -1)
+            write, src = slots[valid], valid
+        else:
+            write, src = slots.reshape(-1), None
+        d = self.head_dim
+        flat = (lambda x: x.reshape(-1, *x.shape[2:])) if src is None else (lambda x: x[src])
+        self.keys.view(-1, d)[write] = flat(keys).to(self.dtype)
+        self.values.view(-1, d)[write] = flat(values).to(self.dtype)
+        self.positions.view(-1)[write] = flat(positions).to(torch.int32)
+        for name, (_, fresh) in self.state_fields.items():
+            self.state[name].view(-1)[write] = fresh
+        if total_new:
+            has_new = new_per_stream > 0
+            last_new = (new_per_stream.cumsum(0) - 1).clamp(min=0).to(dev)
+            self.tail = torch.where(has_new.to(dev), new_ids[last_new], self.tail)
+            self.fill = torch.where(has_new, extra - (new_per_stream - 1) * bs, self.fill + counts_host)
+        else:
+            self.fill = self.fill + counts_host
+        return slots
+
+    # ------------------------------------------------------------------- evict
+    def evict(self, drop: torch.Tensor) -> None:
+        """Empty the slots in ``drop`` [NB, block]; blocks left empty return to the free list."""
+        self.positions.masked_fill_(drop, -1)
+        empty = (self.positions < 0).all(dim=1) & (self.owner >= 0)
+        n = self.capacity
+        is_tail = torch.zeros(n + 1, dtype=torch.bool, device=self.device)
+        is_tail[torch.where(self.tail >= 0, self.tail, n)] = True  # streams without a tail hit the spare
+        self.owner.masked_fill_(empty & ~is_tail[:n], -1)
+
+    # ---------------------------------------------------------------- read out
+    def _live_sorted(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Flat slot ids of live keys sorted by (stream, position), their streams, counts [S]."""
+        flat_pos = self.positions.view(-1)
+        slot = (flat_pos >= 0).nonzero()[:, 0]
+        stream = self.owner[slot // self.block_size]
+        order = torch.argsort(stream * (2**31) + flat_pos[slot].long())
+        slot, stream = slot[order], stream[order]
+        counts = torch.bincount(stream, minlength=self.num_streams)
+        return slot, stream, counts
+
+    def live_counts(self) -> torch.Tensor:
+        live = (self.positions >= 0).sum(dim=1)
+        out = torch.zeros(self.num_streams, dtype=torch.long, device=self.device)
+        owned = self.owner >= 0
+        return out.index_add_(0, self.owner[owned], live[owned])
+
+    def stream_positions(self) -> list[torch.Tensor]:
+        slot, _, counts = self._live_sorted()
+        pos = self.positions.view(-1)[slot].long()
+        return list(pos.cpu().split(counts.tolist()))
+
+    def gather_dense(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Live keys/values per stream, padded: [S, L, D] x2, positions [S, L] (-1 pad), slots [S, L]."""
+        slot, stream, counts = self._live_sorted()
+        length = int(counts.max()) if counts.numel() else 0
+        starts = counts.cumsum(0) - counts
+        rank = torch.arange(len(slot), device=self.device) - starts[stream]
+        dense_slot = torch.full((self.num_streams, length), -1, dtype=torch.long, device=self.device)
+        dense_slot[stream, rank] = slot
+        safe = dense_slot.clamp(min=0)
+        d = self.head_dim
+        keys = self.keys.view(-1, d)[safe]
+        values = self.values.view(-1, d)[safe]
+        positions = self.positions.view(-1)[safe].long().masked_fill(dense_slot < 0, -1)
+        return keys, values, positions, dense_slot
+
+    # ----------------------------------------------------------------- compact
+    def used_blocks(self) -> int:
+        return int((self.owner >= 0).sum())
+
+    def compact(self) -> None:
+        """Repack live slots densely per stream into a pool sized to fit (holes reclaimed)."""
+        slot, stream, counts = self._live_sorted()
+        bs = self.block_size
+        blocks_per_stream = (counts + bs - 1) // bs
+        total = int(blocks_per_stream.sum())
+        first_block = blocks_per_stream.cumsum(0) - blocks_per_stream
+        rank = torch.arange(len(slot), device=self.device) - (counts.cumsum(0) - counts)[stream]
+        new_slot = (first_block[stream] + rank // bs) * bs + rank % bs
+        old = (self.keys, self.values, self.positions, self.state)
+        self._allocate(bucket(total + self.num_streams))
+        d = self.head_dim
+        self.keys.view(-1, d)[new_slot] = old[0].view(-1, d)[slot]
+        self.values.view(-1, d)[new_slot] = old[1].view(-1, d)[slot]
+        self.positions.view(-1)[new_slot] = old[2].view(-1)[slot]
+        for name, tensor in old[3].items():
+            self.state[name].view(-1)[new_slot] = tensor.view(-1)[slot]
+        streams = torch.arange(self.num_streams, device=self.device)
+        self.owner[:total] = streams.repeat_interleave(blocks_per_stream)
+        has = blocks_per_stream > 0
+        self.tail = torch.where(has, first_block + blocks_per_stream - 1, torch.full_like(first_block, -1))
+        counts_host = counts.cpu()
+        self.fill = torch.where(counts_host > 0, counts_host - (blocks_per_stream.cpu() - 1) * bs,
+                                torch.full_like(counts_host, bs))
+        self.allocated_upper = total

@@ -1,0 +1,148 @@
+"""The ragged cache: one block pool per layer, one policy for all of them.
+
+Per call and layer: the new tokens are appended to the pool; attention runs (decode: over
+the pool directly, probabilities included; multi-token calls: SDPA, plus explicit scores
+for only the query rows the policy needs); the policy updates its per-key state and
+evicts. Keys that a sliding window has left behind are dropped under every policy.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..attention_ops import AttentionSpec, attend, visibility_mask, alibi_bias
+from .base import CacheStats, KVCache
+from .paged import BlockPool
+from .paged_attention import paged_decode_attention
+from .policy import EvictionPolicy, SlotView
+
+COMPACT_CHECK_EVERY = 16  # decode steps between (synchronising) fragmentation checks
+
+
+def explicit_probs(q: torch.Tensor, k: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor,
+                   spec: AttentionSpec) -> torch.Tensor:
+    """Softmax probabilities [B, Hkv, G, Q, S] (float32) for a few query rows ``q`` [B, Hq, Q, D]."""
+    b, hq, nq, d = q.shape
+    g = spec.group_size
+    grouped = q.reshape(b, spec.num_kv_heads, g * nq, d)
+    scores = torch.matmul(grouped, k.transpose(-1, -2)).float() * spec.scale
+    scores = scores.view(b, spec.num_kv_heads, g, nq, -1)
+    if spec.alibi_slopes is not None:
+        bias = alibi_bias(spec, q_pos, k_pos)  # [B, Hq, Q, S]
+        scores = scores + bias.view(b, spec.num_kv_heads, g, nq, -1)
+    mask = visibility_mask(q_pos, k_pos, spec.sliding_window)  # [B, Hk, Q, S]
+    scores = scores.masked_fill(~mask[:, :, None], float("-inf"))
+    return scores.softmax(dim=-1)
+
+
+class RaggedCache(KVCache):
+    def __init__(self, policy: EvictionPolicy, *, block_size: int = 16, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.policy = policy
+        self.block_size = block_size
+        streams = self.batch_size * self.num_kv_heads
+        self.pools = [BlockPool(streams, block_size, self.head_dim, self.dtype, self.device, policy.state_fields())
+                      for _ in range(self.num_layers)]
+        self._decode_steps = 0
+        self._step_counts: torch.Tensor | None = None  # host, per row: valid tokens of this call
+        self._seen_before = 0
+
+    def begin_step(self, valid: torch.Tensor | None, num_tokens: int) -> tuple[torch.Tensor, int]:
+        self._seen_before = self.max_length
+        self._step_counts = None if valid is None else valid.sum(dim=1).cpu()
+        return super().begin_step(valid, num_tokens)
+
+    def _stream_counts(self) -> torch.Tensor | None:
+        if self._step_counts is None:
+            return None
+        return self._step_counts.repeat_interleave(self.num_kv_heads)
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               positions: torch.Tensor, spec: AttentionSpec) -> torch.Tensor:
+        b, hq, t, d = q.shape
+        hkv, g = self.num_kv_heads, spec.group_size
+        pool = self.pools[layer]
+        stream_pos = positions[:, None, :].expand(b, hkv, t).reshape(b * hkv, t)
+        slots = pool.append(k.reshape(b * hkv, t, d), v.reshape(b * hkv, t, d), stream_pos, self._stream_counts())
+        stream_t = (self.lengths[:, None].expand(b, hkv).reshape(-1))  # 1-indexed t of each stream's last query
+        if t == 1 and self._step_counts is None:
+            out, probs = paged_decode_attention(pool, q.reshape(b * hkv, g, d), stream_pos[:, 0], spec)
+            out = out.view(b, hq, 1, d)
+            if self.policy.needs_probs:
+                qt = stream_t[pool.owner.clamp(min=0)][:, None]
+                observed = self.policy.observe(probs[:, :, None, :], qt)
+                pool.state.update(self.policy.merge(pool.state, observed))
+        else:
+            out = self._attend_many(pool, q, k, v, positions, slots, spec)
+        self._evict(pool, stream_t, spec)
+        if layer == self.num_layers - 1:
+            self._end_step(t)
+        return out
+
+    def _attend_many(self, pool: BlockPool, q, k, v, positions, slots, spec) -> torch.Tensor:
+        """A multi-token call: SDPA for the output, explicit scores for the policy's rows."""
+        b, hq, t, d = q.shape
+        hkv = self.num_kv_heads
+        if self._seen_before == 0:  # nothing cached before: attend over the new tokens as they are
+            keys, values, key_pos = k, v, positions
+            key_slots = slots.view(b, hkv, t)
+            unpadded = self._step_counts is None
+            out = attend(q, k, v, spec, causal=True) if unpadded else attend(q, k, v, spec, positions, positions)
+        else:
+            keys, values, key_pos, key_slots = pool.gather_dense()
+            length = keys.shape[1]
+            keys, values = keys.view(b, hkv, length, d), values.view(b, hkv, length, d)
+            key_pos, key_slots = key_pos.view(b, hkv, length), key_slots.view(b, hkv, length)
+            out = attend(q, keys, values, spec, positions, key_pos)
+        rows = self.policy.query_rows(t)
+        if self.policy.needs_probs and rows:
+            q_pos = positions[:, -rows:]
+            probs = explicit_probs(q[:, :, -rows:], keys, q_pos, key_pos, spec)
+            query_t = (q_pos + 1).clamp(min=0)[:, None, :].expand(b, hkv, rows)
+            observed = self.policy.observe(probs, query_t)
+            held = key_slots >= 0
+            flat = key_slots[held]
+            current = {name: pool.state[name].view(-1)[flat] for name in observed}
+            merged = self.policy.merge(current, {name: o[held] for name, o in observed.items()})
+            for name, value in merged.items():
+                pool.state[name].view(-1)[flat] = value.to(pool.state[name].dtype)
+        return out
+
+    def _evict(self, pool: BlockPool, stream_t: torch.Tensor, spec: AttentionSpec) -> None:
+        qt = stream_t[pool.owner.clamp(min=0)][:, None]
+        view = SlotView(pool.positions, pool.state, qt, pool.owner)
+        drop = self.policy.evict(view)
+        if spec.sliding_window is not None:
+            # no future query (position >= t) can see a key at position <= t - window
+            behind = (pool.positions >= 0) & (pool.positions <= qt - spec.sliding_window)
+            drop = behind if drop is None else drop | behind
+        if drop is not None:
+            pool.evict(drop)
+
+    def _end_step(self, num_tokens: int) -> None:
+        """After the last layer: now and then, compact pools that holes or free blocks bloat."""
+        self._decode_steps = self._decode_steps + 1 if num_tokens == 1 and self._step_counts is None else 0
+        if self._decode_steps and self._decode_steps % COMPACT_CHECK_EVERY:
+            return
+        for pool in self.pools:
+            live = int(pool.live_counts().sum())
+            slots_needed = live + pool.num_streams * pool.block_size
+            if pool.capacity * pool.block_size > 2 * slots_needed:
+                pool.compact()
+
+    def storage_tensors(self) -> list[torch.Tensor]:
+        return [tensor for pool in self.pools for tensor in pool.storage_tensors()]
+
+    def positions(self, layer: int) -> list[list[torch.Tensor]]:
+        per_stream = self.pools[layer].stream_positions()
+        hkv = self.num_kv_heads
+        return [per_stream[row * hkv:(row + 1) * hkv] for row in range(self.batch_size)]
+
+    def stats(self) -> CacheStats:
+        hkv = self.num_kv_heads
+        retained = []
+        for pool in self.pools:
+            counts = pool.live_counts().tolist()
+            retained.append([counts[row * hkv:(row + 1) * hkv] for row in range(self.batch_size)])
+        held = sum(t.untyped_storage().nbytes() for t in self.storage_tensors())
+        return CacheStats(retained, held, self.bytes_full(), [int(n) for n in self.lengths])
