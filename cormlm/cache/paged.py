@@ -29,10 +29,10 @@ import torch
 
 
 def bucket(n: int) -> int:
-    """Round a block count up to one of few sizes (quarter-octave steps, <= 25% slack)."""
+    """Round a block count up to one of few sizes (eighth-octave steps, <= 12.5% slack)."""
     if n <= 8:
         return 8
-    step = 2 ** (max(n - 1, 1).bit_length() - 3)
+    step = 2 ** (max(n - 1, 1).bit_length() - 4)
     return math.ceil(n / step) * step
 
 

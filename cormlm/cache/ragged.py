@@ -17,6 +17,7 @@ from .paged_attention import paged_decode_attention
 from .policy import EvictionPolicy, SlotView
 
 COMPACT_CHECK_EVERY = 16  # decode steps between (synchronising) fragmentation checks
+COMPACT_SLACK = 1.25  # compact a pool holding more than this times its live slots (+ tail room)
 
 
 def explicit_probs(q: torch.Tensor, k: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor,
@@ -36,10 +37,12 @@ def explicit_probs(q: torch.Tensor, k: torch.Tensor, q_pos: torch.Tensor, k_pos:
 
 
 class RaggedCache(KVCache):
-    def __init__(self, policy: EvictionPolicy, *, block_size: int = 16, **kwargs) -> None:
+    def __init__(self, policy: EvictionPolicy, *, block_size: int = 16, prefill_chunk: int | None = None,
+                 **kwargs) -> None:
         super().__init__(**kwargs)
         self.policy = policy
         self.block_size = block_size
+        self.prefill_chunk = prefill_chunk
         streams = self.batch_size * self.num_kv_heads
         self.pools = [BlockPool(streams, block_size, self.head_dim, self.dtype, self.device, policy.state_fields())
                       for _ in range(self.num_layers)]
@@ -124,10 +127,9 @@ class RaggedCache(KVCache):
         self._decode_steps = self._decode_steps + 1 if num_tokens == 1 and self._step_counts is None else 0
         if self._decode_steps and self._decode_steps % COMPACT_CHECK_EVERY:
             return
-        for pool in self.pools:
-            live = int(pool.live_counts().sum())
-            slots_needed = live + pool.num_streams * pool.block_size
-            if pool.capacity * pool.block_size > 2 * slots_needed:
+        live = torch.stack([pool.live_counts().sum() for pool in self.pools]).tolist()  # one sync
+        for pool, kept in zip(self.pools, live):
+            if pool.capacity * pool.block_size > COMPACT_SLACK * (kept + pool.num_streams * pool.block_size):
                 pool.compact()
 
     def storage_tensors(self) -> list[torch.Tensor]:

@@ -1,0 +1,356 @@
+"""A naive, independent reference of CORM (see CORM.md), written only from that contract.
+
+Nothing here is shared with ``cormlm``: the model is a float64 Llama-family forward pass
+that reads the checkpoint's ``model.safetensors`` by its Hugging Face tensor names, and
+the eviction rule is the literal one of the paper: a dense boolean message matrix per
+(layer, KV head) whose row ``j`` says which keys query ``j`` found important. No
+``last_important`` shortcut is used; the tests compare cormlm against this.
+
+Conventions: query steps ``t`` and key positions ``i`` are 1-indexed inside the CORM
+functions (as in CORM.md); what ``reference_generate`` returns is 0-indexed, like
+``cormlm``'s ``cache.positions()``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import torch
+from safetensors import safe_open
+
+# ----------------------------------------------------------------------------------------
+# CORM's rule on a literal message matrix
+# ----------------------------------------------------------------------------------------
+
+
+def _imp(important, query: int, key: int) -> bool:
+    """important[query-1][key-1]; a query says nothing for a key that did not exist yet."""
+    if key > query:
+        return False
+    row = important[query - 1]
+    if key - 1 >= len(row):
+        return False
+    return bool(row[key - 1])
+
+
+def long_term_minor(important, t: int, window: int, key: int) -> bool:
+    """CORM.md rule 4: key ``key`` was unimportant to every one of queries t-w+1..t, and t >= w.
+
+    ``important`` is a dense boolean matrix (nested lists or a 2-D tensor) with one row per
+    query 1..T and one column per key 1..T: ``important[j-1][i-1]`` iff a_j[i] >= 1/j.
+    """
+    if t < window:
+        return False
+    if isinstance(important, torch.Tensor):  # same rule, vectorised over the window's rows
+        rows = important[max(t - window, key - 1) : t, key - 1]  # queries max(t-w+1, key) .. t
+        return not bool(rows.any())
+    return not any(_imp(important, j, key) for j in range(t - window + 1, t + 1))
+
+
+def corm_step(important, t: int, window: int, recent: int, kept: Iterable[int]) -> list[int]:
+    """CORM.md rule 5 at step ``t``: the 1-indexed keys still held after evicting every
+    long-term-minor key whose position is <= t - r."""
+    return sorted(i for i in kept if not (i <= t - recent and long_term_minor(important, t, window, i)))
+
+
+def corm_step_last_important(last_important: dict[int, int | None], t: int, window: int, recent: int) -> list[int]:
+    """CORM.md's O(n) restatement, for checking the equivalence it claims: ``last_important``
+    maps each kept key to the last step that marked it (None: never)."""
+    def minor(i: int) -> bool:
+        last = last_important[i]
+        return t >= window and (last is None or last <= t - window)
+
+    return sorted(i for i in last_important if not (i <= t - recent and minor(i)))
+
+
+def worked_example() -> tuple[list[int], list[int]]:
+    """CORM.md's worked example (one head, w = 3, r = 2, prompt of 5).
+
+    Returns (kept after prefill, kept after step 6 when query 6 marks keys 1, 4 and 6 but
+    not 3), both 1-indexed.
+    """
+    x, o = True, False
+    important = [
+        [x, o, o, o, o, o],  # t=1 (outside the window at t = 5)
+        [x, x, o, o, o, o],  # t=2 (outside the window at t = 5)
+        [x, o, x, o, o, o],  # t=3
+        [x, o, o, x, o, o],  # t=4
+        [x, o, o, o, x, o],  # t=5
+        [x, o, o, x, o, x],  # t=6: key 3 unmarked
+    ]
+    after_prefill = corm_step(important, 5, 3, 2, range(1, 6))
+    after_6 = corm_step(important, 6, 3, 2, after_prefill + [6])
+    return after_prefill, after_6
+
+
+# ----------------------------------------------------------------------------------------
+# The float64 Llama-family model
+# ----------------------------------------------------------------------------------------
+
+
+class ReferenceModel:
+    """Weights of a Llama / Mistral checkpoint folder, in float64, by HF tensor names."""
+
+    def __init__(self, folder: str | Path):
+        folder = Path(folder)
+        cfg = json.loads((folder / "config.json").read_text())
+        self.config = cfg
+        self.hidden = cfg["hidden_size"]
+        self.n_layers = cfg["num_hidden_layers"]
+        self.n_heads = cfg["num_attention_heads"]
+        self.n_kv = cfg.get("num_key_value_heads") or self.n_heads
+        self.head_dim = cfg.get("head_dim") or self.hidden // self.n_heads
+        self.eps = cfg.get("rms_norm_eps", 1e-6)
+        rope = cfg.get("rope_parameters") or {}
+        rope_type = rope.get("rope_type", (cfg.get("rope_scaling") or {}).get("rope_type", "default"))
+        if rope_type != "default" or cfg.get("rope_scaling"):
+            raise ValueError(f"reference supports the default RoPE only, got {rope_type!r}")
+        self.theta = float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+        if cfg.get("hidden_act", "silu") != "silu":
+            raise ValueError("reference supports the SwiGLU (silu) MLP only")
+        if cfg.get("sliding_window") and cfg.get("model_type") == "mistral":
+            raise ValueError("reference has no sliding window")
+
+        weights: dict[str, torch.Tensor] = {}
+        files = sorted(folder.glob("*.safetensors"))
+        for file in files:
+            with safe_open(str(file), framework="pt") as f:
+                for name in f.keys():
+                    weights[name] = f.get_tensor(name).to(torch.float64)
+        self.w = weights
+        self.embed = weights["model.embed_tokens.weight"]
+        self.lm_head = weights.get("lm_head.weight", self.embed)
+        d = self.head_dim
+        self.inv_freq = 1.0 / (self.theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+
+    # -- pieces ------------------------------------------------------------------------
+
+    def lin(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        y = x @ self.w[name + ".weight"].T
+        bias = self.w.get(name + ".bias")
+        return y if bias is None else y + bias
+
+    def rms(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        return x / torch.sqrt((x * x).mean(-1, keepdim=True) + self.eps) * self.w[name + ".weight"]
+
+    def rope(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """x [..., T, d] at 0-indexed positions pos [T]: half-split (rotate_half) layout."""
+        ang = pos.to(torch.float64)[:, None] * self.inv_freq[None, :]
+        cos = torch.cat([ang.cos(), ang.cos()], -1)
+        sin = torch.cat([ang.sin(), ang.sin()], -1)
+        half = x.shape[-1] // 2
+        rotated = torch.cat([-x[..., half:], x[..., :half]], -1)
+        return x * cos + rotated * sin
+
+    def mlp(self, x: torch.Tensor, layer: int) -> torch.Tensor:
+        p = f"model.layers.{layer}.mlp."
+        gate = self.lin(x, p + "gate_proj")
+        return self.lin(torch.nn.functional.silu(gate) * self.lin(x, p + "up_proj"), p + "down_proj")
+
+    def qkv(self, x: torch.Tensor, layer: int, pos: torch.Tensor):
+        """x [T, H] -> q [heads, T, d], k [kv, T, d], v [kv, T, d] with RoPE applied."""
+        p = f"model.layers.{layer}.self_attn."
+        T, d = x.shape[0], self.head_dim
+        q = self.lin(x, p + "q_proj").view(T, self.n_heads, d).transpose(0, 1)
+        k = self.lin(x, p + "k_proj").view(T, self.n_kv, d).transpose(0, 1)
+        v = self.lin(x, p + "v_proj").view(T, self.n_kv, d).transpose(0, 1)
+        return self.rope(q, pos), self.rope(k, pos), v
+
+    def group(self, kv_head: int) -> range:
+        per = self.n_heads // self.n_kv
+        return range(kv_head * per, (kv_head + 1) * per)
+
+    def logits(self, ids: Sequence[int]) -> torch.Tensor:
+        """Plain full causal forward of one sequence: [T, vocab] float64 logits."""
+        x = self.embed[torch.tensor(list(ids))]
+        T = x.shape[0]
+        pos = torch.arange(T)
+        causal = torch.ones(T, T, dtype=torch.bool).tril()
+        for layer in range(self.n_layers):
+            h = self.rms(x, f"model.layers.{layer}.input_layernorm")
+            q, k, v = self.qkv(h, layer, pos)
+            outs = []
+            for head in range(self.n_heads):
+                kv = head // (self.n_heads // self.n_kv)
+                s = (q[head] @ k[kv].T) / math.sqrt(self.head_dim)
+                a = torch.softmax(s.masked_fill(~causal, float("-inf")), -1)
+                outs.append(a @ v[kv])
+            attn = torch.stack(outs, 1).reshape(T, self.n_heads * self.head_dim)
+            x = x + self.lin(attn, f"model.layers.{layer}.self_attn.o_proj")
+            x = x + self.mlp(self.rms(x, f"model.layers.{layer}.post_attention_layernorm"), layer)
+        return self.rms(x, "model.norm") @ self.lm_head.T
+
+
+_MODELS: dict[str, ReferenceModel] = {}
+
+
+def load_reference(folder: str | Path) -> ReferenceModel:
+    key = str(Path(folder).resolve())
+    if key not in _MODELS:
+        _MODELS[key] = ReferenceModel(folder)
+    return _MODELS[key]
+
+
+def reference_logits(folder: str | Path, ids: Sequence[int]) -> torch.Tensor:
+    return load_reference(folder).logits(ids)
+
+
+# ----------------------------------------------------------------------------------------
+# Generation with the CORM cache, one sequence, one KV head at a time
+# ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class ReferenceRun:
+    new_tokens: list[int]
+    kept: list[list[list[int]]]  # [layer][kv_head] -> sorted 0-indexed positions held
+    seen: int  # tokens that went through the model (prompt + fed-back generated tokens)
+    # [layer][kv_head] -> dense bool matrix [seen, seen]: important[j-1, i-1] iff key i
+    # mattered to query j (union over the group's query heads)
+    important: list[list[torch.Tensor]]
+    window: int | None
+    recent: int | None
+    # smallest |a * t - 1| over every importance decision that could count (how close the
+    # run came to the 1/t threshold), and the smallest top-1 / top-2 logit gap
+    threshold_margin: float = math.inf
+    logit_gap: float = math.inf
+    evictions: list[list[list[tuple[int, int]]]] = field(default_factory=list)  # (t, key) 1-indexed
+    step_logits: list[torch.Tensor] = field(default_factory=list)  # the logits each new token came from
+
+    def robust(self, threshold: float = 1e-4, gap: float = 1e-4) -> bool:
+        """True when fp32 rounding cannot plausibly flip a decision of this run."""
+        return self.threshold_margin >= threshold and self.logit_gap >= gap
+
+    def minor_keys(self, layer: int, kv_head: int) -> list[int]:
+        """0-indexed positions long-term minor at the last step t = seen (literal matrix rule)."""
+        mat = self.important[layer][kv_head].tolist()
+        return [i - 1 for i in range(1, self.seen + 1) if long_term_minor(mat, self.seen, self.window, i)]
+
+
+def _gap(logits: torch.Tensor) -> float:
+    top = torch.topk(logits, 2).values
+    return float(top[0] - top[1])
+
+
+def reference_run(folder: str | Path, prompt_ids: Sequence[int], max_new_tokens: int, window: int | None,
+                  recent: int | None, corm_policy: bool = True) -> ReferenceRun:
+    """Greedy generation of ``max_new_tokens`` tokens (never stopping early) with CORM.
+
+    The last generated token is sampled but not fed back, like a generation loop does.
+    ``corm_policy=False`` (or ``window=None``) keeps every key.
+    """
+    model = load_reference(folder)
+    corm = corm_policy and window is not None
+    if corm and (window < 1 or recent is None or recent < 0):
+        raise ValueError("window must be >= 1 and recent >= 0")
+    prompt = list(prompt_ids)
+    n = len(prompt)
+    if n == 0:
+        raise ValueError("empty prompt")
+    total = n + max(max_new_tokens - 1, 0)
+    L, KV, d = model.n_layers, model.n_kv, model.head_dim
+    scale = 1.0 / math.sqrt(d)
+    # every key / value ever computed; eviction only removes positions from ``kept``
+    keys = [torch.zeros(KV, total, d, dtype=torch.float64) for _ in range(L)]
+    values = [torch.zeros(KV, total, d, dtype=torch.float64) for _ in range(L)]
+    important = [[torch.zeros(total, total, dtype=torch.bool) for _ in range(KV)] for _ in range(L)]
+    kept: list[list[list[int]]] = [[[] for _ in range(KV)] for _ in range(L)]  # 1-indexed
+    evictions: list[list[list[tuple[int, int]]]] = [[[] for _ in range(KV)] for _ in range(L)]
+    margin = math.inf
+
+    def first_counted_query() -> int:
+        # queries before n - w + 1 never enter any window (the first eviction is at t = n)
+        return max(1, n - window + 1) if corm else total + 1
+
+    def evict(layer: int, head: int, t: int) -> None:
+        if not corm:
+            return
+        before = kept[layer][head]
+        after = corm_step(important[layer][head], t, window, recent, before)
+        evictions[layer][head] += [(t, i) for i in before if i not in after]
+        kept[layer][head] = after
+
+    # -- prefill: full causal attention, then one eviction at t = n ----------------------
+    x = model.embed[torch.tensor(prompt)]
+    pos = torch.arange(n)
+    causal = torch.ones(n, n, dtype=torch.bool).tril()
+    thresholds = 1.0 / torch.arange(1, n + 1, dtype=torch.float64)  # row j-1: 1/j
+    for layer in range(L):
+        h = model.rms(x, f"model.layers.{layer}.input_layernorm")
+        q, k, v = model.qkv(h, layer, pos)
+        keys[layer][:, :n] = k
+        values[layer][:, :n] = v
+        outs = [None] * model.n_heads
+        for kv in range(KV):
+            mark = torch.zeros(n, n, dtype=torch.bool)
+            for head in model.group(kv):
+                a = torch.softmax((q[head] @ k[kv].T * scale).masked_fill(~causal, float("-inf")), -1)
+                outs[head] = a @ v[kv]
+                mark |= (a >= thresholds[:, None]) & causal
+                # query 1 (a = 1 = 1/1 exactly, in any precision) is no rounding risk
+                lo = max(first_counted_query() - 1, 1)
+                if lo < n:
+                    rel = (a[lo:] / thresholds[lo:, None] - 1).abs()[causal[lo:]]
+                    margin = min(margin, float(rel.min()))
+            important[layer][kv][:n, :n] = mark
+            kept[layer][kv] = list(range(1, n + 1))
+            evict(layer, kv, n)
+        attn = torch.stack(outs, 1).reshape(n, -1)
+        x = x + model.lin(attn, f"model.layers.{layer}.self_attn.o_proj")
+        x = x + model.mlp(model.rms(x, f"model.layers.{layer}.post_attention_layernorm"), layer)
+    logits = model.rms(x[-1], "model.norm") @ model.lm_head.T
+
+    # -- decoding: one token at a time, attention over kept keys + own key --------------
+    new_tokens: list[int] = []
+    step_logits: list[torch.Tensor] = []
+    gap = math.inf
+    for step in range(max_new_tokens):
+        step_logits.append(logits)
+        gap = min(gap, _gap(logits))
+        token = int(torch.argmax(logits))
+        new_tokens.append(token)
+        if step == max_new_tokens - 1:
+            break
+        t = n + step + 1  # 1-indexed position of the token fed back
+        x = model.embed[token][None]
+        p = torch.tensor([t - 1])
+        for layer in range(L):
+            h = model.rms(x, f"model.layers.{layer}.input_layernorm")
+            q, k, v = model.qkv(h, layer, p)
+            keys[layer][:, t - 1] = k[:, 0]
+            values[layer][:, t - 1] = v[:, 0]
+            outs = [None] * model.n_heads
+            for kv in range(KV):
+                kept[layer][kv] = kept[layer][kv] + [t]
+                idx = torch.tensor(kept[layer][kv]) - 1
+                K, V = keys[layer][kv, idx], values[layer][kv, idx]
+                mark = torch.zeros(t, dtype=torch.bool)
+                for head in model.group(kv):
+                    a = torch.softmax(q[head, 0] @ K.T * scale, -1)
+                    outs[head] = a @ V
+                    mark[idx] |= a >= 1.0 / t
+                    if corm:
+                        margin = min(margin, float((a * t - 1).abs().min()))
+                important[layer][kv][t - 1, :t] = mark
+                evict(layer, kv, t)
+            attn = torch.cat(outs, -1)[None]
+            x = x + model.lin(attn, f"model.layers.{layer}.self_attn.o_proj")
+            x = x + model.mlp(model.rms(x, f"model.layers.{layer}.post_attention_layernorm"), layer)
+        logits = model.rms(x[0], "model.norm") @ model.lm_head.T
+
+    kept0 = [[[i - 1 for i in head] for head in layer] for layer in kept]
+    return ReferenceRun(new_tokens=new_tokens, kept=kept0, seen=total,
+                        important=important, window=window if corm else None, recent=recent if corm else None,
+                        threshold_margin=margin, logit_gap=gap, evictions=evictions,
+                        step_logits=step_logits)
+
+
+def reference_generate(folder: str | Path, prompt_ids: Sequence[int], max_new_tokens: int, window: int | None,
+                       recent: int | None, corm_policy: bool = True) -> tuple[list[int], list[list[list[int]]]]:
+    """(new tokens, kept[layer][kv_head] sorted 0-indexed positions) after greedy generation."""
+    run = reference_run(folder, prompt_ids, max_new_tokens, window, recent, corm_policy)
+    return run.new_tokens, run.kept

@@ -1,0 +1,158 @@
+"""The ragged cache's storage: exact attention through every path, memory that follows the
+retained tokens, sliding windows, chunked prefill, and independence from block size."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import cormlm
+from checkpoints import save_hf_model
+from cormlm.cache.paged import BlockPool
+
+
+def _peaky(folder, scale: float):
+    """Scale q/k projections so attention concentrates and CORM really evicts."""
+    path = folder / "model.safetensors"
+    tensors = load_file(path)
+    for name in tensors:
+        if name.endswith(("q_proj.weight", "k_proj.weight")):
+            tensors[name] = tensors[name] * scale
+    save_file(tensors, path)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def gqa(tmp_path_factory):
+    folder = save_hf_model(tmp_path_factory.mktemp("gqa"), num_key_value_heads=2, max_position_embeddings=1024)
+    return cormlm.load_model(_peaky(folder, 4.0))
+
+
+@pytest.fixture(scope="module")
+def mistral(tmp_path_factory):
+    folder = save_hf_model(tmp_path_factory.mktemp("mistral"), model_type="mistral", num_key_value_heads=2,
+                           sliding_window=12, max_position_embeddings=1024)
+    return cormlm.load_model(folder)
+
+
+def _ids(batch: int, length: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 160, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+@torch.inference_mode()
+def test_full_policy_multi_call_equals_one_forward(gqa):
+    """Chunks after the first attend over keys gathered from the pool: still exact."""
+    ids = _ids(3, 50)
+    mask = torch.ones_like(ids)
+    mask[1, :9] = 0
+    mask[2, :30] = 0
+    reference = gqa(ids, attention_mask=mask)
+    cache = cormlm.make_cache(gqa, cormlm.CacheConfig("full", block_size=5), batch_size=3)
+    got = torch.cat([gqa(ids[:, :17], attention_mask=mask[:, :17], cache=cache),
+                     gqa(ids[:, 17:33], attention_mask=mask[:, 17:33], cache=cache)]
+                    + [gqa(ids[:, t:t + 1], cache=cache) for t in range(33, 50)], dim=1)
+    real = mask.bool()
+    assert (got[real] - reference[real]).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("policy", ["full", "corm"])
+def test_results_do_not_depend_on_block_size(gqa, policy):
+    ids = _ids(2, 40, seed=1)
+    runs = []
+    for block_size in (1, 7, 16, 64):
+        cfg = cormlm.CacheConfig(policy, window=8, recent=4, block_size=block_size)
+        out = cormlm.generate(gqa, ids, max_new_tokens=20, cache=cfg, eos_token_id=[])
+        held = [[[p.tolist() for p in row] for row in out.cache.positions(layer)] for layer in range(2)]
+        runs.append((out.new_tokens, held))
+    assert all(run == runs[0] for run in runs[1:])
+
+
+def _slot_bytes(cache) -> int:
+    """Bytes one slot costs: key, value, position and policy state."""
+    pool = cache.pools[0]
+    per_block = sum(t[0].numel() * t.element_size() for t in (pool.keys, pool.values, pool.positions,
+                                                               *pool.state.values()))
+    return per_block // pool.block_size
+
+
+def test_bytes_follow_retained_tokens(gqa):
+    ids = _ids(2, 300, seed=2)
+    cfg = cormlm.CacheConfig("corm", window=16, recent=16)
+    out = cormlm.generate(gqa, ids, max_new_tokens=17, cache=cfg, eos_token_id=[])  # ends on a compaction check
+    stats = out.cache.stats()
+    retained = sum(n for layer in stats.retained_tokens for row in layer for n in row)
+    assert stats.retained_fraction < 0.6, "the peaky model should let CORM evict"
+    streams = 2 * gqa.config.num_kv_heads * gqa.config.num_layers
+    budget = 1.25 * (retained + streams * 16) * _slot_bytes(out.cache) + 4096
+    assert stats.bytes_held <= budget
+    assert stats.bytes_held < 0.75 * stats.bytes_full
+    assert stats.bytes_held == sum(t.untyped_storage().nbytes() for t in out.cache.storage_tensors())
+
+
+def test_freed_blocks_are_reused(gqa):
+    """Decoding with steady eviction does not grow the pool: evicted blocks are taken again."""
+    cfg = cormlm.CacheConfig("corm", window=8, recent=8, block_size=4)
+    cache = cormlm.make_cache(gqa, cfg, batch_size=1)
+    token = _ids(1, 1)
+    with torch.inference_mode():
+        gqa(_ids(1, 64, seed=3), cache=cache)
+        capacities = []
+        for _ in range(150):
+            token = gqa(token, cache=cache)[:, -1].argmax(-1, keepdim=True)
+            capacities.append(cache.pools[0].capacity)
+    assert max(capacities[50:]) <= max(capacities[:50])
+
+
+@pytest.mark.parametrize("policy", ["full", "corm"])
+def test_sliding_window_drops_keys_under_every_policy(mistral, policy):
+    window = mistral.config.sliding_window
+    cfg = cormlm.CacheConfig(policy, window=4, recent=2)
+    out = cormlm.generate(mistral, _ids(2, 40, seed=4), max_new_tokens=30, cache=cfg, eos_token_id=[])
+    seen = out.cache.stats().tokens_seen
+    for layer in range(mistral.config.num_layers):
+        for row, heads in enumerate(out.cache.positions(layer)):
+            for held in heads:
+                assert held.numel() <= window
+                assert held.min() > seen[row] - 1 - window
+    assert out.cache.stats().bytes_held < out.cache.stats().bytes_full / 2
+
+
+def test_sliding_window_full_cache_matches_full_forward(mistral):
+    ids = _ids(1, 45, seed=5)
+    reference = mistral(ids)
+    cache = cormlm.make_cache(mistral, cormlm.CacheConfig("full"), batch_size=1)
+    pieces = [mistral(ids[:, :20], cache=cache)] + [mistral(ids[:, t:t + 1], cache=cache) for t in range(20, 45)]
+    assert (torch.cat(pieces, dim=1) - reference).abs().max() <= 1e-4
+
+
+def test_chunked_prefill_bounds_the_pool(gqa, monkeypatch):
+    peak = {"blocks": 0}
+    original = BlockPool._grow
+
+    def spy(self, needed):
+        original(self, needed)
+        peak["blocks"] = max(peak["blocks"], self.capacity)
+
+    monkeypatch.setattr(BlockPool, "_grow", spy)
+    ids = _ids(1, 600, seed=6)
+    one_shot = cormlm.generate(gqa, ids, max_new_tokens=4, eos_token_id=[],
+                               cache=cormlm.CacheConfig("corm", window=16, recent=16))
+    one_shot_peak, peak["blocks"] = peak["blocks"], 0
+    chunked = cormlm.generate(gqa, ids, max_new_tokens=4, eos_token_id=[],
+                              cache=cormlm.CacheConfig("corm", window=16, recent=16, prefill_chunk=64))
+    streams = gqa.config.num_kv_heads  # one row: a stream per KV head shares each layer's pool
+    assert one_shot_peak * 16 >= streams * 600  # one-shot prefill stores the whole prompt first
+    assert peak["blocks"] * 16 < 0.7 * streams * 600
+    assert chunked.cache.stats().retained_fraction < 0.7
+
+
+def test_chunked_prefill_with_full_policy_is_exact(gqa):
+    ids = _ids(2, 90, seed=7)
+    mask = torch.ones_like(ids)
+    mask[0, :25] = 0
+    one = cormlm.generate(gqa, ids, attention_mask=mask, max_new_tokens=12, eos_token_id=[],
+                          cache=cormlm.CacheConfig("full"))
+    chunked = cormlm.generate(gqa, ids, attention_mask=mask, max_new_tokens=12, eos_token_id=[],
+                              cache=cormlm.CacheConfig("full", prefill_chunk=16))
+    assert chunked.new_tokens == one.new_tokens
