@@ -60,7 +60,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--window", type=int, default=256)
     parser.add_argument("--recent", type=int, default=256)
-    parser.add_argument("--peaky", type=float, default=4.0, help="scale of the q/k projections")
+    parser.add_argument("--peaky", type=float, default=8.0, help="scale of the q/k projections")
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
     if args.threads:

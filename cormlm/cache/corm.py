@@ -39,6 +39,7 @@ class CormPolicy(EvictionPolicy):
 
     def evict(self, view: SlotView) -> torch.Tensor:
         t = view.query_t
-        minor = (t >= self.window) & (view.state["last_important"] <= t - self.window)
-        old_enough = view.positions + 1 <= t - self.recent
-        return minor & old_enough & (view.positions >= 0)
+        # empty slots hold position -1 and are dropped again harmlessly
+        minor = view.state["last_important"] <= t - self.window  # t < w: t - w < 0 <= any mark
+        old_enough = view.positions <= t - (self.recent + 1)
+        return minor & old_enough

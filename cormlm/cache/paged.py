@@ -8,8 +8,8 @@ slots taken from one pool per layer, so bytes follow the sum of what the streams
 
 - Appending writes only the new tokens into each stream's tail block (or into a fresh
   block taken from the free list): never a copy of the cache.
-- Eviction marks slots empty; a block whose slots are all empty goes back to the free list
-  at once. Holes inside live blocks are reclaimed by ``compact``, which repacks the live
+- Eviction marks slots empty; blocks whose slots are all empty go back to the free list at
+  the cache's periodic check or when the pool would otherwise grow. Holes inside live blocks are reclaimed by ``compact``, which repacks the live
   slots stream by stream and resizes the pool to fit: the cache calls it when holes or free
   blocks make up a large share of the pool, so held bytes track retained tokens and the
   memory really goes back to the allocator.
@@ -83,6 +83,7 @@ class BlockPool:
         """Make sure ``new_blocks`` free blocks exist (syncs only when the bound says maybe not)."""
         if self.allocated_upper + new_blocks <= self.capacity:
             return
+        self.release_empty_blocks()
         self.allocated_upper = int((self.owner >= 0).sum())
         if self.allocated_upper + new_blocks > self.capacity:
             self._grow(self.allocated_upper + new_blocks)
@@ -152,10 +153,13 @@ class BlockPool:
 
     # ------------------------------------------------------------------- evict
     def evict(self, drop: torch.Tensor) -> None:
-        """Empty the slots in ``drop`` [NB, block]; blocks left empty return to the free list."""
+        """Empty the slots in ``drop`` [NB, block] (one masked write: cheap on every step)."""
         self.positions.masked_fill_(drop, -1)
-        empty = (self.positions < 0).all(dim=1) & (self.owner >= 0)
+
+    def release_empty_blocks(self) -> None:
+        """Give blocks with no live slot (tail blocks excepted) back to the free list."""
         n = self.capacity
+        empty = (self.positions < 0).all(dim=1) & (self.owner >= 0)
         is_tail = torch.zeros(n + 1, dtype=torch.bool, device=self.device)
         is_tail[torch.where(self.tail >= 0, self.tail, n)] = True  # streams without a tail hit the spare
         self.owner.masked_fill_(empty & ~is_tail[:n], -1)

@@ -21,9 +21,12 @@ def paged_decode_attention(pool: BlockPool, q: torch.Tensor, q_pos: torch.Tensor
     owner = pool.owner.clamp(min=0)
     block_q = q[owner]  # [NB, G, D]: a few rows per block, not a copy of the cache
     scores = torch.bmm(block_q, pool.keys.transpose(1, 2)).float() * spec.scale  # [NB, G, bs]
-    pos = pool.positions.long()
-    qp = q_pos[owner][:, None]
-    visible = (pos >= 0) & (pos <= qp) & (pool.owner >= 0)[:, None]
+    pos = pool.positions
+    # Every stored key precedes the query (it was appended first) and free or empty slots
+    # hold position -1, so "stored" is the whole causal mask.
+    visible = pos >= 0
+    if spec.sliding_window is not None or spec.alibi_slopes is not None:
+        qp = q_pos[owner][:, None]
     if spec.sliding_window is not None:
         visible &= (qp - pos) < spec.sliding_window
     if spec.alibi_slopes is not None:

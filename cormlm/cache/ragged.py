@@ -67,17 +67,17 @@ class RaggedCache(KVCache):
         pool = self.pools[layer]
         stream_pos = positions[:, None, :].expand(b, hkv, t).reshape(b * hkv, t)
         slots = pool.append(k.reshape(b * hkv, t, d), v.reshape(b * hkv, t, d), stream_pos, self._stream_counts())
-        stream_t = (self.lengths[:, None].expand(b, hkv).reshape(-1))  # 1-indexed t of each stream's last query
+        # 1-indexed t of the latest query of the stream owning each block: [NB, 1]
+        block_t = self.lengths.repeat_interleave(hkv)[pool.owner.clamp(min=0)][:, None]
         if t == 1 and self._step_counts is None:
             out, probs = paged_decode_attention(pool, q.reshape(b * hkv, g, d), stream_pos[:, 0], spec)
             out = out.view(b, hq, 1, d)
             if self.policy.needs_probs:
-                qt = stream_t[pool.owner.clamp(min=0)][:, None]
-                observed = self.policy.observe(probs[:, :, None, :], qt)
+                observed = self.policy.observe(probs[:, :, None, :], block_t)
                 pool.state.update(self.policy.merge(pool.state, observed))
         else:
             out = self._attend_many(pool, q, k, v, positions, slots, spec)
-        self._evict(pool, stream_t, spec)
+        self._evict(pool, block_t, spec)
         if layer == self.num_layers - 1:
             self._end_step(t)
         return out
@@ -111,8 +111,7 @@ class RaggedCache(KVCache):
                 pool.state[name].view(-1)[flat] = value.to(pool.state[name].dtype)
         return out
 
-    def _evict(self, pool: BlockPool, stream_t: torch.Tensor, spec: AttentionSpec) -> None:
-        qt = stream_t[pool.owner.clamp(min=0)][:, None]
+    def _evict(self, pool: BlockPool, qt: torch.Tensor, spec: AttentionSpec) -> None:
         view = SlotView(pool.positions, pool.state, qt, pool.owner)
         drop = self.policy.evict(view)
         if spec.sliding_window is not None:
@@ -127,6 +126,8 @@ class RaggedCache(KVCache):
         self._decode_steps = self._decode_steps + 1 if num_tokens == 1 and self._step_counts is None else 0
         if self._decode_steps and self._decode_steps % COMPACT_CHECK_EVERY:
             return
+        for pool in self.pools:
+            pool.release_empty_blocks()
         live = torch.stack([pool.live_counts().sum() for pool in self.pools]).tolist()  # one sync
         for pool, kept in zip(self.pools, live):
             if pool.capacity * pool.block_size > COMPACT_SLACK * (kept + pool.num_streams * pool.block_size):
