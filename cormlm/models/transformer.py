@@ -81,6 +81,8 @@ class CausalLM(nn.Module):
         padding for batches of different lengths). With a ``cache``, the tokens are
         appended to it and may be evicted by its policy.
         """
+        if isinstance(input_ids, torch.Tensor) and input_ids.device != self.device:
+            input_ids = input_ids.to(self.device)
         valid = self.check_inputs(input_ids, attention_mask, cache)
         return self.forward_unchecked(input_ids, valid, cache, last_logits_only)
 
