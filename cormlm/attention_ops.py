@@ -29,7 +29,7 @@ class AttentionSpec:
     head_dim: int
     scale: float
     sliding_window: int | None = None
-    # ALiBi: bias = slope[h] * (key_pos - query_pos), added to the scaled scores.
+    # ALiBi slopes [Hq]: see alibi_bias for the exact bias.
     alibi_slopes: torch.Tensor | None = None
 
     @property
@@ -73,14 +73,20 @@ def _group_mask(mask: torch.Tensor, group: int) -> torch.Tensor:
     return mask[:, :, None].expand(b, hk, group, t, s).reshape(b, hk, group * t, s)
 
 
-def alibi_bias(spec: AttentionSpec, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
-    """Float32 [B, Hq, T, S] ALiBi bias from original positions."""
+def alibi_bias(spec: AttentionSpec, k_pos: torch.Tensor) -> torch.Tensor:
+    """Float32 [B, Hq, 1, S] ALiBi bias of each key, added to the scaled scores.
+
+    ``scale * bf16(bf16(slope) * bf16(key_pos))``: Falcon's published computation, rounding
+    included. It uses the key's absolute position only; the query's share of
+    ``slope * (key - query)`` is the same for every key of a row, and softmax ignores it.
+    """
     if k_pos.dim() == 2:
         k_pos = k_pos[:, None]
-    kv_of_head = torch.arange(spec.num_heads, device=q_pos.device) // spec.group_size
-    k = k_pos if k_pos.shape[1] == 1 else k_pos[:, kv_of_head]
-    dist = (k[:, :, None, :] - q_pos[:, None, :, None]).float()
-    return spec.alibi_slopes.float()[None, :, None, None] * dist
+    if k_pos.shape[1] != 1:
+        k_pos = k_pos[:, torch.arange(spec.num_heads, device=k_pos.device) // spec.group_size]
+    slopes = spec.alibi_slopes.to(device=k_pos.device, dtype=torch.bfloat16)[None, :, None]
+    bias = (slopes * k_pos.clamp(min=0).to(torch.bfloat16)).float() * spec.scale
+    return bias[:, :, None, :]
 
 
 def attend(
@@ -109,7 +115,7 @@ def attend(
         raise ValueError("attend needs q_pos and k_pos unless causal=True on an unpadded sequence")
     mask = visibility_mask(q_pos, k_pos, spec.sliding_window)
     if spec.alibi_slopes is not None:
-        bias = alibi_bias(spec, q_pos, k_pos)
+        bias = alibi_bias(spec, k_pos)
         hq_mask = mask if mask.shape[1] == 1 else mask.repeat_interleave(group, dim=1)
         bias = bias.masked_fill(~hq_mask, float("-inf")).to(q.dtype)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=spec.scale, enable_gqa=gqa)

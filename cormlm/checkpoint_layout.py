@@ -72,9 +72,69 @@ def llama_layout(config: ModelConfig) -> list[ParamSource]:
     return plan
 
 
+def split_falcon_qkv(config: ModelConfig) -> Combine:
+    """Reorder Falcon's fused query_key_value rows into cormlm's [q heads | k heads | v heads].
+
+    Falcon stores three layouts: grouped (new decoder architecture: per KV group, its query
+    heads then one key and one value head), multi-query (all query heads, then the one key
+    and value head) and interleaved (per head: query, key, value).
+    """
+    heads, kv, d = config.num_heads, config.num_kv_heads, config.head_dim
+
+    def combine(tensors: list[torch.Tensor]) -> torch.Tensor:
+        fused = tensors[0]
+        rest = fused.shape[1:]
+        if config.qkv_layout == "falcon_grouped":
+            grouped = fused.reshape(kv, heads // kv + 2, d, *rest)
+            q, k, v = grouped[:, :-2], grouped[:, -2], grouped[:, -1]
+        elif config.qkv_layout == "falcon_multi_query":
+            stacked = fused.reshape(heads + 2, d, *rest)
+            q, k, v = stacked[:heads], stacked[heads], stacked[heads + 1]
+        else:
+            interleaved = fused.reshape(heads, 3, d, *rest)
+            q, k, v = interleaved[:, 0], interleaved[:, 1], interleaved[:, 2]
+        return torch.cat([x.reshape(-1, *rest) for x in (q, k, v)], dim=0)
+
+    return combine
+
+
+def falcon_layout(config: ModelConfig) -> list[ParamSource]:
+    """Falcon (and RefinedWeb): ``transformer.h.N.self_attention.query_key_value.weight`` and friends."""
+    h, inter = config.hidden_size, config.intermediate_size
+    qkv_rows = (config.num_heads + 2 * config.num_kv_heads) * config.head_dim
+    plan = [ParamSource("embed.weight", (("transformer.word_embeddings.weight", (config.vocab_size, h)),)),
+            ParamSource("final_norm.weight", (("transformer.ln_f.weight", (h,)),)),
+            ParamSource("final_norm.bias", (("transformer.ln_f.bias", (h,)),))]
+    if not config.tie_word_embeddings:
+        plan.append(ParamSource("lm_head.weight", (("lm_head.weight", (config.vocab_size, h)),)))
+    split = split_falcon_qkv(config)
+    two_norms = config.residual == "parallel" and config.parallel_norms == 2
+    for i in range(config.num_layers):
+        src, dst = f"transformer.h.{i}.", f"blocks.{i}."
+        if two_norms:
+            norms = [("attn_norm", "ln_attn"), ("mlp_norm", "ln_mlp")]
+        elif config.residual == "sequential":
+            norms = [("attn_norm", "input_layernorm"), ("mlp_norm", "post_attention_layernorm")]
+        else:
+            norms = [("attn_norm", "input_layernorm")]
+        linears = [("attn.qkv", "self_attention.query_key_value", (qkv_rows, h), split),
+                   ("attn.o_proj", "self_attention.dense", (h, config.num_heads * config.head_dim), _single),
+                   ("mlp.up", "mlp.dense_h_to_4h", (inter, h), _single),
+                   ("mlp.down", "mlp.dense_4h_to_h", (h, inter), _single)]
+        for ours, theirs in norms:
+            for leaf in ("weight", "bias"):
+                plan.append(ParamSource(f"{dst}{ours}.{leaf}", ((f"{src}{theirs}.{leaf}", (h,)),)))
+        for ours, theirs, shape, combine in linears:
+            plan.append(ParamSource(f"{dst}{ours}.weight", ((f"{src}{theirs}.weight", shape),), combine))
+            if config.attention_bias:
+                plan.append(ParamSource(f"{dst}{ours}.bias", ((f"{src}{theirs}.bias", shape[:1]),), combine))
+    return plan
+
+
 LAYOUTS: dict[str, Callable[[ModelConfig], list[ParamSource]]] = {
     "llama": llama_layout,
     "mistral": llama_layout,
+    "falcon": falcon_layout,
 }
 
 

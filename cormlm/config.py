@@ -60,6 +60,7 @@ class ModelConfig:
     residual: str = "sequential"  # "sequential" | "parallel"
     parallel_norms: int = 1  # parallel residual: 1 shared norm or 2 (ln_attn, ln_mlp)
     position: str = "rope"  # "rope" | "alibi"
+    qkv_layout: str = "separate"  # how the checkpoint stores q/k/v: see checkpoint_layout
     rope: RopeConfig = field(default_factory=RopeConfig)
     attention_bias: bool = False  # q, k, v projections
     attention_out_bias: bool = False  # o projection
@@ -162,24 +163,31 @@ def _eos_ids(value: Any) -> tuple[int, ...]:
     return tuple(int(v) for v in value)
 
 
-def _llama_like(cfg: dict[str, Any], source: str, family: str) -> ModelConfig:
+def _heads(cfg: dict[str, Any], source: str, heads_key: str, kv_heads: Any) -> tuple[int, int, int]:
+    """(heads, kv_heads, head_dim), checked: heads must split evenly over KV heads."""
     hidden = _positive_int(_require(cfg, "hidden_size", source), "hidden_size", source)
-    heads = _positive_int(_require(cfg, "num_attention_heads", source), "num_attention_heads", source)
-    kv_heads = _positive_int(cfg.get("num_key_value_heads") or heads, "num_key_value_heads", source)
+    heads = _positive_int(_require(cfg, heads_key, source), heads_key, source)
+    kv_heads = _positive_int(kv_heads or heads, "number of KV heads", source)
     if heads % kv_heads:
         raise ConfigError(
-            f"{source}: num_attention_heads ({heads}) must be a multiple of num_key_value_heads ({kv_heads})"
+            f"{source}: {heads_key} ({heads}) must be a multiple of the number of KV heads ({kv_heads})"
         )
-    head_dim = cfg.get("head_dim") or hidden // heads
-    if not cfg.get("head_dim") and hidden % heads:
-        raise ConfigError(f"{source}: hidden_size ({hidden}) is not divisible by num_attention_heads ({heads})")
+    head_dim = cfg.get("head_dim")
+    if not head_dim:
+        if hidden % heads:
+            raise ConfigError(f"{source}: hidden_size ({hidden}) is not divisible by {heads_key} ({heads})")
+        head_dim = hidden // heads
+    return heads, kv_heads, _positive_int(head_dim, "head_dim", source)
+
+
+def _llama_like(cfg: dict[str, Any], source: str, family: str) -> ModelConfig:
+    hidden = _positive_int(_require(cfg, "hidden_size", source), "hidden_size", source)
+    heads, kv_heads, head_dim = _heads(cfg, source, "num_attention_heads", cfg.get("num_key_value_heads"))
     max_pos = _positive_int(cfg.get("max_position_embeddings", 2048), "max_position_embeddings", source)
     sliding = cfg.get("sliding_window") if family == "mistral" else None
     if cfg.get("use_sliding_window") is False:
         sliding = None
-    act = cfg.get("hidden_act", "silu")
-    if act not in ("silu", "gelu", "gelu_new", "gelu_pytorch_tanh", "relu"):
-        raise ConfigError(f"{source}: hidden_act '{act}' is not supported; use silu, gelu or relu")
+    act = _activation(cfg.get("hidden_act", "silu"), source)
     attention_bias = bool(cfg.get("attention_bias", False))
     return ModelConfig(
         family=family,
@@ -188,7 +196,7 @@ def _llama_like(cfg: dict[str, Any], source: str, family: str) -> ModelConfig:
         num_layers=_positive_int(_require(cfg, "num_hidden_layers", source), "num_hidden_layers", source),
         num_heads=heads,
         num_kv_heads=kv_heads,
-        head_dim=_positive_int(head_dim, "head_dim", source),
+        head_dim=head_dim,
         intermediate_size=_positive_int(_require(cfg, "intermediate_size", source), "intermediate_size", source),
         max_position_embeddings=max_pos,
         norm="rms",
@@ -210,9 +218,98 @@ def _llama_like(cfg: dict[str, Any], source: str, family: str) -> ModelConfig:
     )
 
 
+ACTIVATIONS = ("silu", "gelu", "gelu_new", "gelu_pytorch_tanh", "relu")
+
+
+def _activation(name: str, source: str) -> str:
+    if name not in ACTIVATIONS:
+        raise ConfigError(f"{source}: activation '{name}' is not supported; supported: {', '.join(ACTIVATIONS)}")
+    return name
+
+
+# Falcon's legacy RefinedWeb configs spell the same fields differently.
+FALCON_LEGACY_KEYS = {"n_head": "num_attention_heads", "n_layer": "num_hidden_layers", "n_head_kv": "num_kv_heads",
+                      "n_embed": "hidden_size"}
+FALCON_LAYOUTS = (
+    "Falcon-7B style (multi_query, parallel_attn, one LayerNorm)",
+    "Falcon-40B/180B (new_decoder_architecture, num_ln_in_parallel_attn 2)",
+    "Falcon 2 (new_decoder_architecture, parallel_attn, num_ln_in_parallel_attn 1)",
+    "Falcon-RW (sequential, alibi or rotary, optional bias)",
+)
+
+
+def _falcon(cfg: dict[str, Any], source: str, model_type: str) -> ModelConfig:
+    """Falcon, including the legacy RefinedWeb (40B) / RefinedWebModel (7B) configs."""
+    cfg = {FALCON_LEGACY_KEYS.get(key, key): value for key, value in cfg.items()}
+    new_arch = bool(cfg.get("new_decoder_architecture", model_type == "RefinedWeb"))
+    multi_query = bool(cfg.get("multi_query", True))
+    parallel = bool(cfg.get("parallel_attn", True))
+    alibi = bool(cfg.get("alibi", False))
+    norms = cfg.get("num_ln_in_parallel_attn")
+    if norms is None:
+        norms = 2 if new_arch else 1
+    unknown = None
+    if norms not in (1, 2):
+        unknown = f"num_ln_in_parallel_attn={norms!r}"
+    elif new_arch and not parallel and norms == 1:
+        unknown = "new_decoder_architecture with parallel_attn=false and one LayerNorm"
+    elif new_arch and alibi:
+        unknown = "new_decoder_architecture with alibi"
+    if unknown:
+        raise UnsupportedModelError(
+            f"{source}: unknown Falcon variant ({unknown}); supported layouts: {'; '.join(FALCON_LAYOUTS)}"
+        )
+    if new_arch:
+        kv_heads, layout = cfg.get("num_kv_heads"), "falcon_grouped"
+    elif multi_query:
+        kv_heads, layout = 1, "falcon_multi_query"
+    else:
+        kv_heads, layout = cfg.get("num_kv_heads"), "falcon_interleaved"
+        if kv_heads and kv_heads != cfg.get("num_attention_heads"):
+            raise UnsupportedModelError(
+                f"{source}: unknown Falcon variant (num_kv_heads={kv_heads} without new_decoder_architecture or "
+                f"multi_query); supported layouts: {'; '.join(FALCON_LAYOUTS)}"
+            )
+    hidden = _positive_int(_require(cfg, "hidden_size", source), "hidden_size", source)
+    heads, kv_heads, head_dim = _heads({**cfg, "head_dim": None}, source, "num_attention_heads", kv_heads)
+    max_pos = _positive_int(cfg.get("max_position_embeddings", 2048), "max_position_embeddings", source)
+    bias = bool(cfg.get("bias", False))
+    return ModelConfig(
+        family="falcon",
+        vocab_size=_positive_int(_require(cfg, "vocab_size", source), "vocab_size", source),
+        hidden_size=hidden,
+        num_layers=_positive_int(_require(cfg, "num_hidden_layers", source), "num_hidden_layers", source),
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        head_dim=head_dim,
+        intermediate_size=_positive_int(cfg.get("ffn_hidden_size") or 4 * hidden, "ffn_hidden_size", source),
+        max_position_embeddings=max_pos,
+        norm="layer",
+        norm_eps=float(cfg.get("layer_norm_epsilon", 1e-5)),
+        mlp="plain",
+        activation=_activation(cfg.get("activation", "gelu"), source),
+        residual="parallel" if (parallel or new_arch) else "sequential",
+        parallel_norms=norms if new_arch else 1,
+        position="alibi" if alibi else "rope",
+        rope=parse_rope(cfg, source, max_pos),
+        qkv_layout=layout,
+        attention_bias=bias,
+        attention_out_bias=bias,
+        mlp_bias=bias,
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", True)),
+        bos_token_id=cfg.get("bos_token_id"),
+        eos_token_ids=_eos_ids(cfg.get("eos_token_id")),
+        pad_token_id=cfg.get("pad_token_id"),
+        stored_dtype=cfg.get("dtype") or cfg.get("torch_dtype"),
+    )
+
+
 FAMILY_PARSERS: dict[str, Callable[[dict[str, Any], str], ModelConfig]] = {
     "llama": lambda cfg, src: _llama_like(cfg, src, "llama"),
     "mistral": lambda cfg, src: _llama_like(cfg, src, "mistral"),
+    "falcon": lambda cfg, src: _falcon(cfg, src, "falcon"),
+    "RefinedWeb": lambda cfg, src: _falcon(cfg, src, "RefinedWeb"),
+    "RefinedWebModel": lambda cfg, src: _falcon(cfg, src, "RefinedWebModel"),
 }
 
 

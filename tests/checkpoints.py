@@ -17,15 +17,22 @@ BASE = dict(vocab_size=160, hidden_size=64, intermediate_size=112, num_hidden_la
             initializer_range=0.08, bos_token_id=None, eos_token_id=None, pad_token_id=None)
 
 
+FALCON_BASE = dict(vocab_size=160, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                   initializer_range=0.08, bos_token_id=None, eos_token_id=None, pad_token_id=None,
+                   max_position_embeddings=256)
+
+
 def save_hf_model(folder: Path, model_type: str = "llama", dtype: torch.dtype = torch.float32,
                   max_shard_size: str | None = None, seed: int = 0, **overrides: Any) -> Path:
     """Build a random transformers model of ``model_type`` and save it in HF format."""
     import transformers
 
     classes = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
-               "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM)}
+               "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+               "falcon": (transformers.FalconConfig, transformers.FalconForCausalLM)}
     config_cls, model_cls = classes[model_type]
-    config = config_cls(**{**BASE, **overrides})
+    base = FALCON_BASE if model_type == "falcon" else BASE
+    config = config_cls(**{**base, **overrides})
     torch.manual_seed(seed)
     model = model_cls(config).to(dtype).eval()
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
@@ -34,9 +41,11 @@ def save_hf_model(folder: Path, model_type: str = "llama", dtype: torch.dtype = 
 
 
 def load_hf_model(folder: Path, dtype: torch.dtype = torch.float32):
+    """transformers' default (SDPA) attention. Its eager Falcon path adds the ALiBi bias twice
+    (once itself, once through the mask it builds) in transformers 5.23, so it is no oracle."""
     import transformers
 
-    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="eager")
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="sdpa")
     return model.eval()
 
 

@@ -44,7 +44,7 @@ def test_corrupt_config(copy):
 
 def test_unknown_model_type_lists_supported(copy):
     rewrite_config(copy, lambda c: {**c, "model_type": "gpt_neox"})
-    with pytest.raises(cormlm.UnsupportedModelError, match="gpt_neox.*supported model types: .*llama.*mistral"):
+    with pytest.raises(cormlm.UnsupportedModelError, match="gpt_neox.*supported model types: .*RefinedWeb.*falcon.*llama.*mistral"):
         cormlm.load_model(copy)
 
 
@@ -56,7 +56,7 @@ def test_unsupported_rope_type(copy):
 
 def test_heads_not_divisible(copy):
     rewrite_config(copy, lambda c: {**c, "num_key_value_heads": 3})
-    with pytest.raises(cormlm.ConfigError, match=r"num_attention_heads \(4\) must be a multiple of num_key_value_heads \(3\)"):
+    with pytest.raises(cormlm.ConfigError, match=r"num_attention_heads \(4\) must be a multiple of the number of KV heads \(3\)"):
         cormlm.load_model(copy)
 
 
@@ -165,3 +165,44 @@ def test_hub_offline_error_says_pass_a_folder(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(cormlm.HubError, match="pass a local folder"):
         cormlm.load_model("some-org/not-cached-model", cache_dir=tmp_path)
+
+
+@pytest.fixture(scope="module")
+def falcon(tmp_path_factory):
+    return save_hf_model(tmp_path_factory.mktemp("falcon"), model_type="falcon", new_decoder_architecture=True,
+                         num_kv_heads=2)
+
+
+@pytest.fixture
+def falcon_copy(falcon, tmp_path):
+    for path in falcon.iterdir():
+        (tmp_path / path.name).write_bytes(path.read_bytes())
+    return tmp_path
+
+
+def test_falcon_heads_not_divisible_by_kv_heads(falcon_copy):
+    rewrite_config(falcon_copy, lambda c: {**c, "num_kv_heads": 3})
+    with pytest.raises(cormlm.ConfigError, match=r"num_attention_heads \(4\) must be a multiple of the number of KV heads \(3\)"):
+        cormlm.load_model(falcon_copy)
+
+
+def test_falcon_fused_qkv_of_wrong_size_is_named(falcon_copy):
+    tensors = load_file(falcon_copy / "model.safetensors")
+    name = "transformer.h.1.self_attention.query_key_value.weight"
+    assert tensors[name].shape == (128, 64)  # (4 query + 2 x 2 KV heads) x 16
+    tensors[name] = tensors[name][:112]
+    save_file(tensors, falcon_copy / "model.safetensors")
+    with pytest.raises(cormlm.CheckpointError, match=rf"{name}: checkpoint has shape \[112, 64\], the config implies \[128, 64\]"):
+        cormlm.load_model(falcon_copy)
+
+
+@pytest.mark.parametrize("edit, what", [
+    ({"num_ln_in_parallel_attn": 3}, "num_ln_in_parallel_attn=3"),
+    ({"parallel_attn": False, "num_ln_in_parallel_attn": 1}, "new_decoder_architecture with parallel_attn=false"),
+    ({"alibi": True}, "new_decoder_architecture with alibi"),
+    ({"new_decoder_architecture": False, "multi_query": False, "num_kv_heads": 2}, "num_kv_heads=2 without"),
+])
+def test_unknown_falcon_variant_lists_supported_layouts(falcon_copy, edit, what):
+    rewrite_config(falcon_copy, lambda c: {**c, **edit})
+    with pytest.raises(cormlm.UnsupportedModelError, match=f"unknown Falcon variant \\({what}.*supported layouts: Falcon-7B"):
+        cormlm.load_model(falcon_copy)

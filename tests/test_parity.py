@@ -32,7 +32,26 @@ VARIANTS = {
                         rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 4.0}),
     "sharded_bf16": dict(num_key_value_heads=2, _dtype=torch.bfloat16, _shard="60KB"),
     "mistral_sliding_window": dict(_type="mistral", num_key_value_heads=2, sliding_window=8),
+    "falcon7b_mqa": dict(_type="falcon", multi_query=True, parallel_attn=True, new_decoder_architecture=False),
+    "falcon40b_new_arch": dict(_type="falcon", new_decoder_architecture=True, num_kv_heads=2),
+    "falcon2_one_norm_untied": dict(_type="falcon", new_decoder_architecture=True, num_kv_heads=2,
+                                    num_ln_in_parallel_attn=1, parallel_attn=True, tie_word_embeddings=False),
+    "falcon_rw_alibi": dict(_type="falcon", alibi=True, multi_query=False, parallel_attn=False, bias=True),
+    "legacy_refinedweb_7b": dict(_type="falcon", multi_query=True, parallel_attn=True, _legacy="RefinedWebModel"),
+    "legacy_refinedweb_40b": dict(_type="falcon", new_decoder_architecture=True, num_kv_heads=2,
+                                  _legacy="RefinedWeb"),
 }
+
+
+def to_refinedweb(config: dict, model_type: str) -> dict:
+    """The legacy RefinedWeb config spelling still found on the hub."""
+    renames = {"num_attention_heads": "n_head", "num_hidden_layers": "n_layer", "num_kv_heads": "n_head_kv"}
+    legacy = {renames.get(k, k): v for k, v in config.items()}
+    legacy["model_type"] = model_type
+    if model_type == "RefinedWeb":  # the 40B config predates the flag: its model type implies it
+        legacy.pop("new_decoder_architecture")
+        legacy.pop("num_ln_in_parallel_attn", None)
+    return legacy
 
 
 @pytest.fixture(scope="module", params=sorted(VARIANTS))
@@ -41,6 +60,7 @@ def pair(request, tmp_path_factory):
     spec = dict(VARIANTS[request.param])
     folder = tmp_path_factory.mktemp(request.param)
     v4_key = spec.pop("_v4_rope", None)
+    legacy = spec.pop("_legacy", None)
     save_hf_model(folder, model_type=spec.pop("_type", "llama"), dtype=spec.pop("_dtype", torch.float32),
                   max_shard_size=spec.pop("_shard", None), **spec)
     if v4_key:
@@ -49,8 +69,10 @@ def pair(request, tmp_path_factory):
     if request.param == "sharded_bf16":
         assert (folder / "model.safetensors.index.json").is_file()
         assert len({*json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"].values()}) > 1
-    ours = cormlm.load_model(folder, dtype=torch.float32, device="cpu")
     theirs = load_hf_model(folder, dtype=torch.float32)
+    if legacy:  # transformers no longer reads these; cormlm must, and match the modern config
+        rewrite_config(folder, lambda c: to_refinedweb(c, legacy))
+    ours = cormlm.load_model(folder, dtype=torch.float32, device="cpu")
     return request.param, ours, theirs
 
 

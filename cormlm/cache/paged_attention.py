@@ -25,13 +25,12 @@ def paged_decode_attention(pool: BlockPool, q: torch.Tensor, q_pos: torch.Tensor
     # Every stored key precedes the query (it was appended first) and free or empty slots
     # hold position -1, so "stored" is the whole causal mask.
     visible = pos >= 0
-    if spec.sliding_window is not None or spec.alibi_slopes is not None:
-        qp = q_pos[owner][:, None]
     if spec.sliding_window is not None:
-        visible &= (qp - pos) < spec.sliding_window
-    if spec.alibi_slopes is not None:
-        slopes = spec.alibi_slopes.float().view(-1, g).repeat(s // (spec.alibi_slopes.numel() // g), 1)
-        scores = scores + slopes[owner][:, :, None] * (pos - qp)[:, None, :].float()
+        visible &= (q_pos[owner][:, None] - pos) < spec.sliding_window
+    if spec.alibi_slopes is not None:  # the same bias as attention_ops.alibi_bias, per block
+        slopes = spec.alibi_slopes.view(-1, g).repeat(s // (spec.alibi_slopes.numel() // g), 1)
+        block_slopes = slopes[owner].to(torch.bfloat16)[:, :, None]
+        scores = scores + (block_slopes * pos.clamp(min=0).to(torch.bfloat16)[:, None, :]).float() * spec.scale
     scores = scores.masked_fill(~visible[:, None, :], float("-inf"))
     index = owner[:, None].expand(-1, g)
     peak = torch.full((s, g), float("-inf"), device=q.device).scatter_reduce(

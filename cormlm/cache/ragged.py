@@ -29,8 +29,8 @@ def explicit_probs(q: torch.Tensor, k: torch.Tensor, q_pos: torch.Tensor, k_pos:
     scores = torch.matmul(grouped, k.transpose(-1, -2)).float() * spec.scale
     scores = scores.view(b, spec.num_kv_heads, g, nq, -1)
     if spec.alibi_slopes is not None:
-        bias = alibi_bias(spec, q_pos, k_pos)  # [B, Hq, Q, S]
-        scores = scores + bias.view(b, spec.num_kv_heads, g, nq, -1)
+        bias = alibi_bias(spec, k_pos)  # [B, Hq, 1, S]
+        scores = scores + bias.view(b, spec.num_kv_heads, g, 1, -1)
     mask = visibility_mask(q_pos, k_pos, spec.sliding_window)  # [B, Hk, Q, S]
     scores = scores.masked_fill(~mask[:, :, None], float("-inf"))
     return scores.softmax(dim=-1)

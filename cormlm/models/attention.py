@@ -7,6 +7,7 @@ read from :class:`ModelConfig`.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -32,7 +33,7 @@ class StepContext:
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig, layer_index: int, alibi_slopes: torch.Tensor | None = None) -> None:
+    def __init__(self, config: ModelConfig, layer_index: int) -> None:
         super().__init__()
         self.layer_index = layer_index
         self.num_heads = config.num_heads
@@ -49,8 +50,10 @@ class Attention(nn.Module):
             head_dim=config.head_dim,
             scale=default_scale(config.head_dim),
             sliding_window=config.sliding_window,
-            alibi_slopes=alibi_slopes,
         )
+
+    def set_alibi_slopes(self, slopes: torch.Tensor) -> None:
+        self.spec = dataclasses.replace(self.spec, alibi_slopes=slopes)
 
     def forward(self, x: torch.Tensor, step: StepContext) -> torch.Tensor:
         b, t, _ = x.shape

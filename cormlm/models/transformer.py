@@ -13,6 +13,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..errors import InputError
+from .alibi import alibi_slopes
 from .attention import Attention, StepContext
 from .mlp import make_mlp
 from .norms import make_norm
@@ -54,6 +55,8 @@ class CausalLM(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed.weight
         self.rotary = RotaryEmbedding(config) if config.position == "rope" else None
+        if config.position == "alibi":
+            self.reset_derived_buffers()
 
     @property
     def device(self) -> torch.device:
@@ -67,6 +70,10 @@ class CausalLM(nn.Module):
         """Recompute buffers derived from the config (not stored in checkpoints)."""
         if self.rotary is not None:
             self.rotary.reset_buffers(self.device)
+        if self.config.position == "alibi":
+            slopes = alibi_slopes(self.config.num_heads, self.device)
+            for block in self.blocks:
+                block.attn.set_alibi_slopes(slopes)
 
     def forward(
         self,
