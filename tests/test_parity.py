@@ -32,6 +32,7 @@ VARIANTS = {
                         rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 4.0}),
     "sharded_bf16": dict(num_key_value_heads=2, _dtype=torch.bfloat16, _shard="60KB"),
     "mistral_sliding_window": dict(_type="mistral", num_key_value_heads=2, sliding_window=8),
+    "mistral_no_window": dict(_type="mistral", num_key_value_heads=2, sliding_window=None, head_dim=32),
     "falcon7b_mqa": dict(_type="falcon", multi_query=True, parallel_attn=True, new_decoder_architecture=False),
     "falcon40b_new_arch": dict(_type="falcon", new_decoder_architecture=True, num_kv_heads=2),
     "falcon2_one_norm_untied": dict(_type="falcon", new_decoder_architecture=True, num_kv_heads=2,
