@@ -1,7 +1,8 @@
 """A naive, independent reference of CORM (see CORM.md), written only from that contract.
 
-Nothing here is shared with ``cormlm``: the model is a float64 Llama-family forward pass
-that reads the checkpoint's ``model.safetensors`` by its Hugging Face tensor names, and
+Nothing here is shared with ``cormlm``: the model is a float64 Llama-family or Falcon
+forward pass that reads the checkpoint's ``model.safetensors`` by its Hugging Face tensor
+names (Falcon: written from transformers' modeling_falcon, ALiBi included), and
 the eviction rule is the literal one of the paper: a dense boolean message matrix per
 (layer, KV head) whose row ``j`` says which keys query ``j`` found important. No
 ``last_important`` shortcut is used; the tests compare cormlm against this.
@@ -93,27 +94,39 @@ def worked_example() -> tuple[list[int], list[int]]:
 
 
 class ReferenceModel:
-    """Weights of a Llama / Mistral checkpoint folder, in float64, by HF tensor names."""
+    """Weights of a Llama / Mistral / Falcon checkpoint folder, in float64, by HF tensor names.
+
+    Falcon layouts (as transformers' modeling_falcon): ``new_decoder_architecture`` (fused
+    QKV grouped per KV head as [q.., k, v]; ``ln_attn`` + ``ln_mlp`` or one
+    ``input_layernorm``), ``multi_query`` (all q heads, then one k, one v) and the
+    interleaved per-head [q, k, v] of Falcon-RW; parallel or sequential residual; rotary or
+    ALiBi positions.
+    """
 
     def __init__(self, folder: str | Path):
         folder = Path(folder)
         cfg = json.loads((folder / "config.json").read_text())
         self.config = cfg
+        self.falcon = cfg.get("model_type") == "falcon"
         self.hidden = cfg["hidden_size"]
         self.n_layers = cfg["num_hidden_layers"]
         self.n_heads = cfg["num_attention_heads"]
-        self.n_kv = cfg.get("num_key_value_heads") or self.n_heads
-        self.head_dim = cfg.get("head_dim") or self.hidden // self.n_heads
-        self.eps = cfg.get("rms_norm_eps", 1e-6)
+        if self.falcon:
+            self._falcon_config(cfg)
+        else:
+            self.n_kv = cfg.get("num_key_value_heads") or self.n_heads
+            self.head_dim = cfg.get("head_dim") or self.hidden // self.n_heads
+            self.eps = cfg.get("rms_norm_eps", 1e-6)
+            self.alibi = False
+            if cfg.get("hidden_act", "silu") != "silu":
+                raise ValueError("reference supports the SwiGLU (silu) MLP only")
+            if cfg.get("sliding_window") and cfg.get("model_type") == "mistral":
+                raise ValueError("reference has no sliding window")
         rope = cfg.get("rope_parameters") or {}
         rope_type = rope.get("rope_type", (cfg.get("rope_scaling") or {}).get("rope_type", "default"))
-        if rope_type != "default" or cfg.get("rope_scaling"):
+        if not self.alibi and (rope_type != "default" or cfg.get("rope_scaling")):
             raise ValueError(f"reference supports the default RoPE only, got {rope_type!r}")
         self.theta = float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0)))
-        if cfg.get("hidden_act", "silu") != "silu":
-            raise ValueError("reference supports the SwiGLU (silu) MLP only")
-        if cfg.get("sliding_window") and cfg.get("model_type") == "mistral":
-            raise ValueError("reference has no sliding window")
 
         weights: dict[str, torch.Tensor] = {}
         files = sorted(folder.glob("*.safetensors"))
@@ -122,10 +135,52 @@ class ReferenceModel:
                 for name in f.keys():
                     weights[name] = f.get_tensor(name).to(torch.float64)
         self.w = weights
-        self.embed = weights["model.embed_tokens.weight"]
+        self.embed = weights["transformer.word_embeddings.weight" if self.falcon else "model.embed_tokens.weight"]
         self.lm_head = weights.get("lm_head.weight", self.embed)
         d = self.head_dim
         self.inv_freq = 1.0 / (self.theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+        self.slopes = self._alibi_slopes() if self.alibi else None
+
+    def _falcon_config(self, cfg: dict) -> None:
+        self.head_dim = self.hidden // self.n_heads
+        self.eps = cfg.get("layer_norm_epsilon", 1e-5)
+        self.new_arch = bool(cfg.get("new_decoder_architecture", False))
+        self.multi_query = bool(cfg.get("multi_query", True))
+        self.parallel = bool(cfg.get("parallel_attn", True))
+        self.alibi = bool(cfg.get("alibi", False))
+        if self.new_arch:
+            self.n_kv = cfg.get("num_kv_heads") or self.n_heads
+            self.layout = "grouped"
+        elif self.multi_query:
+            self.n_kv, self.layout = 1, "multi_query"
+        else:
+            self.n_kv, self.layout = self.n_heads, "interleaved"
+        norms = cfg.get("num_ln_in_parallel_attn")
+        if norms is None and self.new_arch:
+            norms = 2
+        # transformers: ln_attn + ln_mlp only with the new architecture, parallel, 2 norms
+        self.two_norms = self.new_arch and self.parallel and norms == 2
+        if self.new_arch and not self.parallel and not self.two_norms:
+            raise ValueError("reference: new_decoder_architecture without parallel_attn is not a Falcon layout")
+        if self.new_arch and self.alibi:
+            raise ValueError("reference: new_decoder_architecture with alibi is not supported")
+        if cfg.get("activation", "gelu") != "gelu":
+            raise ValueError("reference supports Falcon's exact (erf) gelu MLP only")
+
+    def _alibi_slopes(self) -> torch.Tensor:
+        """The standard power-of-two ALiBi slopes, computed in float32 and rounded to bfloat16
+        (as transformers' build_alibi_tensor), returned as float64 [heads]."""
+        n = self.n_heads
+        closest = 2 ** math.floor(math.log2(n))
+
+        def powers(count: int, step: int, power: int) -> list[torch.Tensor]:
+            base = torch.tensor(2 ** (-(2 ** -(math.log2(power) - 3))), dtype=torch.float32)
+            return [torch.pow(base, torch.tensor(e, dtype=torch.int32)) for e in range(1, 1 + step * count, step)]
+
+        slopes = powers(closest, 1, closest)
+        if closest != n:
+            slopes += powers(min(closest, n - closest), 2, 2 * closest)
+        return torch.stack(slopes).to(torch.bfloat16).to(torch.float64)
 
     # -- pieces ------------------------------------------------------------------------
 
@@ -137,6 +192,11 @@ class ReferenceModel:
     def rms(self, x: torch.Tensor, name: str) -> torch.Tensor:
         return x / torch.sqrt((x * x).mean(-1, keepdim=True) + self.eps) * self.w[name + ".weight"]
 
+    def layer_norm(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        mean = x.mean(-1, keepdim=True)
+        var = ((x - mean) ** 2).mean(-1, keepdim=True)
+        return (x - mean) / torch.sqrt(var + self.eps) * self.w[name + ".weight"] + self.w[name + ".bias"]
+
     def rope(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """x [..., T, d] at 0-indexed positions pos [T]: half-split (rotate_half) layout."""
         ang = pos.to(torch.float64)[:, None] * self.inv_freq[None, :]
@@ -146,23 +206,77 @@ class ReferenceModel:
         rotated = torch.cat([-x[..., half:], x[..., :half]], -1)
         return x * cos + rotated * sin
 
+    def key_bias(self, pos: torch.Tensor) -> torch.Tensor:
+        """[heads, len(pos)] float64 added to the scaled scores of keys at 0-indexed positions
+        ``pos`` (absolute, padding not counted): ALiBi's ``bf16(slope * bf16(pos)) / sqrt(d)``
+        (only the key's position matters: the query's share is constant per row), else 0."""
+        if not self.alibi:
+            return torch.zeros(self.n_heads, len(pos), dtype=torch.float64)
+        pos_bf16 = pos.to(torch.bfloat16)[None, :]
+        product = (self.slopes.to(torch.bfloat16)[:, None] * pos_bf16).to(torch.float64)
+        return product / math.sqrt(self.head_dim)
+
     def mlp(self, x: torch.Tensor, layer: int) -> torch.Tensor:
+        if self.falcon:
+            p = f"transformer.h.{layer}.mlp."
+            return self.lin(torch.nn.functional.gelu(self.lin(x, p + "dense_h_to_4h")), p + "dense_4h_to_h")
         p = f"model.layers.{layer}.mlp."
         gate = self.lin(x, p + "gate_proj")
         return self.lin(torch.nn.functional.silu(gate) * self.lin(x, p + "up_proj"), p + "down_proj")
 
     def qkv(self, x: torch.Tensor, layer: int, pos: torch.Tensor):
-        """x [T, H] -> q [heads, T, d], k [kv, T, d], v [kv, T, d] with RoPE applied."""
-        p = f"model.layers.{layer}.self_attn."
+        """x [T, H] -> q [heads, T, d], k [kv, T, d], v [kv, T, d] with RoPE applied (not with ALiBi)."""
         T, d = x.shape[0], self.head_dim
-        q = self.lin(x, p + "q_proj").view(T, self.n_heads, d).transpose(0, 1)
-        k = self.lin(x, p + "k_proj").view(T, self.n_kv, d).transpose(0, 1)
-        v = self.lin(x, p + "v_proj").view(T, self.n_kv, d).transpose(0, 1)
+        if self.falcon:
+            fused = self.lin(x, f"transformer.h.{layer}.self_attention.query_key_value")
+            if self.layout == "grouped":  # per KV head: [q of the group..., k, v]
+                g = fused.view(T, self.n_kv, self.n_heads // self.n_kv + 2, d)
+                q, k, v = g[:, :, :-2].reshape(T, self.n_heads, d), g[:, :, -2], g[:, :, -1]
+            elif self.layout == "multi_query":  # all q heads, then one k, one v
+                g = fused.view(T, self.n_heads + 2, d)
+                q, k, v = g[:, :-2], g[:, -2:-1], g[:, -1:]
+            else:  # interleaved per head: [q, k, v]
+                g = fused.view(T, self.n_heads, 3, d)
+                q, k, v = g[:, :, 0], g[:, :, 1], g[:, :, 2]
+            q, k, v = (y.transpose(0, 1) for y in (q, k, v))
+        else:
+            p = f"model.layers.{layer}.self_attn."
+            q = self.lin(x, p + "q_proj").view(T, self.n_heads, d).transpose(0, 1)
+            k = self.lin(x, p + "k_proj").view(T, self.n_kv, d).transpose(0, 1)
+            v = self.lin(x, p + "v_proj").view(T, self.n_kv, d).transpose(0, 1)
+        if self.alibi:
+            return q, k, v
         return self.rope(q, pos), self.rope(k, pos), v
 
     def group(self, kv_head: int) -> range:
         per = self.n_heads // self.n_kv
         return range(kv_head * per, (kv_head + 1) * per)
+
+    def block(self, x: torch.Tensor, layer: int, pos: torch.Tensor, attend) -> torch.Tensor:
+        """One decoder layer on x [T, H] at 0-indexed positions pos [T].
+
+        ``attend(q, k, v)`` (shapes as ``qkv`` returns) does the attention and returns the
+        heads' outputs [T, heads * d]; the layer does the norms, projections and residuals.
+        """
+        if not self.falcon:
+            h = self.rms(x, f"model.layers.{layer}.input_layernorm")
+            attn = self.lin(attend(*self.qkv(h, layer, pos)), f"model.layers.{layer}.self_attn.o_proj")
+            x = x + attn
+            return x + self.mlp(self.rms(x, f"model.layers.{layer}.post_attention_layernorm"), layer)
+        p = f"transformer.h.{layer}."
+        h = self.layer_norm(x, p + ("ln_attn" if self.two_norms else "input_layernorm"))
+        attn = self.lin(attend(*self.qkv(h, layer, pos)), p + "self_attention.dense")
+        if self.parallel or self.new_arch:
+            h_mlp = self.layer_norm(x, p + "ln_mlp") if self.two_norms else h
+            return x + attn + self.mlp(h_mlp, layer)
+        x = x + attn
+        return x + self.mlp(self.layer_norm(x, p + "post_attention_layernorm"), layer)
+
+    def final(self, x: torch.Tensor) -> torch.Tensor:
+        """Last norm and LM head: x [..., H] -> logits [..., vocab]."""
+        if self.falcon:
+            return self.layer_norm(x, "transformer.ln_f") @ self.lm_head.T
+        return self.rms(x, "model.norm") @ self.lm_head.T
 
     def logits(self, ids: Sequence[int]) -> torch.Tensor:
         """Plain full causal forward of one sequence: [T, vocab] float64 logits."""
@@ -170,19 +284,20 @@ class ReferenceModel:
         T = x.shape[0]
         pos = torch.arange(T)
         causal = torch.ones(T, T, dtype=torch.bool).tril()
-        for layer in range(self.n_layers):
-            h = self.rms(x, f"model.layers.{layer}.input_layernorm")
-            q, k, v = self.qkv(h, layer, pos)
+        bias = self.key_bias(pos)
+
+        def attend(q, k, v):
             outs = []
             for head in range(self.n_heads):
                 kv = head // (self.n_heads // self.n_kv)
-                s = (q[head] @ k[kv].T) / math.sqrt(self.head_dim)
+                s = (q[head] @ k[kv].T) / math.sqrt(self.head_dim) + bias[head]
                 a = torch.softmax(s.masked_fill(~causal, float("-inf")), -1)
                 outs.append(a @ v[kv])
-            attn = torch.stack(outs, 1).reshape(T, self.n_heads * self.head_dim)
-            x = x + self.lin(attn, f"model.layers.{layer}.self_attn.o_proj")
-            x = x + self.mlp(self.rms(x, f"model.layers.{layer}.post_attention_layernorm"), layer)
-        return self.rms(x, "model.norm") @ self.lm_head.T
+            return torch.stack(outs, 1).reshape(T, self.n_heads * self.head_dim)
+
+        for layer in range(self.n_layers):
+            x = self.block(x, layer, pos, attend)
+        return self.final(x)
 
 
 _MODELS: dict[str, ReferenceModel] = {}
@@ -279,16 +394,18 @@ def reference_run(folder: str | Path, prompt_ids: Sequence[int], max_new_tokens:
     pos = torch.arange(n)
     causal = torch.ones(n, n, dtype=torch.bool).tril()
     thresholds = 1.0 / torch.arange(1, n + 1, dtype=torch.float64)  # row j-1: 1/j
-    for layer in range(L):
-        h = model.rms(x, f"model.layers.{layer}.input_layernorm")
-        q, k, v = model.qkv(h, layer, pos)
+    bias = model.key_bias(torch.arange(total))  # [heads, total]: by each key's own position
+
+    def prefill_attend(layer: int, q, k, v) -> torch.Tensor:
+        nonlocal margin
         keys[layer][:, :n] = k
         values[layer][:, :n] = v
         outs = [None] * model.n_heads
         for kv in range(KV):
             mark = torch.zeros(n, n, dtype=torch.bool)
             for head in model.group(kv):
-                a = torch.softmax((q[head] @ k[kv].T * scale).masked_fill(~causal, float("-inf")), -1)
+                s = q[head] @ k[kv].T * scale + bias[head, :n]
+                a = torch.softmax(s.masked_fill(~causal, float("-inf")), -1)
                 outs[head] = a @ v[kv]
                 mark |= (a >= thresholds[:, None]) & causal
                 # query 1 (a = 1 = 1/1 exactly, in any precision) is no rounding risk
@@ -299,10 +416,31 @@ def reference_run(folder: str | Path, prompt_ids: Sequence[int], max_new_tokens:
             important[layer][kv][:n, :n] = mark
             kept[layer][kv] = list(range(1, n + 1))
             evict(layer, kv, n)
-        attn = torch.stack(outs, 1).reshape(n, -1)
-        x = x + model.lin(attn, f"model.layers.{layer}.self_attn.o_proj")
-        x = x + model.mlp(model.rms(x, f"model.layers.{layer}.post_attention_layernorm"), layer)
-    logits = model.rms(x[-1], "model.norm") @ model.lm_head.T
+        return torch.stack(outs, 1).reshape(n, -1)
+
+    def decode_attend(layer: int, t: int, q, k, v) -> torch.Tensor:
+        nonlocal margin
+        keys[layer][:, t - 1] = k[:, 0]
+        values[layer][:, t - 1] = v[:, 0]
+        outs = [None] * model.n_heads
+        for kv in range(KV):
+            kept[layer][kv] = kept[layer][kv] + [t]
+            idx = torch.tensor(kept[layer][kv]) - 1
+            K, V = keys[layer][kv, idx], values[layer][kv, idx]
+            mark = torch.zeros(t, dtype=torch.bool)
+            for head in model.group(kv):
+                a = torch.softmax(q[head, 0] @ K.T * scale + bias[head, idx], -1)
+                outs[head] = a @ V
+                mark[idx] |= a >= 1.0 / t
+                if corm:
+                    margin = min(margin, float((a * t - 1).abs().min()))
+            important[layer][kv][t - 1, :t] = mark
+            evict(layer, kv, t)
+        return torch.cat(outs, -1)[None]
+
+    for layer in range(L):
+        x = model.block(x, layer, pos, lambda q, k, v: prefill_attend(layer, q, k, v))
+    logits = model.final(x[-1])
 
     # -- decoding: one token at a time, attention over kept keys + own key --------------
     new_tokens: list[int] = []
@@ -319,28 +457,8 @@ def reference_run(folder: str | Path, prompt_ids: Sequence[int], max_new_tokens:
         x = model.embed[token][None]
         p = torch.tensor([t - 1])
         for layer in range(L):
-            h = model.rms(x, f"model.layers.{layer}.input_layernorm")
-            q, k, v = model.qkv(h, layer, p)
-            keys[layer][:, t - 1] = k[:, 0]
-            values[layer][:, t - 1] = v[:, 0]
-            outs = [None] * model.n_heads
-            for kv in range(KV):
-                kept[layer][kv] = kept[layer][kv] + [t]
-                idx = torch.tensor(kept[layer][kv]) - 1
-                K, V = keys[layer][kv, idx], values[layer][kv, idx]
-                mark = torch.zeros(t, dtype=torch.bool)
-                for head in model.group(kv):
-                    a = torch.softmax(q[head, 0] @ K.T * scale, -1)
-                    outs[head] = a @ V
-                    mark[idx] |= a >= 1.0 / t
-                    if corm:
-                        margin = min(margin, float((a * t - 1).abs().min()))
-                important[layer][kv][t - 1, :t] = mark
-                evict(layer, kv, t)
-            attn = torch.cat(outs, -1)[None]
-            x = x + model.lin(attn, f"model.layers.{layer}.self_attn.o_proj")
-            x = x + model.mlp(model.rms(x, f"model.layers.{layer}.post_attention_layernorm"), layer)
-        logits = model.rms(x[0], "model.norm") @ model.lm_head.T
+            x = model.block(x, layer, p, lambda q, k, v: decode_attend(layer, t, q, k, v))
+        logits = model.final(x[0])
 
     kept0 = [[[i - 1 for i in head] for head in layer] for layer in kept]
     return ReferenceRun(new_tokens=new_tokens, kept=kept0, seen=total,
