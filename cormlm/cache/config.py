@@ -6,24 +6,40 @@ from dataclasses import dataclass
 
 from ..errors import CacheConfigError
 
+BUDGET_POLICIES = ("h2o", "scissorhands", "knorm")  # fixed budget; streaming takes budget or recent
+CORM_DEFAULT = 256  # CORM's w and r when not given
+SCISSORHANDS_WINDOW = 32  # scissorhands' history window when not given
+SCISSORHANDS_MAX_WINDOW = 64  # its per-key verdict history is one 64-bit ring
+
 
 @dataclass(frozen=True)
 class CacheConfig:
     """Cache policy and parameters.
 
-    ``policy``: "full" keeps every key; "corm" evicts per CORM.md, where ``window`` and
-    ``recent`` are its w and r. Policies ignore the parameters they do not use.
+    - ``full``: keeps every key.
+    - ``corm``: CORM.md; ``window`` and ``recent`` are its w and r (default 256 each).
+    - ``streaming``: the first ``sink`` positions plus the most recent ones: ``recent``
+      tokens, or ``budget`` in all (sinks included).
+    - ``h2o``, ``scissorhands``, ``knorm``: a fixed ``budget`` per KV head; the last
+      ``recent`` positions are protected (default: half the budget). Scissorhands counts
+      unimportance over its last ``window`` queries (default 32, at most 64).
+
+    ``budget`` is a number of tokens (int) or a fraction of the tokens seen so far
+    (float in (0, 1]), per batch row, layer and KV head. Policies ignore parameters they
+    do not use.
 
     ``prefill_chunk`` (off by default) feeds a long prompt in chunks of that many tokens,
     evicting after each, so the keys a prompt holds at once stay bounded. Decisions then
     differ from one-shot prefill: queries of later chunks attend only to the keys earlier
     chunks kept (their hidden states are no longer exact), and each chunk's eviction is
-    judged by its own last ``window`` queries instead of only the prompt's last ones.
+    judged by its own last queries instead of only the prompt's last ones.
     """
 
     policy: str = "full"
-    window: int = 256
-    recent: int = 256
+    window: int | None = None
+    recent: int | None = None
+    budget: int | float | None = None
+    sink: int = 4
     block_size: int = 16  # slots per storage block: memory granularity per (row, layer, KV head)
     prefill_chunk: int | None = None  # split long prompts into chunks, evicting between them
 
@@ -34,17 +50,39 @@ class CacheConfig:
             raise CacheConfigError(
                 f"unknown cache policy '{self.policy}'; available policies: {', '.join(available_policies())}"
             )
-        for name in ("window", "recent", "block_size"):
+        for name, low, meaning in (("window", 1, "queries remembered"), ("recent", 0, "protected positions"),
+                                   ("sink", 0, "first positions kept"), ("block_size", 1, "slots per block"),
+                                   ("prefill_chunk", 1, "tokens per prefill chunk")):
             value = getattr(self, name)
+            if value is None and name in ("window", "recent", "prefill_chunk"):
+                continue
             if isinstance(value, bool) or not isinstance(value, int):
                 raise CacheConfigError(f"CacheConfig.{name} must be an integer, got {value!r}")
-        if self.window < 1:
-            raise CacheConfigError(f"CacheConfig.window must be >= 1 (queries remembered), got {self.window}")
-        if self.prefill_chunk is not None and (isinstance(self.prefill_chunk, bool)
-                                               or not isinstance(self.prefill_chunk, int) or self.prefill_chunk < 1):
-            raise CacheConfigError(f"CacheConfig.prefill_chunk must be a positive integer or None, "
-                                   f"got {self.prefill_chunk!r}")
-        if self.block_size < 1:
-            raise CacheConfigError(f"CacheConfig.block_size must be >= 1, got {self.block_size}")
-        if self.recent < 0:
-            raise CacheConfigError(f"CacheConfig.recent must be >= 0 (protected positions), got {self.recent}")
+            if value < low:
+                raise CacheConfigError(f"CacheConfig.{name} must be >= {low} ({meaning}), got {value}")
+        self._check_budget()
+        if self.policy in BUDGET_POLICIES and self.budget is None:
+            raise CacheConfigError(f"policy '{self.policy}' keeps a fixed number of keys: give CacheConfig.budget "
+                                   f"(tokens, e.g. 512, or a fraction of the sequence, e.g. 0.3)")
+        if self.policy == "streaming" and (self.budget is None) == (self.recent is None):
+            raise CacheConfigError("policy 'streaming' keeps the sinks plus a recent window: give exactly one of "
+                                   "CacheConfig.budget (tokens in all) or CacheConfig.recent (window length)")
+        if self.policy == "scissorhands" and self.window is not None and self.window > SCISSORHANDS_MAX_WINDOW:
+            raise CacheConfigError(f"CacheConfig.window must be <= {SCISSORHANDS_MAX_WINDOW} for scissorhands "
+                                   f"(its history window of queries), got {self.window}")
+        if isinstance(self.budget, int) and self.policy in BUDGET_POLICIES and self.recent is not None \
+                and self.recent >= self.budget:
+            raise CacheConfigError(f"CacheConfig.recent ({self.recent}) must be smaller than the budget "
+                                   f"({self.budget}): the recent positions are part of the budget")
+
+    def _check_budget(self) -> None:
+        budget = self.budget
+        if budget is None:
+            return
+        if isinstance(budget, bool) or not isinstance(budget, (int, float)):
+            raise CacheConfigError(f"CacheConfig.budget must be a number of tokens (int) or a fraction (float), "
+                                   f"got {budget!r}")
+        if isinstance(budget, int) and budget < 1:
+            raise CacheConfigError(f"CacheConfig.budget must be >= 1 token, got {budget}")
+        if isinstance(budget, float) and not 0.0 < budget <= 1.0:
+            raise CacheConfigError(f"CacheConfig.budget as a fraction must be in (0, 1], got {budget}")

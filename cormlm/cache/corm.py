@@ -28,7 +28,8 @@ class CormPolicy(EvictionPolicy):
     def query_rows(self, num_queries: int) -> int:
         return min(self.window, num_queries)
 
-    def observe(self, probs: torch.Tensor, query_t: torch.Tensor) -> dict[str, torch.Tensor]:
+    def observe(self, probs: torch.Tensor, query_t: torch.Tensor, attended: torch.Tensor | None,
+                visible: torch.Tensor | None) -> dict[str, torch.Tensor]:
         threshold = 1.0 / query_t.float()  # padding queries: t = 0 -> inf, never important
         important = (probs >= threshold[..., None, :, None]).any(dim=-3)  # union over the group
         marked = torch.where(important, query_t[..., :, None].to(torch.int32), 0)

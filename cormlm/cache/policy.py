@@ -5,6 +5,9 @@ observations (``observe``), folds them into per-slot state (``merge``) and says 
 to drop (``evict``). The cache calls ``observe`` on whatever layout it has at hand
 (prefill: dense [B, Hkv, G, Q, S]; decode: pool blocks [NB, G, 1, block]), always with the
 query-group dimension at -3, the query dimension at -2 and keys last.
+
+Budget policies (h2o, scissorhands, knorm) rank keys and drop the lowest-ranked beyond a
+budget; ``budget.py`` does that ranking per stream for all of them.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ class SlotView:
     state: dict[str, torch.Tensor]  # the policy's per-slot state
     query_t: torch.Tensor  # [NB, 1]: 1-indexed position of the owning stream's latest query
     owner: torch.Tensor  # [NB]: stream (row * Hkv + head) owning each block, -1 = free
+    stream_t: torch.Tensor  # [S]: 1-indexed position of each stream's latest query (0 = none yet)
 
 
 class EvictionPolicy(ABC):
@@ -31,6 +35,7 @@ class EvictionPolicy(ABC):
 
     name: ClassVar[str] = "full"
     needs_probs: ClassVar[bool] = False
+    needs_attended: ClassVar[bool] = False  # observe() reads ``attended`` (costs a count per decode step)
 
     def state_fields(self) -> dict[str, tuple[torch.dtype, float]]:
         """Per-slot state: name -> (dtype, value of a freshly stored key)."""
@@ -40,12 +45,23 @@ class EvictionPolicy(ABC):
         """How many of a multi-token call's last queries the policy must score."""
         return 0
 
-    def observe(self, probs: torch.Tensor, query_t: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Reduce probabilities [..., G, Q, S] (query_t [..., Q], 0 = padding) to per-key [..., S]."""
+    def observe(self, probs: torch.Tensor, query_t: torch.Tensor, attended: torch.Tensor | None,
+                visible: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """Reduce probabilities [..., G, Q, S] to per-key [..., S].
+
+        ``query_t`` [..., Q] is each query's 1-indexed position (0 = padding), ``attended``
+        [..., Q] how many keys it attended to (its own included; None unless the policy
+        sets ``needs_attended``) and ``visible``
+        [..., Q, S] which keys it could see (None: all held keys, as in decoding).
+        """
         return {}
 
     def merge(self, state: dict[str, torch.Tensor], observed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """New values of the observed slots' state (same shapes as ``observed``)."""
+        """New values of the observed slots' state fields (same shapes as ``observed``)."""
+        return {}
+
+    def stored(self, keys: torch.Tensor) -> dict[str, torch.Tensor]:
+        """State of freshly stored keys [..., D] computed from the keys themselves ([...])."""
         return {}
 
     def evict(self, view: SlotView) -> torch.Tensor | None:

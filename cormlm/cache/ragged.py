@@ -18,11 +18,13 @@ from .policy import EvictionPolicy, SlotView
 
 COMPACT_CHECK_EVERY = 16  # decode steps between (synchronising) fragmentation checks
 COMPACT_SLACK = 1.25  # compact a pool holding more than this times its live slots (+ tail room)
+SCORE_CHUNK = 256  # query rows scored at once for a policy: bounds the [rows x keys] matrix
 
 
 def explicit_probs(q: torch.Tensor, k: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor,
-                   spec: AttentionSpec) -> torch.Tensor:
-    """Softmax probabilities [B, Hkv, G, Q, S] (float32) for a few query rows ``q`` [B, Hq, Q, D]."""
+                   spec: AttentionSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax probabilities [B, Hkv, G, Q, S] (float32) for a few query rows ``q`` [B, Hq, Q, D],
+    and which keys each row could see [B, Hkv, Q, S]."""
     b, hq, nq, d = q.shape
     g = spec.group_size
     grouped = q.reshape(b, spec.num_kv_heads, g * nq, d)
@@ -33,7 +35,7 @@ def explicit_probs(q: torch.Tensor, k: torch.Tensor, q_pos: torch.Tensor, k_pos:
         scores = scores + bias.view(b, spec.num_kv_heads, g, 1, -1)
     mask = visibility_mask(q_pos, k_pos, spec.sliding_window)  # [B, Hk, Q, S]
     scores = scores.masked_fill(~mask[:, :, None], float("-inf"))
-    return scores.softmax(dim=-1)
+    return scores.softmax(dim=-1), mask.expand(b, spec.num_kv_heads, nq, mask.shape[-1])
 
 
 class RaggedCache(KVCache):
@@ -67,13 +69,18 @@ class RaggedCache(KVCache):
         pool = self.pools[layer]
         stream_pos = positions[:, None, :].expand(b, hkv, t).reshape(b * hkv, t)
         slots = pool.append(k.reshape(b * hkv, t, d), v.reshape(b * hkv, t, d), stream_pos, self._stream_counts())
+        for name, value in self.policy.stored(k.reshape(b * hkv, t, d)).items():
+            stored = slots >= 0
+            pool.state[name].view(-1)[slots[stored]] = value[stored].to(pool.state[name].dtype)
         # 1-indexed t of the latest query of the stream owning each block: [NB, 1]
         block_t = self.lengths.repeat_interleave(hkv)[pool.owner.clamp(min=0)][:, None]
         if t == 1 and self._step_counts is None:
             out, probs = paged_decode_attention(pool, q.reshape(b * hkv, g, d), stream_pos[:, 0], spec)
             out = out.view(b, hq, 1, d)
             if self.policy.needs_probs:
-                observed = self.policy.observe(probs[:, :, None, :], block_t)
+                attended = (pool.live_counts()[pool.owner.clamp(min=0)][:, None]  # [NB, 1]
+                            if self.policy.needs_attended else None)
+                observed = self.policy.observe(probs[:, :, None, :], block_t, attended, None)
                 pool.state.update(self.policy.merge(pool.state, observed))
         else:
             out = self._attend_many(pool, q, k, v, positions, slots, spec)
@@ -97,22 +104,23 @@ class RaggedCache(KVCache):
             keys, values = keys.view(b, hkv, length, d), values.view(b, hkv, length, d)
             key_pos, key_slots = key_pos.view(b, hkv, length), key_slots.view(b, hkv, length)
             out = attend(q, keys, values, spec, positions, key_pos)
-        rows = self.policy.query_rows(t)
-        if self.policy.needs_probs and rows:
-            q_pos = positions[:, -rows:]
-            probs = explicit_probs(q[:, :, -rows:], keys, q_pos, key_pos, spec)
-            query_t = (q_pos + 1).clamp(min=0)[:, None, :].expand(b, hkv, rows)
-            observed = self.policy.observe(probs, query_t)
-            held = key_slots >= 0
-            flat = key_slots[held]
-            current = {name: pool.state[name].view(-1)[flat] for name in observed}
+        rows = self.policy.query_rows(t) if self.policy.needs_probs else 0
+        held = key_slots >= 0
+        flat = key_slots[held]
+        for start in range(t - rows, t, SCORE_CHUNK):  # chunks of rows: never a full rows x keys matrix
+            stop = min(start + SCORE_CHUNK, t)
+            q_pos = positions[:, start:stop]
+            probs, visible = explicit_probs(q[:, :, start:stop], keys, q_pos, key_pos, spec)
+            query_t = (q_pos + 1).clamp(min=0)[:, None, :].expand(b, hkv, stop - start)
+            observed = self.policy.observe(probs, query_t, visible.sum(dim=-1), visible)
+            current = {name: state.view(-1)[flat] for name, state in pool.state.items()}
             merged = self.policy.merge(current, {name: o[held] for name, o in observed.items()})
             for name, value in merged.items():
                 pool.state[name].view(-1)[flat] = value.to(pool.state[name].dtype)
         return out
 
     def _evict(self, pool: BlockPool, qt: torch.Tensor, spec: AttentionSpec) -> None:
-        view = SlotView(pool.positions, pool.state, qt, pool.owner)
+        view = SlotView(pool.positions, pool.state, qt, pool.owner, self.lengths.repeat_interleave(self.num_kv_heads))
         drop = self.policy.evict(view)
         if spec.sliding_window is not None:
             # no future query (position >= t) can see a key at position <= t - window

@@ -5,16 +5,27 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Callable
 
 from .base import KVCache
+from .config import CORM_DEFAULT, SCISSORHANDS_WINDOW
 from .corm import CormPolicy
+from .h2o import H2OPolicy
+from .knorm import KNormPolicy
 from .policy import EvictionPolicy
 from .ragged import RaggedCache
+from .scissorhands import ScissorhandsPolicy
+from .streaming import StreamingPolicy
 
 if TYPE_CHECKING:
     from .config import CacheConfig
 
 _POLICIES: dict[str, Callable[["CacheConfig"], EvictionPolicy]] = {
     "full": lambda cfg: EvictionPolicy(),
-    "corm": lambda cfg: CormPolicy(window=cfg.window, recent=cfg.recent),
+    "corm": lambda cfg: CormPolicy(window=cfg.window or CORM_DEFAULT,
+                                   recent=CORM_DEFAULT if cfg.recent is None else cfg.recent),
+    "streaming": lambda cfg: StreamingPolicy(sink=cfg.sink, recent=cfg.recent, budget=cfg.budget),
+    "h2o": lambda cfg: H2OPolicy(budget=cfg.budget, recent=cfg.recent),
+    "scissorhands": lambda cfg: ScissorhandsPolicy(budget=cfg.budget, recent=cfg.recent,
+                                                   window=cfg.window or SCISSORHANDS_WINDOW),
+    "knorm": lambda cfg: KNormPolicy(budget=cfg.budget, recent=cfg.recent),
 }
 
 

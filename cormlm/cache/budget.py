@@ -1,0 +1,61 @@
+"""Fixed-budget eviction shared by the baselines: rank each stream's keys, drop the excess.
+
+A budget is a number of tokens or a fraction of the tokens a stream has seen. Every
+stream (batch row x KV head) is ranked independently and in one pass over the pool: a
+stable sort by (stream, drop priority, position) puts each stream's most droppable
+candidates first, and a stream drops as many as it holds over its budget. No Python loop
+over rows or heads, no host synchronisation.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .policy import SlotView
+
+
+def budget_tokens(budget: int | float, t: torch.Tensor) -> torch.Tensor:
+    """Tokens allowed at 1-indexed step(s) ``t``: ``budget``, or round(fraction * t), at least 1."""
+    if isinstance(budget, int):
+        return torch.full_like(t, budget, dtype=torch.long)
+    return torch.floor(budget * t.double() + 0.5).long().clamp(min=1)
+
+
+def protected_tokens(recent: int | None, budget_t: torch.Tensor) -> torch.Tensor:
+    """Recent positions never dropped: ``recent``, or half the budget when not given."""
+    return budget_t // 2 if recent is None else torch.full_like(budget_t, recent)
+
+
+def drop_over_budget(view: SlotView, priority: torch.Tensor, budget: int | float,
+                     recent: int | None) -> torch.Tensor:
+    """Bool [NB, block]: per stream, the (held - budget) candidates of highest ``priority``.
+
+    Candidates are held keys older than the protected recent positions; ties go to the
+    older position first. A stream with fewer candidates than its excess drops them all.
+    """
+    nb, bs = view.positions.shape
+    streams = view.stream_t.numel()
+    budget_t = budget_tokens(budget, view.stream_t)  # [S]
+    protect_t = protected_tokens(recent, budget_t)
+    owner = view.owner[:, None].expand(nb, bs)
+    held = view.positions >= 0
+    stream = torch.where(held, owner, streams).reshape(-1)  # empty slots sort after every stream
+    safe = stream.clamp(max=streams - 1)
+    position = view.positions.reshape(-1).long()
+    candidate = held.reshape(-1) & (position <= view.stream_t[safe] - 1 - protect_t[safe])
+    held_count = torch.zeros(streams + 1, dtype=torch.long, device=position.device)
+    held_count.index_add_(0, stream, torch.ones_like(stream))
+    excess = (held_count[:streams] - budget_t).clamp(min=0)
+    # sort keys, least significant first: position ascending, priority descending, candidates first, stream
+    order = torch.argsort(position, stable=True)
+    order = order[torch.argsort(priority.reshape(-1)[order].float(), descending=True, stable=True)]
+    order = order[torch.argsort((~candidate[order]).to(torch.int8), stable=True)]
+    order = order[torch.argsort(stream[order], stable=True)]
+    sorted_stream = stream[order]
+    starts = torch.cumsum(held_count, 0) - held_count
+    rank = torch.arange(order.numel(), device=order.device) - starts[sorted_stream]
+    excess_of = torch.cat([excess, excess.new_zeros(1)])[sorted_stream]
+    drop_sorted = (rank < excess_of) & candidate[order]
+    drop = torch.zeros_like(drop_sorted)
+    drop[order] = drop_sorted
+    return drop.view(nb, bs)

@@ -1,0 +1,40 @@
+"""H2O, the Heavy-Hitter Oracle (Zhang et al., arXiv 2306.14048).
+
+Every key accumulates the attention every query gives it (summed over the query heads of
+its KV head's group); at a fixed budget the keys with the lowest sum go first, the recent
+ones protected. The prompt's whole attention counts, so prefill scores every query row
+(in chunks: see RaggedCache).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .budget import drop_over_budget
+from .policy import EvictionPolicy, SlotView
+
+
+class H2OPolicy(EvictionPolicy):
+    name = "h2o"
+    needs_probs = True
+
+    def __init__(self, budget: int | float, recent: int | None) -> None:
+        self.budget = budget
+        self.recent = recent
+
+    def state_fields(self) -> dict[str, tuple[torch.dtype, float]]:
+        return {"score": (torch.float32, 0.0)}
+
+    def query_rows(self, num_queries: int) -> int:
+        return num_queries
+
+    def observe(self, probs: torch.Tensor, query_t: torch.Tensor, attended: torch.Tensor | None,
+                visible: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        real = (query_t > 0)[..., None, :, None]  # padding queries give nothing
+        return {"score": (probs * real).sum(dim=(-3, -2))}
+
+    def merge(self, state: dict[str, torch.Tensor], observed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {"score": state["score"] + observed["score"]}
+
+    def evict(self, view: SlotView) -> torch.Tensor:
+        return drop_over_budget(view, -view.state["score"], self.budget, self.recent)
