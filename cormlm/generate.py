@@ -48,10 +48,23 @@ def _stop_ids(model: torch.nn.Module, eos_token_id: int | Sequence[int] | None) 
     return [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
 
 
+def pad_prompts(prompts: Sequence[int] | Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Token-id lists as a left-padded batch [B, T] and its mask (None when no row is padded)."""
+    rows = [list(prompts)] if prompts and all(isinstance(x, int) for x in prompts) else [list(r) for r in prompts]
+    if not rows or any(not row for row in rows) or not all(isinstance(x, int) for row in rows for x in row):
+        raise InputError("input_ids must be a non-empty list of token ids, or a list of such lists (one per row)")
+    width = max(map(len, rows))
+    ids = torch.tensor([[0] * (width - len(row)) + row for row in rows])
+    if all(len(row) == width for row in rows):
+        return ids, None
+    mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in rows])
+    return ids, mask
+
+
 @torch.inference_mode()
 def generate(
     model: torch.nn.Module,
-    input_ids: torch.Tensor,
+    input_ids: torch.Tensor | Sequence[int] | Sequence[Sequence[int]],
     max_new_tokens: int = 64,
     cache: CacheConfig | KVCache | None = None,
     attention_mask: torch.Tensor | None = None,
@@ -73,7 +86,12 @@ def generate(
     sampling = SamplingConfig(temperature, top_k, top_p)
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise InputError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
-    if isinstance(input_ids, torch.Tensor) and input_ids.dim() == 1:
+    if not isinstance(input_ids, torch.Tensor):
+        if attention_mask is not None:
+            raise InputError("attention_mask goes with a tensor of input_ids; with lists of token ids, "
+                             "rows of different lengths are padded for you")
+        input_ids, attention_mask = pad_prompts(input_ids)
+    if input_ids.dim() == 1:
         input_ids = input_ids[None]
         attention_mask = None if attention_mask is None else attention_mask[None]
     input_ids = input_ids.to(model.device)

@@ -117,3 +117,15 @@ def test_full_cache_positions_and_stats(model):
     assert stats.bytes_held == storage
     per_token = 2 * model.config.num_layers * model.config.num_kv_heads * model.config.head_dim * 4
     assert stats.bytes_full == sum(stats.tokens_seen) * per_token
+
+
+def test_lists_of_token_ids_are_padded_for_you(model):
+    rows = [[5, 9, 13, 2, 7], [11, 3]]
+    ids, mask = _left_pad(rows)
+    from_lists = cormlm.generate(model, rows, max_new_tokens=6, eos_token_id=[])
+    from_tensor = cormlm.generate(model, ids, attention_mask=mask, max_new_tokens=6, eos_token_id=[])
+    assert from_lists.new_tokens == from_tensor.new_tokens
+    single = cormlm.generate(model, rows[1], max_new_tokens=6, eos_token_id=[])
+    assert single.new_tokens[0] == from_lists.new_tokens[1]
+    with pytest.raises(cormlm.InputError, match="non-empty list of token ids"):
+        cormlm.generate(model, [[1, 2], []], max_new_tokens=2)
