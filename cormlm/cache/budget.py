@@ -46,6 +46,8 @@ def drop_over_budget(view: SlotView, priority: torch.Tensor, budget: int | float
     held_count = torch.zeros(streams + 1, dtype=torch.long, device=position.device)
     held_count.index_add_(0, stream, torch.ones_like(stream))
     excess = (held_count[:streams] - budget_t).clamp(min=0)
+    if position.device.type == "cpu" and int(excess.max()) <= 1:  # a decode step: no sort needed
+        return _drop_one(stream, safe, priority.reshape(-1), position, candidate, excess).view(nb, bs)
     # sort keys, least significant first: position ascending, priority descending, candidates first, stream
     order = torch.argsort(position, stable=True)
     order = order[torch.argsort(priority.reshape(-1)[order].float(), descending=True, stable=True)]
@@ -59,3 +61,19 @@ def drop_over_budget(view: SlotView, priority: torch.Tensor, budget: int | float
     drop = torch.zeros_like(drop_sorted)
     drop[order] = drop_sorted
     return drop.view(nb, bs)
+
+
+def _drop_one(stream, safe, priority, position, candidate, excess) -> torch.Tensor:
+    """The same choice when no stream is more than one key over: per stream, the candidate
+    of highest priority, the oldest among equals (two scatter reductions instead of sorts).
+    On CPU the host check that allows this is free; on GPU the sort path avoids the sync."""
+    streams = excess.numel()
+    neg_inf = torch.tensor(float("-inf"), device=priority.device)
+    prio = torch.where(candidate, priority.float(), neg_inf)
+    top = torch.full((streams + 1,), float("-inf"), device=prio.device).scatter_reduce(
+        0, stream, prio, reduce="amax", include_self=True)
+    best = candidate & (prio == top[stream])
+    big = torch.iinfo(torch.long).max
+    oldest = torch.full((streams + 1,), big, dtype=torch.long, device=prio.device).scatter_reduce(
+        0, stream, torch.where(best, position, big), reduce="amin", include_self=True)
+    return best & (position == oldest[stream]) & (excess[safe] > 0) & (stream < streams)
