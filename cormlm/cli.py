@@ -1,76 +1,105 @@
-"""``cormlm generate``: load a checkpoint, stream a completion, summarise the cache.
+"""The ``cormlm`` command: ``generate`` (stream a completion) and ``inspect`` (what a
+checkpoint costs before a long run).
 
-A first version: the embedded default model, chat templates and --json arrive with the
-CLI issue; until then ``--model`` is required.
+Exit codes: 0 done; 1 the run failed on its input (missing model, unreachable hub, prompt
+over the context, corrupt checkpoint); 2 usage (bad flags or combinations); 130 Ctrl-C
+(what was printed stays printed).
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 
-from .errors import CormlmError
+from .errors import CacheConfigError, CormlmError
+
+POLICIES = ("full", "corm", "streaming", "h2o", "scissorhands", "knorm")
+EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
+
+
+class UsageError(Exception):
+    """A flag or combination of flags the command cannot run with."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one clear line, not the whole usage block
+        raise UsageError(f"{message} (see '{self.prog} --help')")
+
+
+def _budget(text: str) -> int | float:
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is neither a number of tokens (512) nor a fraction (0.3)")
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cormlm", description="LLM inference with a ragged, evicting KV cache")
-    sub = parser.add_subparsers(dest="command", required=True)
-    gen = sub.add_parser("generate", help="complete a prompt")
-    gen.add_argument("prompt", nargs="?", default="-", help="the prompt; '-' or omitted reads stdin")
-    gen.add_argument("--model", required=True, help="checkpoint folder or hub id")
-    gen.add_argument("--max-new-tokens", type=int, default=64)
-    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    gen.add_argument("--top-k", type=int, default=None)
-    gen.add_argument("--top-p", type=float, default=None)
-    gen.add_argument("--seed", type=int, default=None)
-    gen.add_argument("--policy", default="full", help="cache policy")
-    gen.add_argument("--dtype", default="auto", help="auto|float32|bfloat16|float16")
-    gen.add_argument("--device", default="auto", help="auto|cpu|cuda")
+    parser = _Parser(prog="cormlm", description="LLM inference with a ragged, evicting KV cache (CORM)")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    gen = sub.add_parser("generate", help="complete a prompt, streaming tokens to stdout",
+                         description="Complete a prompt; tokens stream to stdout, a summary goes to stderr.")
+    gen.add_argument("prompt", nargs="?", default=None, help="the prompt; '-' (or a pipe) reads stdin")
+    gen.add_argument("--prompt-file", default=None, help="read the prompt from this file")
+    gen.add_argument("--model", default=None, help="checkpoint folder or hub id (default: the embedded model)")
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt in the checkpoint's chat template")
+    cache = gen.add_argument_group("cache policy")
+    cache.add_argument("--policy", choices=POLICIES, default="corm", help="eviction policy (default corm)")
+    cache.add_argument("--window", type=int, default=None, help="corm: w (256); scissorhands: history (32)")
+    cache.add_argument("--recent", type=int, default=None,
+                       help="positions never evicted (corm 256; budget policies: half the budget)")
+    cache.add_argument("--budget", type=_budget, default=None,
+                       help="h2o/scissorhands/knorm/streaming: tokens kept per KV head (int) or fraction (float)")
+    cache.add_argument("--sink", type=int, default=4, help="streaming: first positions always kept")
+    cache.add_argument("--block-size", type=int, default=16, help="cache slots per storage block")
+    cache.add_argument("--prefill-chunk", type=int, default=None, help="prefill long prompts in chunks, evicting")
+    sampling = gen.add_argument_group("sampling")
+    sampling.add_argument("--max-new-tokens", type=int, default=128)
+    sampling.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    sampling.add_argument("--top-k", type=int, default=None)
+    sampling.add_argument("--top-p", type=float, default=None)
+    sampling.add_argument("--seed", type=int, default=None)
+    run = gen.add_argument_group("runtime")
+    run.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto")
+    run.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    run.add_argument("--compile", action="store_true", help="torch.compile the decode step")
+    run.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
+    run.add_argument("--quiet", action="store_true", help="no progress or summary on stderr")
+
+    ins = sub.add_parser("inspect", help="family, size, heads and KV bytes per token of a checkpoint",
+                         description="What a checkpoint costs, read from its config and tensor headers.")
+    ins.add_argument("model", nargs="?", default=None, help="checkpoint folder or hub id (default: embedded)")
+    ins.add_argument("--json", action="store_true", help="print one JSON object")
     return parser
 
 
-def _generate(args: argparse.Namespace) -> None:
-    import torch
-
-    from . import CacheConfig, generate, load_model, load_tokenizer
-
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    tokenizer = load_tokenizer(args.model)
-    model = load_model(args.model, dtype=args.dtype, device=args.device)
-    ids = torch.tensor([tokenizer.encode(prompt)])
-    printed: list[int] = []
-    shown = ""
-
-    def stream(token: torch.Tensor) -> None:
-        nonlocal shown
-        printed.append(int(token[0]))
-        text = tokenizer.decode(printed)
-        if not text.endswith("\ufffd"):  # wait for a multi-byte character to complete
-            sys.stdout.write(text[len(shown):])
-            sys.stdout.flush()
-            shown = text
-
-    out = generate(model, ids, max_new_tokens=args.max_new_tokens, cache=CacheConfig(args.policy),
-                   temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                   eos_token_id=tokenizer.eos_token_ids or None, on_tokens=stream)
-    sys.stdout.write("\n")
-    stats = out.cache.stats()
-    print(f"[{ids.shape[1]} prompt + {len(out.new_tokens[0])} new tokens | "
-          f"prefill {ids.shape[1] / max(out.prefill_seconds, 1e-9):.1f} tok/s, "
-          f"decode {out.decode_tokens_per_second:.1f} tok/s | KV cache {stats.bytes_held} B held, "
-          f"full {stats.bytes_full} B, ratio {stats.compression_ratio:.2f}]", file=sys.stderr)
-
-
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
     try:
-        _generate(args)
+        args = _parser().parse_args(argv)
+        if args.command == "generate":
+            from .cli_generate import run_generate
+            run_generate(args)
+        else:
+            from .cli_inspect import run_inspect
+            run_inspect(args)
+    except (UsageError, CacheConfigError) as exc:  # CacheConfig's fields are flags here
+        message = re.sub(r"CacheConfig\.(\w+)", lambda m: "--" + m.group(1).replace("_", "-"), str(exc))
+        print(f"cormlm: usage error: {message}", file=sys.stderr)
+        return EXIT_USAGE
     except CormlmError as exc:
         print(f"cormlm: error: {exc}", file=sys.stderr)
-        return 1
+        return EXIT_FAILED
     except KeyboardInterrupt:
+        sys.stdout.flush()
         print("\ncormlm: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:  # e.g. piped into head: stop quietly
+        return 0
     return 0
 
 

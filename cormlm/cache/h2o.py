@@ -30,8 +30,8 @@ class H2OPolicy(EvictionPolicy):
 
     def observe(self, probs: torch.Tensor, query_t: torch.Tensor, attended: torch.Tensor | None,
                 visible: torch.Tensor | None) -> dict[str, torch.Tensor]:
-        real = (query_t > 0)[..., None, :, None]  # padding queries give nothing
-        return {"score": (probs * real).sum(dim=(-3, -2))}
+        real = (query_t > 0).to(probs.dtype)  # padding queries give nothing
+        return {"score": torch.einsum("...gqs,...q->...s", probs, real)}
 
     def merge(self, state: dict[str, torch.Tensor], observed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {"score": state["score"] + observed["score"]}

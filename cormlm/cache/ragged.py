@@ -34,8 +34,8 @@ def explicit_probs(q: torch.Tensor, k: torch.Tensor, q_pos: torch.Tensor, k_pos:
         bias = alibi_bias(spec, k_pos)  # [B, Hq, 1, S]
         scores = scores + bias.view(b, spec.num_kv_heads, g, 1, -1)
     mask = visibility_mask(q_pos, k_pos, spec.sliding_window)  # [B, Hk, Q, S]
-    scores = scores.masked_fill(~mask[:, :, None], float("-inf"))
-    return scores.softmax(dim=-1), mask.expand(b, spec.num_kv_heads, nq, mask.shape[-1])
+    scores.masked_fill_(~mask[:, :, None], float("-inf"))
+    return torch.softmax(scores, dim=-1), mask.expand(b, spec.num_kv_heads, nq, mask.shape[-1])
 
 
 class RaggedCache(KVCache):

@@ -1,0 +1,133 @@
+"""``cormlm generate``: read the prompt, load the model, stream the completion, summarise.
+
+Streaming decodes the growing completion and prints only what became final text (a
+multi-byte character split over tokens waits for its last byte). ``--json`` prints one
+object instead: text, ids, timings and per-layer cache stats, for scripts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .cli import UsageError
+from .cli_inspect import human_bytes
+
+
+def read_prompt(args: argparse.Namespace) -> str:
+    if args.prompt_file is not None:
+        if args.prompt not in (None, "-"):
+            raise UsageError("give the prompt as an argument or with --prompt-file, not both")
+        path = Path(args.prompt_file)
+        if not path.is_file():
+            from .errors import InputError
+            raise InputError(f"prompt file not found: {path}")
+        return path.read_text(encoding="utf-8")
+    if args.prompt == "-" or (args.prompt is None and not sys.stdin.isatty()):
+        return sys.stdin.read()
+    if args.prompt is None:
+        raise UsageError("no prompt: pass it as an argument, with --prompt-file, or on stdin ('-' or a pipe)")
+    return args.prompt
+
+
+def cache_config(args: argparse.Namespace):
+    from .cache import CacheConfig
+
+    return CacheConfig(args.policy, window=args.window, recent=args.recent, budget=args.budget, sink=args.sink,
+                       block_size=args.block_size, prefill_chunk=args.prefill_chunk)
+
+
+def _status(args: argparse.Namespace, message: str, end: str = "\n") -> None:
+    if not args.quiet:
+        print(message, file=sys.stderr, end=end, flush=True)
+
+
+def load(args: argparse.Namespace):
+    from . import load_model, load_tokenizer
+    from .embedded import embedded_model_path
+    from .hub import resolve_checkpoint
+
+    source = args.model if args.model is not None else embedded_model_path()
+    folder = resolve_checkpoint(source)
+    tokenizer = load_tokenizer(folder)
+    started = time.perf_counter()
+
+    live = sys.stderr.isatty()  # a counter that rewrites its line; one line per stage in a log
+
+    def progress(done: int, total: int) -> None:
+        if live:
+            _status(args, f"\rcormlm: loading {source}: {done}/{total} tensors", end="")
+
+    if not live:
+        _status(args, f"cormlm: loading {source}")
+    model = load_model(folder, dtype=None if args.dtype == "auto" else args.dtype,
+                       device=None if args.device == "auto" else args.device, progress=progress)
+    seconds = time.perf_counter() - started
+    params = sum(p.numel() for p in model.parameters())
+    _status(args, f"{chr(13) if live else ''}cormlm: loaded {source} ({params / 1e6:.1f}M parameters, {model.dtype}, {model.device}) "
+                  f"in {seconds:.1f} s")
+    return model, tokenizer, seconds
+
+
+class Streamer:
+    """Writes each step's final text to stdout as tokens arrive."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.shown = ""
+
+    def __call__(self, tokens: torch.Tensor) -> None:
+        self.ids.append(int(tokens[0]))
+        text = self.tokenizer.decode(self.ids)
+        if not text.endswith("\ufffd"):
+            sys.stdout.write(text[len(self.shown):])
+            sys.stdout.flush()
+            self.shown = text
+
+
+def run_generate(args: argparse.Namespace) -> None:
+    from . import generate
+    from .chat import render_chat
+
+    cfg = cache_config(args)  # bad policy flags fail before anything loads
+    prompt = read_prompt(args)
+    model, tokenizer, load_seconds = load(args)
+    if args.chat:
+        text = render_chat(tokenizer, [{"role": "user", "content": prompt}])
+        ids = tokenizer.encode(text, add_special_tokens=False)  # the template writes its own BOS
+    else:
+        ids = tokenizer.encode(prompt)
+    if args.compile:
+        from .compile import compile_model
+        compile_model(model)
+    streamer = None if args.json else Streamer(tokenizer)
+    out = generate(model, [ids], max_new_tokens=args.max_new_tokens, cache=cfg, temperature=args.temperature,
+                   top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                   eos_token_id=tokenizer.eos_token_ids or None, on_tokens=streamer)
+    new = out.new_tokens[0]
+    stats = out.cache.stats()
+    prefill_rate = len(ids) / out.prefill_seconds if out.prefill_seconds > 0 else 0.0
+    if args.json:
+        print(json.dumps({
+            "text": tokenizer.decode(new), "prompt_ids": ids, "new_ids": new,
+            "stopped_at_eos": bool(new) and new[-1] in tokenizer.eos_token_ids,
+            "timings": {"load_seconds": load_seconds, "prefill_seconds": out.prefill_seconds,
+                        "decode_seconds": out.decode_seconds, "prefill_tokens_per_second": prefill_rate,
+                        "decode_tokens_per_second": out.decode_tokens_per_second},
+            "cache": {"policy": cfg.policy, "window": cfg.window, "recent": cfg.recent, "budget": cfg.budget,
+                      "sink": cfg.sink, "block_size": cfg.block_size, **stats.as_dict()},
+        }))
+        return
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    _status(args, f"[{len(ids)} prompt + {len(new)} new tokens | prefill {prefill_rate:.1f} tok/s, decode "
+                  f"{out.decode_tokens_per_second:.1f} tok/s | KV cache {human_bytes(stats.bytes_held)} held vs "
+                  f"{human_bytes(stats.bytes_full)} full, {stats.retained_fraction:.0%} of keys kept, compression "
+                  f"{stats.compression_ratio:.2f}x ({cfg.policy})]")
+

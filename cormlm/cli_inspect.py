@@ -1,0 +1,70 @@
+"""``cormlm inspect MODEL``: what a checkpoint costs, without loading its weights.
+
+Parameters are counted from the safetensors headers (shapes only); KV bytes per token are
+what a full cache stores for one token in every layer, in the checkpoint's dtype.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+import torch
+
+
+def describe(source) -> dict:
+    from .config import load_config
+    from .hub import resolve_checkpoint
+    from .weights import open_safetensors, tensor_files
+
+    folder = resolve_checkpoint(source)
+    config = load_config(folder)
+    files = tensor_files(folder)
+    params = 0
+    for path in sorted(set(files.values())):
+        with open_safetensors(path) as handle:
+            params += sum(math.prod(handle.get_slice(name).get_shape()) for name in handle.keys())
+    dtype = getattr(torch, config.stored_dtype or "float32", torch.float32)
+    itemsize = dtype.itemsize if isinstance(dtype, torch.dtype) else 4
+    per_token = 2 * config.num_layers * config.num_kv_heads * config.head_dim * itemsize
+    attention = ("MHA" if config.num_kv_heads == config.num_heads else
+                 "MQA" if config.num_kv_heads == 1 else f"GQA ({config.group_size} query heads per KV head)")
+    return {
+        "model": str(source), "folder": str(folder), "family": config.family, "parameters": params,
+        "layers": config.num_layers, "hidden_size": config.hidden_size, "heads": config.num_heads,
+        "kv_heads": config.num_kv_heads, "head_dim": config.head_dim, "attention": attention,
+        "position": config.position, "vocab_size": config.vocab_size, "context_length": config.context_length,
+        "sliding_window": config.sliding_window, "dtype": str(dtype).removeprefix("torch."),
+        "kv_bytes_per_token": per_token, "kv_bytes_full_context": per_token * config.context_length,
+    }
+
+
+def human_bytes(nbytes: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if nbytes < 1024 or unit == "TiB":
+            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
+        nbytes /= 1024
+    return ""
+
+
+def run_inspect(args: argparse.Namespace) -> None:
+    from .embedded import embedded_model_path
+
+    info = describe(args.model if args.model is not None else embedded_model_path())
+    if args.json:
+        print(json.dumps(info))
+        return
+    rows = [("model", info["model"]), ("family", info["family"]),
+            ("parameters", f"{info['parameters']:,} ({info['parameters'] / 1e6:.1f}M)"),
+            ("layers", info["layers"]), ("hidden size", info["hidden_size"]),
+            ("heads / KV heads", f"{info['heads']} / {info['kv_heads']}: {info['attention']}"),
+            ("head dim", info["head_dim"]), ("positions", info["position"]), ("vocab", info["vocab_size"]),
+            ("context length", f"{info['context_length']:,}" + (f" (sliding window {info['sliding_window']})"
+                                                                if info["sliding_window"] else "")),
+            ("dtype", info["dtype"]),
+            ("KV bytes per token", f"{info['kv_bytes_per_token']:,} ({human_bytes(info['kv_bytes_per_token'])})"),
+            ("KV bytes, full context", human_bytes(info["kv_bytes_full_context"]) + " per sequence, full cache")]
+    width = max(len(name) for name, _ in rows)
+    for name, value in rows:
+        print(f"{name:<{width}}  {value}")
