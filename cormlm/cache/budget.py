@@ -15,7 +15,7 @@ from .policy import SlotView
 
 
 def budget_tokens(budget: int | float, t: torch.Tensor) -> torch.Tensor:
-    """Tokens allowed at 1-indexed step(s) ``t``: ``budget``, or round(fraction * t), at least 1."""
+    """Tokens allowed at 1-indexed step(s) ``t``: ``budget``, or floor(fraction * t + 0.5), at least 1."""
     if isinstance(budget, int):
         return torch.full_like(t, budget, dtype=torch.long)
     return torch.floor(budget * t.double() + 0.5).long().clamp(min=1)
