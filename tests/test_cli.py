@@ -150,3 +150,11 @@ def test_chat_uses_the_checkpoint_template_and_its_stop_tokens(tmp_path):
     expected = tok.encode("<|begin_of_text|><user>hi there<|end_of_text|><assistant>", add_special_tokens=False)
     assert data["prompt_ids"] == expected and expected.count(tok.bos_token_id) == 1
     assert data["stopped_at_eos"] == (data["new_ids"][-1] in tok.eos_token_ids)
+
+
+def test_compile_gives_the_eager_tokens():
+    eager = generate_json("--max-new-tokens", "6", "--policy", "corm", "--window", "4", "--recent", "2", PROMPT)
+    compiled = generate_json("--compile", "--max-new-tokens", "6", "--policy", "corm", "--window", "4",
+                             "--recent", "2", PROMPT)
+    assert compiled["new_ids"] == eager["new_ids"]
+    assert compiled["cache"]["retained_tokens"] == eager["cache"]["retained_tokens"]
