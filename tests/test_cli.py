@@ -125,7 +125,9 @@ def test_chat_needs_a_template():
 
 def test_ctrl_c_stops_cleanly_and_keeps_output():
     proc = subprocess.Popen([CORMLM, "generate", "--max-new-tokens", "1900", "--policy", "full", "def f():"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=OFFLINE)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=OFFLINE,
+                            # a background job inherits SIGINT ignored; a terminal's process does not
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     first = proc.stdout.read(1)  # generation has started
     time.sleep(0.5)
     proc.send_signal(signal.SIGINT)
