@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 import cormlm
 from baseline_reference import (budget_at, baseline_run, expected_held_counts, full_attention, protected_at,
                                 streaming_recent_at)
+from cache_cases import cached_model, first_mismatch, first_robust, kept_positions, left_pad, random_prompt
 from checkpoints import save_hf_model
 from corm_reference import reference_generate, reference_logits
 from cormlm.errors import CacheConfigError
@@ -83,55 +84,15 @@ def falcon_rw(tmp_path_factory) -> Path:
     return make_falcon_checkpoint(tmp_path_factory.mktemp("bl_falcon_rw"), "rw")
 
 
-_MODELS: dict[Path, torch.nn.Module] = {}
-
-
-def _model(folder: Path) -> torch.nn.Module:
-    if folder not in _MODELS:
-        _MODELS[folder] = cormlm.load_model(folder)
-    return _MODELS[folder]
-
-
-
-def _random_prompt(length: int, seed: int) -> list[int]:
-    return torch.randint(0, VOCAB, (length,), generator=torch.Generator().manual_seed(seed)).tolist()
-
-
 @lru_cache(maxsize=None)
 def _robust_case(folder: Path, length: int, new: int, policy: str, params: tuple, seed: int = 0):
     """(prompt, reference run) for the first seed from ``seed`` whose run is robust to fp32."""
-    for s in range(seed, seed + 40):
-        prompt = _random_prompt(length, 1000 * s + length)
-        run = baseline_run(folder, prompt, new, policy, **dict(params))
-        if run.robust():
-            return prompt, run
-    raise AssertionError(f"no robust prompt found for {policy} {dict(params)}")
+    return first_robust(lambda prompt: baseline_run(folder, prompt, new, policy, **dict(params)), length, seed,
+                        VOCAB, f"{policy} {dict(params)}")
 
 
 def _cfg(policy: str, params: dict) -> cormlm.CacheConfig:
     return cormlm.CacheConfig(policy, **params)
-
-
-def _kept(cache, num_layers: int = LAYERS, row: int = 0) -> list[list[list[int]]]:
-    return [[p.tolist() for p in cache.positions(layer)[row]] for layer in range(num_layers)]
-
-
-def _first_mismatch(got, want) -> str:
-    for layer, (g_layer, w_layer) in enumerate(zip(got, want)):
-        if len(g_layer) != len(w_layer):
-            return f"layer {layer}: {len(g_layer)} KV heads, reference {len(w_layer)}"
-        for head, (g, w) in enumerate(zip(g_layer, w_layer)):
-            if g != w:
-                return (f"layer {layer} KV head {head}: cormlm-only {sorted(set(g) - set(w))}, "
-                        f"reference-only {sorted(set(w) - set(g))}")
-    return "shapes differ" if got != want else "none"
-
-
-def _left_pad(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(map(len, rows))
-    ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])
-    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
-    return ids, mask
 
 
 def _step_by_step(model, cfg, prompt: list[int], tokens: list[int]):
@@ -140,10 +101,10 @@ def _step_by_step(model, cfg, prompt: list[int], tokens: list[int]):
     cache = cormlm.make_cache(model, cfg, batch_size=1)
     with torch.inference_mode():
         logits = [model(torch.tensor([prompt]), cache=cache)[0, -1]]
-        kept = [_kept(cache, model.config.num_layers)]
+        kept = [kept_positions(cache, model.config.num_layers)]
         for token in tokens:
             logits.append(model(torch.tensor([[token]]), cache=cache)[0, -1])
-            kept.append(_kept(cache, model.config.num_layers))
+            kept.append(kept_positions(cache, model.config.num_layers))
     return logits, cache, kept
 
 
@@ -167,7 +128,7 @@ def test_budget_rounding_rule():
                                            ("knorm", dict(budget=100)), ("streaming", dict(recent=100))])
 def test_reference_without_eviction_is_plain_greedy(policy, params, folders):
     folder = folders["gqa"]
-    prompt = _random_prompt(20, 11)
+    prompt = random_prompt(20, 11, VOCAB)
     tokens, kept = reference_generate(folder, prompt, 12, window=None, recent=None)
     run = baseline_run(folder, prompt, 12, policy, **params)
     assert run.new_tokens == tokens and run.kept == kept
@@ -179,7 +140,7 @@ def test_reference_scores_and_verdicts_equal_a_full_forward(folders):
     attention (summed over the group's heads and every query), and scissorhands' verdicts
     are those of the full attention rows: a second path through the bookkeeping."""
     folder = folders["gqa"]
-    prompt = _random_prompt(20, 3)
+    prompt = random_prompt(20, 3, VOCAB)
     h2o = baseline_run(folder, prompt, 10, "h2o", budget=1.0)
     sh = baseline_run(folder, prompt, 10, "scissorhands", budget=1.0, window=12)
     assert h2o.new_tokens == sh.new_tokens
@@ -232,18 +193,18 @@ def test_generation_matches_reference(case, folders):
     folder = folders["gqa"]
     prompt, run = _robust_case(folder, PROMPT, NEW, policy, tuple(params.items()))
     assert run.evicted_any(), "the reference evicted nothing: the test could not fail"
-    model = _model(folder)
+    model = cached_model(folder)
     out = cormlm.generate(model, torch.tensor([prompt]), max_new_tokens=NEW, cache=_cfg(policy, params),
                           eos_token_id=[])
     assert out.new_tokens[0] == run.new_tokens
-    got = _kept(out.cache)
-    assert got == run.kept, _first_mismatch(got, run.kept)
+    got = kept_positions(out.cache, LAYERS)
+    assert got == run.kept, first_mismatch(got, run.kept)
 
     logits, _, kept_steps = _step_by_step(model, _cfg(policy, params), prompt, run.new_tokens[:-1])
     for step, (ours, ref) in enumerate(zip(logits, run.step_logits)):
         diff = (ours.double() - ref).abs().max().item()
         assert diff <= 1e-4, f"step {step}: max abs diff {diff}"
-    assert kept_steps[-1] == run.kept, _first_mismatch(kept_steps[-1], run.kept)
+    assert kept_steps[-1] == run.kept, first_mismatch(kept_steps[-1], run.kept)
     # the eviction really changed what attention saw (so the logits comparison has teeth)
     full = reference_logits(folder, prompt + run.new_tokens[:-1])[len(prompt) - 1:]
     assert max((full[k] - run.step_logits[k]).abs().max().item() for k in range(len(run.step_logits))) > 1e-3
@@ -254,14 +215,14 @@ def test_ragged_batch_rows_equal_reference_alone(policy, folders):
     folder = folders["gqa"]
     params = dict(budget=0.5, window=8) if policy == "scissorhands" else dict(budget=0.5)
     cases = [_robust_case(folder, length, NEW, policy, tuple(params.items()), seed=7) for length in (30, 21, 12)]
-    ids, mask = _left_pad([prompt for prompt, _ in cases])
-    out = cormlm.generate(_model(folder), ids, attention_mask=mask, max_new_tokens=NEW, cache=_cfg(policy, params),
+    ids, mask = left_pad([prompt for prompt, _ in cases])
+    out = cormlm.generate(cached_model(folder), ids, attention_mask=mask, max_new_tokens=NEW, cache=_cfg(policy, params),
                           eos_token_id=[])
     for row, (_, run) in enumerate(cases):
         assert run.evicted_any()
         assert out.new_tokens[row] == run.new_tokens, f"row {row}"
-        got = _kept(out.cache, row=row)
-        assert got == run.kept, f"row {row}: {_first_mismatch(got, run.kept)}"
+        got = kept_positions(out.cache, LAYERS, row=row)
+        assert got == run.kept, f"row {row}: {first_mismatch(got, run.kept)}"
 
 
 @pytest.mark.parametrize("policy,params", [("h2o", dict(budget=8)), ("h2o", dict(budget=0.5)),
@@ -271,11 +232,11 @@ def test_mqa_group_aggregation_matches_reference(policy, params, folders):
     folder = folders["mqa"]
     prompt, run = _robust_case(folder, PROMPT, NEW, policy, tuple(params.items()))
     assert run.evicted_any()
-    out = cormlm.generate(_model(folder), torch.tensor([prompt]), max_new_tokens=NEW, cache=_cfg(policy, params),
+    out = cormlm.generate(cached_model(folder), torch.tensor([prompt]), max_new_tokens=NEW, cache=_cfg(policy, params),
                           eos_token_id=[])
     assert out.new_tokens[0] == run.new_tokens
-    got = _kept(out.cache)
-    assert got == run.kept, _first_mismatch(got, run.kept)
+    got = kept_positions(out.cache, LAYERS)
+    assert got == run.kept, first_mismatch(got, run.kept)
 
 
 @pytest.mark.parametrize("params", [dict(budget=0.5, window=64), dict(budget=0.9, window=64),
@@ -286,11 +247,11 @@ def test_scissorhands_long_window_matches_reference(params, folders):
     folder = folders["gqa"]
     prompt, run = _robust_case(folder, 40, 40, "scissorhands", tuple(params.items()))
     assert run.evicted_any()
-    out = cormlm.generate(_model(folder), torch.tensor([prompt]), max_new_tokens=40,
+    out = cormlm.generate(cached_model(folder), torch.tensor([prompt]), max_new_tokens=40,
                           cache=_cfg("scissorhands", params), eos_token_id=[])
     assert out.new_tokens[0] == run.new_tokens
-    got = _kept(out.cache)
-    assert got == run.kept, _first_mismatch(got, run.kept)
+    got = kept_positions(out.cache, LAYERS)
+    assert got == run.kept, first_mismatch(got, run.kept)
 
 
 @pytest.mark.parametrize("policy,params", [("h2o", dict(budget=0.5)), ("knorm", dict(budget=10))])
@@ -300,12 +261,12 @@ def test_alibi_falcon_rw_matches_reference(policy, params, falcon_rw):
     folder = falcon_rw
     prompt, run = _robust_case(folder, PROMPT, NEW, policy, tuple(params.items()))
     assert run.evicted_any()
-    model = _model(folder)
+    model = cached_model(folder)
     out = cormlm.generate(model, torch.tensor([prompt]), max_new_tokens=NEW, cache=_cfg(policy, params),
                           eos_token_id=[])
     assert out.new_tokens[0] == run.new_tokens
-    got = _kept(out.cache)
-    assert got == run.kept, _first_mismatch(got, run.kept)
+    got = kept_positions(out.cache, LAYERS)
+    assert got == run.kept, first_mismatch(got, run.kept)
     logits, _, _ = _step_by_step(model, _cfg(policy, params), prompt, run.new_tokens[:-1])
     for step, (ours, ref) in enumerate(zip(logits, run.step_logits)):
         diff = (ours.double() - ref).abs().max().item()
@@ -322,10 +283,10 @@ def test_alibi_falcon_rw_matches_reference(policy, params, falcon_rw):
 def test_fraction_budget_rounding_after_prefill(policy, budget, expected, folders):
     """Prompt of 10, one eviction at t = 10: every head holds budget_t = floor(f * 10 + 0.5)."""
     folder = folders["gqa"]
-    out = cormlm.generate(_model(folder), torch.tensor([_random_prompt(10, 1)]), max_new_tokens=1,
+    out = cormlm.generate(cached_model(folder), torch.tensor([random_prompt(10, 1, VOCAB)]), max_new_tokens=1,
                           cache=cormlm.CacheConfig(policy, budget=budget), eos_token_id=[])
     assert budget_at(budget, 10) == expected
-    got = _kept(out.cache)
+    got = kept_positions(out.cache, LAYERS)
     assert all(len(head) == expected for layer in got for head in layer), got
     # the protected last budget_t // 2 positions are among them
     assert all(set(range(10 - expected // 2, 10)) <= set(head) for layer in got for head in layer), got
@@ -340,9 +301,9 @@ def test_budget_held_counts_every_step(policy, params, folders):
     implies (min(previous + 1, max(budget_t, protected_t))) and every protected position."""
     folder = folders["gqa"]
     n, new = 14, 20
-    prompt = _random_prompt(n, 21)
-    tokens = _random_prompt(new, 22)
-    _, _, kept_steps = _step_by_step(_model(folder), _cfg(policy, params), prompt, tokens)
+    prompt = random_prompt(n, 21, VOCAB)
+    tokens = random_prompt(new, 22, VOCAB)
+    _, _, kept_steps = _step_by_step(cached_model(folder), _cfg(policy, params), prompt, tokens)
     budget, recent = params.get("budget"), params.get("recent")
     expected = expected_held_counts(n, n + new, budget, recent)
     for step, kept in enumerate(kept_steps):
@@ -360,8 +321,8 @@ def test_budget_held_counts_every_step(policy, params, folders):
 def test_streaming_keeps_exactly_sinks_and_window(params, folders):
     folder = folders["gqa"]
     n, new = 12, 14
-    _, _, kept_steps = _step_by_step(_model(folder), cormlm.CacheConfig("streaming", **params), _random_prompt(n, 5),
-                                     _random_prompt(new, 6))
+    _, _, kept_steps = _step_by_step(cached_model(folder), cormlm.CacheConfig("streaming", **params), random_prompt(n, 5, VOCAB),
+                                     random_prompt(new, 6, VOCAB))
     sink = params.get("sink", 4)
     for step, kept in enumerate(kept_steps):
         t = n + step
@@ -376,8 +337,8 @@ def test_evicted_keys_stay_gone(folders):
     """Whatever the policy, a position once evicted never comes back."""
     folder = folders["gqa"]
     for policy, params in [("h2o", dict(budget=0.5)), ("scissorhands", dict(budget=6)), ("knorm", dict(budget=0.4))]:
-        _, _, kept_steps = _step_by_step(_model(folder), _cfg(policy, params), _random_prompt(12, 8),
-                                         _random_prompt(12, 9))
+        _, _, kept_steps = _step_by_step(cached_model(folder), _cfg(policy, params), random_prompt(12, 8, VOCAB),
+                                         random_prompt(12, 9, VOCAB))
         for layer in range(LAYERS):
             for head in range(2):
                 for step in range(1, len(kept_steps)):

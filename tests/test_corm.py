@@ -15,7 +15,6 @@ reference only on such robust examples.
 
 from __future__ import annotations
 
-import math
 from functools import lru_cache
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 import cormlm
+from cache_cases import cached_model, first_robust, kept_positions, left_pad, random_prompt
 from checkpoints import load_hf_model, save_hf_model
 from corm_reference import (corm_step, corm_step_last_important, long_term_minor, reference_generate,
                             reference_logits, reference_run, worked_example)
@@ -54,47 +54,19 @@ def folders(tmp_path_factory) -> dict[str, Path]:
             for name, kv in KV_HEADS.items()}
 
 
-_MODELS: dict[Path, torch.nn.Module] = {}
-
-
-def _model(folder: Path) -> torch.nn.Module:
-    if folder not in _MODELS:
-        _MODELS[folder] = cormlm.load_model(folder)
-    return _MODELS[folder]
-
-
-def _random_prompt(length: int, seed: int) -> list[int]:
-    return torch.randint(0, VOCAB, (length,), generator=torch.Generator().manual_seed(seed)).tolist()
-
-
 @lru_cache(maxsize=None)
 def _robust_case(folder: Path, length: int, new: int, window: int, recent: int, seed: int = 0):
     """(prompt, reference run) for the first seed from ``seed`` whose run is robust to fp32."""
-    for s in range(seed, seed + 40):
-        prompt = _random_prompt(length, 1000 * s + length)
-        run = reference_run(folder, prompt, new, window, recent)
-        if run.robust():
-            return prompt, run
-    raise AssertionError("no robust prompt found: the checkpoint puts attention too close to 1/t")
+    return first_robust(lambda prompt: reference_run(folder, prompt, new, window, recent), length, seed, VOCAB,
+                        "the checkpoint puts attention too close to 1/t")
 
 
 def _corm(window: int, recent: int) -> cormlm.CacheConfig:
     return cormlm.CacheConfig(policy="corm", window=window, recent=recent)
 
 
-def _kept(cache, num_layers: int, row: int = 0) -> list[list[list[int]]]:
-    return [[p.tolist() for p in cache.positions(layer)[row]] for layer in range(num_layers)]
-
-
 def _evicted_somewhere(kept: list[list[list[int]]], seen: int) -> bool:
     return any(len(head) < seen for layer in kept for head in layer)
-
-
-def _left_pad(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(map(len, rows))
-    ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])
-    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
-    return ids, mask
 
 
 # ----------------------------------------------------------------------------------------
@@ -153,7 +125,7 @@ def test_reference_forward_matches_transformers(name, folders, tmp_path):
         folder = save_hf_model(tmp_path / "tied", num_key_value_heads=2, tie_word_embeddings=True, head_dim=24)
     else:
         folder = folders[name]
-    ids = _random_prompt(40, 7)
+    ids = random_prompt(40, 7, VOCAB)
     with torch.inference_mode():
         expected = load_hf_model(folder)(torch.tensor([ids])).logits[0].double()
     diff = (reference_logits(folder, ids) - expected).abs().max().item()
@@ -163,7 +135,7 @@ def test_reference_forward_matches_transformers(name, folders, tmp_path):
 @pytest.mark.parametrize("name", sorted(KV_HEADS))
 def test_reference_without_eviction_is_plain_greedy(name, folders):
     folder = folders[name]
-    prompt = _random_prompt(20, 11)
+    prompt = random_prompt(20, 11, VOCAB)
     with torch.inference_mode():
         expected = load_hf_model(folder).generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False)
     tokens, kept = reference_generate(folder, prompt, 12, window=None, recent=None)
@@ -199,12 +171,12 @@ def test_reference_evicts_by_the_rule(name, folders):
 @pytest.mark.parametrize("name", sorted(KV_HEADS))
 def test_full_cache_matches_reference_without_eviction(name, folders):
     folder = folders[name]
-    prompt = _random_prompt(24, 5)
+    prompt = random_prompt(24, 5, VOCAB)
     tokens, kept = reference_generate(folder, prompt, 16, window=None, recent=None)
-    out = cormlm.generate(_model(folder), torch.tensor([prompt]), max_new_tokens=16,
+    out = cormlm.generate(cached_model(folder), torch.tensor([prompt]), max_new_tokens=16,
                           cache=cormlm.CacheConfig("full"), eos_token_id=[])
     assert out.new_tokens[0] == tokens
-    assert _kept(out.cache, 2) == kept
+    assert kept_positions(out.cache, 2) == kept
 
 
 @pytest.mark.parametrize("window,recent", WINDOWS)
@@ -214,10 +186,10 @@ def test_corm_generation_matches_reference(name, window, recent, folders):
     length = {4: 24, 8: 32, 6: 28, 16: 36}[window]
     prompt, run = _robust_case(folder, length, 20, window, recent)
     assert _evicted_somewhere(run.kept, run.seen), "the reference evicted nothing: the test could not fail"
-    out = cormlm.generate(_model(folder), torch.tensor([prompt]), max_new_tokens=20, cache=_corm(window, recent),
+    out = cormlm.generate(cached_model(folder), torch.tensor([prompt]), max_new_tokens=20, cache=_corm(window, recent),
                           eos_token_id=[])
     assert out.new_tokens[0] == run.new_tokens
-    got = _kept(out.cache, 2)
+    got = kept_positions(out.cache, 2)
     for layer in range(2):
         for head in range(KV_HEADS[name]):
             assert got[layer][head] == run.kept[layer][head], f"layer {layer} KV head {head}"
@@ -229,7 +201,7 @@ def test_corm_step_logits_match_reference(name, folders):
     folder = folders[name]
     window, recent = 6, 3
     prompt, run = _robust_case(folder, 26, 18, window, recent)
-    model = _model(folder)
+    model = cached_model(folder)
     cache = cormlm.make_cache(model, _corm(window, recent), batch_size=1)
     with torch.inference_mode():
         got = [model(torch.tensor([prompt]), cache=cache)[0, -1]]
@@ -238,7 +210,7 @@ def test_corm_step_logits_match_reference(name, folders):
     for step, (ours, ref) in enumerate(zip(got, run.step_logits)):
         diff = (ours.double() - ref).abs().max().item()
         assert diff <= 1e-4, f"step {step}: max abs diff {diff}"
-    assert _kept(cache, 2) == run.kept
+    assert kept_positions(cache, 2) == run.kept
     # the eviction really changed what attention saw (so the comparison above has teeth)
     full = reference_logits(folder, prompt + run.new_tokens[:-1])[len(prompt) - 1 :]
     assert max((full[k] - run.step_logits[k]).abs().max().item() for k in range(len(run.step_logits))) > 1e-3
@@ -249,34 +221,34 @@ def test_ragged_batch_rows_equal_reference_alone(name, folders):
     folder = folders[name]
     window, recent, new = 6, 3, 16
     cases = [_robust_case(folder, length, new, window, recent, seed=7) for length in (30, 21, 12)]
-    ids, mask = _left_pad([prompt for prompt, _ in cases])
-    out = cormlm.generate(_model(folder), ids, attention_mask=mask, max_new_tokens=new, cache=_corm(window, recent),
+    ids, mask = left_pad([prompt for prompt, _ in cases])
+    out = cormlm.generate(cached_model(folder), ids, attention_mask=mask, max_new_tokens=new, cache=_corm(window, recent),
                           eos_token_id=[])
     for row, (_, run) in enumerate(cases):
         assert _evicted_somewhere(run.kept, run.seen)
         assert out.new_tokens[row] == run.new_tokens, f"row {row}"
-        assert _kept(out.cache, 2, row) == run.kept, f"row {row}"
+        assert kept_positions(out.cache, 2, row) == run.kept, f"row {row}"
 
 
 @pytest.mark.parametrize("name", sorted(KV_HEADS))
 def test_window_longer_than_prompt_and_no_recent_protection(name, folders):
     folder = folders[name]
     window, recent, length = 16, 0, 12
-    model = _model(folder)
+    model = cached_model(folder)
     # prefill only (the one new token is not fed back): 12 < w queries seen, nothing goes
     prompt, run = _robust_case(folder, length, 1, window, recent)
     out = cormlm.generate(model, torch.tensor([prompt]), max_new_tokens=1, cache=_corm(window, recent),
                           eos_token_id=[])
     assert run.kept == [[list(range(length))] * KV_HEADS[name]] * 2
     assert out.new_tokens[0] == run.new_tokens
-    assert _kept(out.cache, 2) == run.kept
+    assert kept_positions(out.cache, 2) == run.kept
     # decoding past w with r = 0: eviction starts at t = w, even the newest key may go
     prompt, run = _robust_case(folder, length, 22, window, recent)
     assert _evicted_somewhere(run.kept, run.seen)
     out = cormlm.generate(model, torch.tensor([prompt]), max_new_tokens=22, cache=_corm(window, recent),
                           eos_token_id=[])
     assert out.new_tokens[0] == run.new_tokens
-    assert _kept(out.cache, 2) == run.kept
+    assert kept_positions(out.cache, 2) == run.kept
 
 
 # ----------------------------------------------------------------------------------------
@@ -298,11 +270,11 @@ def _storage_bytes(tensors) -> int:
 def test_corm_properties(folders, name, prompt, new, window, recent):
     folder = folders[name]
     heads = KV_HEADS[name]
-    out = cormlm.generate(_model(folder), torch.tensor([prompt]), max_new_tokens=new, cache=_corm(window, recent),
+    out = cormlm.generate(cached_model(folder), torch.tensor([prompt]), max_new_tokens=new, cache=_corm(window, recent),
                           eos_token_id=[])
     cache = out.cache
     seen = len(prompt) + new - 1
-    kept = _kept(cache, 2)
+    kept = kept_positions(cache, 2)
     stats = cache.stats()
     for layer in range(2):
         positions = cache.positions(layer)
@@ -339,9 +311,9 @@ def test_corm_properties(folders, name, prompt, new, window, recent):
        window=st.integers(1, 10), recent=st.integers(0, 8), seed=st.integers(0, 10_000))
 def test_ragged_batch_properties(folders, lengths, new, window, recent, seed):
     folder = folders["gqa"]
-    prompts = [_random_prompt(n, seed + i) for i, n in enumerate(lengths)]
-    ids, mask = _left_pad(prompts)
-    out = cormlm.generate(_model(folder), ids, attention_mask=mask, max_new_tokens=new, cache=_corm(window, recent),
+    prompts = [random_prompt(n, seed + i, VOCAB) for i, n in enumerate(lengths)]
+    ids, mask = left_pad(prompts)
+    out = cormlm.generate(cached_model(folder), ids, attention_mask=mask, max_new_tokens=new, cache=_corm(window, recent),
                           eos_token_id=[])
     stats = out.cache.stats()
     assert stats.bytes_held == _storage_bytes(out.cache.storage_tensors())
@@ -356,4 +328,4 @@ def test_ragged_batch_properties(folders, lengths, new, window, recent, seed):
         run = reference_run(folder, prompt, new, window, recent)
         if run.robust():
             assert out.new_tokens[row] == run.new_tokens, f"row {row}"
-            assert _kept(out.cache, 2, row) == run.kept, f"row {row}"
+            assert kept_positions(out.cache, 2, row) == run.kept, f"row {row}"

@@ -26,6 +26,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import cormlm
+from cache_cases import cached_model, first_mismatch, first_robust, kept_positions, left_pad, random_prompt
 from checkpoints import load_hf_model, save_hf_model
 from corm_reference import long_term_minor, reference_generate, reference_logits, reference_run
 
@@ -95,57 +96,20 @@ def folders(tmp_path_factory) -> dict[str, Path]:
     return {name: make_falcon_checkpoint(tmp_path_factory.mktemp(f"falcon_{name}"), name) for name in LAYOUTS}
 
 
-_MODELS: dict[Path, torch.nn.Module] = {}
-
-
-def _model(folder: Path) -> torch.nn.Module:
-    if folder not in _MODELS:
-        _MODELS[folder] = cormlm.load_model(folder)
-    return _MODELS[folder]
-
-
-def _random_prompt(length: int, seed: int) -> list[int]:
-    return torch.randint(0, VOCAB, (length,), generator=torch.Generator().manual_seed(seed)).tolist()
-
-
 @lru_cache(maxsize=None)
 def _robust_case(folder: Path, length: int, new: int, window: int, recent: int, seed: int = 0):
     """(prompt, reference run) for the first seed from ``seed`` whose run is robust to fp32."""
-    for s in range(seed, seed + 40):
-        prompt = _random_prompt(length, 1000 * s + length)
-        run = reference_run(folder, prompt, new, window, recent)
-        if run.robust():
-            return prompt, run
-    raise AssertionError("no robust prompt found: the checkpoint puts attention too close to 1/t")
+    return first_robust(lambda prompt: reference_run(folder, prompt, new, window, recent), length, seed, VOCAB,
+                        "the checkpoint puts attention too close to 1/t")
 
 
 def _corm(window: int, recent: int) -> cormlm.CacheConfig:
     return cormlm.CacheConfig(policy="corm", window=window, recent=recent)
 
 
-def _kept(cache, row: int = 0) -> list[list[list[int]]]:
-    return [[p.tolist() for p in cache.positions(layer)[row]] for layer in range(LAYERS)]
-
-
 def _evicted_fraction(kept: list[list[list[int]]], seen: int) -> float:
     heads = [head for layer in kept for head in layer]
     return 1.0 - sum(map(len, heads)) / (seen * len(heads))
-
-
-def _left_pad(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(map(len, rows))
-    ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])
-    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
-    return ids, mask
-
-
-def _first_mismatch(got: list[list[list[int]]], want: list[list[list[int]]]) -> str:
-    for layer, (g_layer, w_layer) in enumerate(zip(got, want)):
-        for head, (g, w) in enumerate(zip(g_layer, w_layer)):
-            if g != w:
-                return (f"layer {layer} KV head {head}: cormlm-only {sorted(set(g) - set(w))}, "
-                        f"reference-only {sorted(set(w) - set(g))}")
-    return "shapes differ" if got != want else "none"
 
 
 # ----------------------------------------------------------------------------------------
@@ -156,7 +120,7 @@ def _first_mismatch(got: list[list[list[int]]], want: list[list[list[int]]]) -> 
 @pytest.mark.parametrize("name", sorted(LAYOUTS))
 def test_reference_forward_matches_transformers_sdpa(name, folders):
     folder = folders[name]
-    ids = _random_prompt(40, 7)
+    ids = random_prompt(40, 7, VOCAB)
     with torch.inference_mode():
         expected = load_hf_model(folder)(torch.tensor([ids])).logits[0].double()
     diff = (reference_logits(folder, ids) - expected).abs().max().item()
@@ -167,8 +131,8 @@ def test_reference_alibi_forward_matches_transformers_left_padded(folders):
     """ALiBi positions count from the row's first real token: a left-padded row equals the
     prompt alone (transformers builds positions as cumsum(mask) - 1)."""
     folder = folders["rw"]
-    prompts = [_random_prompt(n, 50 + n) for n in (31, 17)]
-    ids, mask = _left_pad(prompts)
+    prompts = [random_prompt(n, 50 + n, VOCAB) for n in (31, 17)]
+    ids, mask = left_pad(prompts)
     with torch.inference_mode():
         out = load_hf_model(folder)(ids, attention_mask=mask).logits.double()
     for row, prompt in enumerate(prompts):
@@ -192,7 +156,7 @@ def test_alibi_bias_matters(folders):
 def test_reference_alibi_bf16_positions_beyond_256(folders):
     """Positions past 256 are no longer exact in bfloat16: still transformers' logits."""
     folder = folders["rw16"]
-    ids = _random_prompt(300, 3)
+    ids = random_prompt(300, 3, VOCAB)
     with torch.inference_mode():
         expected = load_hf_model(folder)(torch.tensor([ids])).logits[0].double()
     diff = (reference_logits(folder, ids) - expected).abs().max().item()
@@ -203,8 +167,8 @@ def test_full_cache_alibi_beyond_256_matches_reference(folders):
     """cormlm on the 16-head ALiBi model at positions past 256, where transformers' bfloat16
     slopes and products move the logits by ~0.1: same logits as the reference, same tokens."""
     folder = folders["rw16"]
-    model = _model(folder)
-    prompt = _random_prompt(290, 100)
+    model = cached_model(folder)
+    prompt = random_prompt(290, 100, VOCAB)
     with torch.inference_mode():
         got = model(torch.tensor([prompt]), cache=cormlm.make_cache(model, cormlm.CacheConfig("full"), batch_size=1))
     diff = (got[0].double() - reference_logits(folder, prompt)).abs().max().item()
@@ -219,7 +183,7 @@ def test_full_cache_alibi_beyond_256_matches_reference(folders):
 @pytest.mark.parametrize("name", sorted(LAYOUTS))
 def test_reference_without_eviction_is_plain_greedy(name, folders):
     folder = folders[name]
-    prompt = _random_prompt(20, 11)
+    prompt = random_prompt(20, 11, VOCAB)
     with torch.inference_mode():
         expected = load_hf_model(folder).generate(torch.tensor([prompt]), max_new_tokens=10, do_sample=False)
     tokens, kept = reference_generate(folder, prompt, 10, window=None, recent=None)
@@ -249,12 +213,12 @@ def test_reference_evicts_by_the_rule(name, folders):
 @pytest.mark.parametrize("name", sorted(LAYOUTS))
 def test_full_cache_matches_reference_without_eviction(name, folders):
     folder = folders[name]
-    prompt = _random_prompt(24, 5)
+    prompt = random_prompt(24, 5, VOCAB)
     tokens, kept = reference_generate(folder, prompt, 16, window=None, recent=None)
-    out = cormlm.generate(_model(folder), torch.tensor([prompt]), max_new_tokens=16,
+    out = cormlm.generate(cached_model(folder), torch.tensor([prompt]), max_new_tokens=16,
                           cache=cormlm.CacheConfig("full"), eos_token_id=[])
     assert out.new_tokens[0] == tokens
-    assert _kept(out.cache) == kept
+    assert kept_positions(out.cache, LAYERS) == kept
 
 
 @pytest.mark.parametrize("window,recent", WINDOWS)
@@ -264,11 +228,11 @@ def test_corm_generation_matches_reference(name, window, recent, folders):
     length = {4: 24, 8: 32, 6: 28}[window]
     prompt, run = _robust_case(folder, length, 20, window, recent)
     assert _evicted_fraction(run.kept, run.seen) > 0.1, "the reference barely evicted: the test has no teeth"
-    out = cormlm.generate(_model(folder), torch.tensor([prompt]), max_new_tokens=20, cache=_corm(window, recent),
+    out = cormlm.generate(cached_model(folder), torch.tensor([prompt]), max_new_tokens=20, cache=_corm(window, recent),
                           eos_token_id=[])
     assert out.new_tokens[0] == run.new_tokens
-    got = _kept(out.cache)
-    assert got == run.kept, _first_mismatch(got, run.kept)
+    got = kept_positions(out.cache, LAYERS)
+    assert got == run.kept, first_mismatch(got, run.kept)
 
 
 @pytest.mark.parametrize("name", sorted(LAYOUTS))
@@ -278,7 +242,7 @@ def test_corm_step_logits_match_reference(name, folders):
     folder = folders[name]
     window, recent = 6, 3
     prompt, run = _robust_case(folder, 26, 18, window, recent)
-    model = _model(folder)
+    model = cached_model(folder)
     cache = cormlm.make_cache(model, _corm(window, recent), batch_size=1)
     with torch.inference_mode():
         got = [model(torch.tensor([prompt]), cache=cache)[0, -1]]
@@ -287,7 +251,7 @@ def test_corm_step_logits_match_reference(name, folders):
     for step, (ours, ref) in enumerate(zip(got, run.step_logits)):
         diff = (ours.double() - ref).abs().max().item()
         assert diff <= 1e-4, f"step {step}: max abs diff {diff}"
-    assert _kept(cache) == run.kept
+    assert kept_positions(cache, LAYERS) == run.kept
     # the eviction really changed what attention saw (so the comparison above has teeth)
     full = reference_logits(folder, prompt + run.new_tokens[:-1])[len(prompt) - 1 :]
     assert max((full[k] - run.step_logits[k]).abs().max().item() for k in range(len(run.step_logits))) > 1e-3
@@ -301,11 +265,11 @@ def test_ragged_batch_rows_equal_reference_alone(name, folders):
     folder = folders[name]
     window, recent, new = 6, 3, 16
     cases = [_robust_case(folder, length, new, window, recent, seed=7) for length in (30, 21, 12)]
-    ids, mask = _left_pad([prompt for prompt, _ in cases])
-    out = cormlm.generate(_model(folder), ids, attention_mask=mask, max_new_tokens=new, cache=_corm(window, recent),
+    ids, mask = left_pad([prompt for prompt, _ in cases])
+    out = cormlm.generate(cached_model(folder), ids, attention_mask=mask, max_new_tokens=new, cache=_corm(window, recent),
                           eos_token_id=[])
     for row, (_, run) in enumerate(cases):
         assert _evicted_fraction(run.kept, run.seen) > 0.1
         assert out.new_tokens[row] == run.new_tokens, f"row {row}"
-        got = _kept(out.cache, row)
-        assert got == run.kept, f"row {row}: {_first_mismatch(got, run.kept)}"
+        got = kept_positions(out.cache, LAYERS, row)
+        assert got == run.kept, f"row {row}: {first_mismatch(got, run.kept)}"
