@@ -51,11 +51,14 @@ class RaggedCache(KVCache):
         self._decode_steps = 0
         self._step_counts: torch.Tensor | None = None  # host, per row: valid tokens of this call
         self._seen_before = 0
+        self._stream_t = torch.zeros(self.batch_size * self.num_kv_heads, dtype=torch.long, device=self.device)
 
     def begin_step(self, valid: torch.Tensor | None, num_tokens: int) -> tuple[torch.Tensor, int]:
         self._seen_before = self.max_length
         self._step_counts = None if valid is None else valid.sum(dim=1).cpu()
-        return super().begin_step(valid, num_tokens)
+        positions = super().begin_step(valid, num_tokens)
+        self._stream_t = self.lengths.repeat_interleave(self.num_kv_heads)  # once per step, not per layer
+        return positions
 
     def _stream_counts(self) -> torch.Tensor | None:
         if self._step_counts is None:
@@ -73,7 +76,7 @@ class RaggedCache(KVCache):
             stored = slots >= 0
             pool.state[name].view(-1)[slots[stored]] = value[stored].to(pool.state[name].dtype)
         # 1-indexed t of the latest query of the stream owning each block: [NB, 1]
-        block_t = self.lengths.repeat_interleave(hkv)[pool.owner.clamp(min=0)][:, None]
+        block_t = self._stream_t[pool.owner.clamp(min=0)][:, None]
         if t == 1 and self._step_counts is None:
             out, probs = paged_decode_attention(pool, q.reshape(b * hkv, g, d), stream_pos[:, 0], spec)
             out = out.view(b, hq, 1, d)
@@ -120,7 +123,7 @@ class RaggedCache(KVCache):
         return out
 
     def _evict(self, pool: BlockPool, qt: torch.Tensor, spec: AttentionSpec) -> None:
-        view = SlotView(pool.positions, pool.state, qt, pool.owner, self.lengths.repeat_interleave(self.num_kv_heads))
+        view = SlotView(pool.positions, pool.state, qt, pool.owner, self._stream_t)
         drop = self.policy.evict(view)
         if spec.sliding_window is not None:
             # no future query (position >= t) can see a key at position <= t - window
