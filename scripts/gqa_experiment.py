@@ -129,4 +129,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except cormlm.CormlmError as exc:  # a missing or broken --model: one line, not a traceback
+        raise SystemExit(f"gqa_experiment: error: {exc}")

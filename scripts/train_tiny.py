@@ -158,7 +158,12 @@ def main() -> None:
     torch.manual_seed(0)
     started = time.time()
 
+    if not args.stdlib.is_dir():
+        raise SystemExit(f"train_tiny: error: --stdlib {args.stdlib} is not a folder")
     train_docs, held_docs = read_split(args.stdlib)
+    if not train_docs or not held_docs:
+        raise SystemExit(f"train_tiny: error: {args.stdlib} gave {len(train_docs)} training and {len(held_docs)} "
+                         f"held-out .py files; point --stdlib at a Python standard library folder")
     print(f"data: {len(train_docs)} training files, {len(held_docs)} held-out files from {args.stdlib}", flush=True)
     tokenizer_file = args.out / "tokenizer.json"
     if tokenizer_file.is_file():

@@ -64,3 +64,10 @@ def test_gqa_experiment_mha_copy_is_the_same_model(tmp_path):
     ids = torch.randint(0, 100, (2, 30))
     with torch.inference_mode():
         assert (mha(ids) - gqa(ids)).abs().max().item() <= 1e-5
+
+
+def test_missing_model_is_one_clear_line(tmp_path):
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "evaluate.py"), "--quick", "--model",
+                           str(tmp_path / "absent"), "--out", str(tmp_path)], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 1 and "no such folder" in done.stderr and "Traceback" not in done.stderr

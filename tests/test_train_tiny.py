@@ -62,3 +62,10 @@ def test_train_resume_and_load(tmp_path):
     tok = cormlm.load_tokenizer(out)
     result = cormlm.generate(model, [tok.encode("def f():")], max_new_tokens=4)
     assert len(result.new_tokens[0]) <= 4
+
+
+def test_bad_stdlib_folder_is_one_clear_line(tmp_path):
+    for folder, needle in ((tmp_path / "absent", "is not a folder"), (tmp_path, "0 training and 0 held-out")):
+        done = subprocess.run([sys.executable, str(ROOT / "scripts" / "train_tiny.py"), "--stdlib", str(folder),
+                               "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 1 and needle in done.stderr and "Traceback" not in done.stderr
