@@ -16,6 +16,7 @@ from torch import nn
 
 from ..attention_ops import AttentionSpec, attend, default_scale
 from ..config import ModelConfig
+from .linear import Linear
 from .rope import apply_rotary
 
 if TYPE_CHECKING:
@@ -42,8 +43,8 @@ class Attention(nn.Module):
         q_size = config.num_heads * config.head_dim
         kv_size = config.num_kv_heads * config.head_dim
         self.split_sizes = (q_size, kv_size, kv_size)
-        self.qkv = nn.Linear(config.hidden_size, q_size + 2 * kv_size, bias=config.attention_bias)
-        self.o_proj = nn.Linear(q_size, config.hidden_size, bias=config.attention_out_bias)
+        self.qkv = Linear(config.hidden_size, q_size + 2 * kv_size, bias=config.attention_bias)
+        self.o_proj = Linear(q_size, config.hidden_size, bias=config.attention_out_bias)
         self.spec = AttentionSpec(
             num_heads=config.num_heads,
             num_kv_heads=config.num_kv_heads,

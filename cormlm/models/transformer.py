@@ -15,6 +15,7 @@ from ..config import ModelConfig
 from ..errors import InputError
 from .alibi import alibi_slopes
 from .attention import Attention, StepContext
+from .linear import Linear
 from .mlp import make_mlp
 from .norms import make_norm
 from .rope import RotaryEmbedding
@@ -51,7 +52,7 @@ class CausalLM(nn.Module):
         self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
         self.final_norm = make_norm(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed.weight
         self.rotary = RotaryEmbedding(config) if config.position == "rope" else None
