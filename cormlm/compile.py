@@ -1,9 +1,15 @@
 """``torch.compile`` for the dense part of every step.
 
-The projections, norms and MLPs of each block and the head have one shape per token
-count, so inductor compiles them once (``dynamic=True``: batch and length stay symbolic);
-attention over the ragged cache stays eager, since its shapes change as caches grow and
-shrink. Compiled modules keep their parameters: nothing is copied.
+Each block is compiled as two graphs, everything before attention (norm, QKV projection,
+rotary) and everything after it (output projection, MLP, residuals), plus one for the
+final norm and LM head: few graph calls per step, and elementwise work fused around the
+GEMMs. ``dynamic=True`` keeps batch and length symbolic, so a graph serves every token
+count of its kind (decode-sized inputs and prefill-sized ones take one graph each, since
+``Linear`` picks its product by row count). Caches made for a compiled model run each
+layer's decode attention and policy update as one compiled graph with a symbolic block
+count (``cache.paged_attention``), so caches that grow and shrink reuse it; appends,
+evictions and compaction (storage changes) stay eager. Compiled functions use the
+modules' parameters: nothing is copied.
 """
 
 from __future__ import annotations
@@ -14,16 +20,12 @@ from .errors import CormlmError
 
 
 def compile_model(model: torch.nn.Module) -> torch.nn.Module:
-    """Compile ``model``'s dense modules in place; returns the model."""
+    """Compile ``model``'s dense work in place; returns the model."""
     if not hasattr(torch, "compile"):
         raise CormlmError(f"torch {torch.__version__} has no torch.compile; drop --compile")
     for block in model.blocks:
-        for name in ("attn_norm", "mlp_norm", "mlp"):
-            module = getattr(block, name)
-            if module is not None:
-                module.compile(dynamic=True)
-        block.attn.qkv.compile(dynamic=True)
-        block.attn.o_proj.compile(dynamic=True)
-    model.final_norm.compile(dynamic=True)
-    model.lm_head.compile(dynamic=True)
+        block.pre_attention = torch.compile(block.pre_attention, dynamic=True)
+        block.post_attention = torch.compile(block.post_attention, dynamic=True)
+    model.head = torch.compile(model.head, dynamic=True)
+    model.compiled = True
     return model

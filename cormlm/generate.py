@@ -35,11 +35,15 @@ class GenerationOutput:
 
 
 def make_cache(model: torch.nn.Module, cfg: CacheConfig | None = None, batch_size: int = 1) -> KVCache:
-    """An empty cache for ``model`` and ``batch_size`` rows, ruled by ``cfg``'s policy."""
+    """An empty cache for ``model`` and ``batch_size`` rows, ruled by ``cfg``'s policy.
+
+    A model passed through :func:`cormlm.compile.compile_model` gets a cache whose decode
+    attention is compiled too.
+    """
     config = model.config
     return build_cache(cfg or CacheConfig(), batch_size=batch_size, num_layers=config.num_layers,
                        num_kv_heads=config.num_kv_heads, head_dim=config.head_dim,
-                       dtype=model.dtype, device=model.device)
+                       dtype=model.dtype, device=model.device, compiled=getattr(model, "compiled", False))
 
 
 def _stop_ids(model: torch.nn.Module, eos_token_id: int | Sequence[int] | None) -> list[int]:

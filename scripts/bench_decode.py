@@ -1,29 +1,35 @@
-"""cormlm against transformers on the same checkpoint: prefill and decode speed, peak memory.
+"""cormlm against transformers on the same checkpoint, in one process: prefill and decode
+speed, peak memory, compile graphs.
 
-    python scripts/bench_decode.py                       # ~100M Llama-3-shaped model, fp32, CPU
-    python scripts/bench_decode.py --contexts 1024 --compile
+    python scripts/bench_decode.py                            # 1k and 4k, eager and compiled
+    python scripts/bench_decode.py --contexts 16384 --repeats 3 --no-compile
 
-One random-weight checkpoint (scripts/random_checkpoint.py; q/k scaled by ``--peaky`` so
-attention is peaked as in trained models) is loaded by both libraries in the same dtype.
-Each (implementation, context) runs in its own subprocess, so its peak resident memory
-(ru_maxrss) is its own: transformers (SDPA, its dynamic cache), cormlm full and cormlm
-corm, eager and (``--compile``) compiled. Prefill: a prompt of ``context`` tokens, median
-of ``--repeats``; decode: greedy steps, median tokens/s over ``--repeats`` blocks of
-``--steps``. Ratios are to transformers in the same run. Requires transformers (the test
-extra).
+One random-weight ~125M Llama-3-shaped checkpoint (scripts/random_checkpoint.py; q/k
+scaled by ``--peaky`` so attention is peaked as in trained models) is loaded by both
+libraries in the same dtype and process. For each context, each repeat runs every
+implementation in turn (transformers with SDPA and its dynamic cache, cormlm with a full
+cache, cormlm with CORM): a prefill of ``context`` tokens, two warm-up decode steps, then
+``--steps`` greedy decode steps. Figures are medians over ``--repeats`` and ratios are to
+transformers measured in the same run. Peak memory is the resident-set high-water mark of
+one extra prefill + decode per implementation (after a short warm-up run), above the
+resident set before it (Linux ``/proc/self/clear_refs``). Compiled: transformers' forward under ``torch.compile
+(dynamic=True)``, cormlm through ``cormlm.compile.compile_model``; the number of dynamo
+graphs each built, and how many of those appeared during timed decoding (recompilations
+as caches grow or shrink), are printed. Requires transformers (the test extra).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import resource
+import ctypes
+import gc
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 
@@ -34,95 +40,158 @@ from scripts.random_checkpoint import write_random_llama  # noqa: E402
 IMPLEMENTATIONS = ("transformers", "cormlm-full", "cormlm-corm")
 
 
-# ----------------------------------------------------------------------------- worker
-def _transformers(folder: Path, compiled: bool):
-    import transformers
+# ------------------------------------------------------------------------ memory
+def _malloc_trim() -> None:
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
 
-    model = transformers.AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32,
-                                                              attn_implementation="sdpa").eval()
+
+def _status_kib(field_name: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def reset_peak_rss() -> int | None:
+    """Forget the high-water mark; return the current resident set (KiB), None off Linux."""
+    gc.collect()
+    _malloc_trim()
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return None
+    return _status_kib("VmRSS")
+
+
+def graphs_built() -> int:
+    from torch._dynamo.utils import counters
+    return int(counters["stats"]["unique_graphs"])
+
+
+# ----------------------------------------------------------------- implementations
+@dataclass
+class Runner:
+    """One implementation: prefill(ids) -> (logits, state); step(token, state) -> (logits, state)."""
+
+    name: str
+    prefill: Callable[[torch.Tensor], tuple[torch.Tensor, Any]]
+    step: Callable[[torch.Tensor, Any], tuple[torch.Tensor, Any]]
+    retained: Callable[[Any], float | None] = lambda state: None
+    kv_bytes: Callable[[Any], int] = lambda state: 0
+    results: dict[str, list[float]] = field(default_factory=dict)
+
+
+def transformers_runner(model, compiled: bool) -> Runner:
     forward = torch.compile(model.forward, dynamic=True) if compiled else model.forward
 
     def prefill(ids):
-        out = forward(input_ids=ids, use_cache=True)
+        out = forward(input_ids=ids, use_cache=True, logits_to_keep=1)
         return out.logits[:, -1], out.past_key_values
 
     def step(token, state):
         out = forward(input_ids=token, past_key_values=state, use_cache=True)
         return out.logits[:, -1], out.past_key_values
 
-    return prefill, step, lambda state: None
+    def kv_bytes(state) -> int:
+        return sum(t.untyped_storage().nbytes() for layer in state.layers for t in (layer.keys, layer.values))
+
+    return Runner("transformers", prefill, step, kv_bytes=kv_bytes)
 
 
-def _cormlm(folder: Path, compiled: bool, policy: str, window: int, recent: int):
+def cormlm_runner(model, policy: str, window: int, recent: int) -> Runner:
     import cormlm
-    from cormlm.compile import compile_model
 
-    model = cormlm.load_model(folder, dtype=torch.float32)
-    if compiled:
-        compile_model(model)
-    cfg = cormlm.CacheConfig(policy, window=window, recent=recent)
+    cfg = cormlm.CacheConfig(policy, window=window, recent=recent) if policy == "corm" else cormlm.CacheConfig(policy)
 
     def prefill(ids):
         cache = cormlm.make_cache(model, cfg, batch_size=ids.shape[0])
-        return model(ids, cache=cache)[:, -1], cache
+        return model(ids, cache=cache, last_logits_only=True)[:, -1], cache
 
     def step(token, cache):
         return model(token, cache=cache)[:, -1], cache
 
-    return prefill, step, lambda cache: cache.stats().retained_fraction
+    return Runner(f"cormlm-{policy}", prefill, step, retained=lambda c: c.stats().retained_fraction,
+                  kv_bytes=lambda c: c.stats().bytes_held)
 
 
-@torch.inference_mode()
-def worker(args: argparse.Namespace) -> None:
-    torch.manual_seed(0)
-    if args.impl == "transformers":
-        prefill, step, retained = _transformers(args.folder, args.compiled)
-    else:
-        prefill, step, retained = _cormlm(args.folder, args.compiled, args.impl.split("-")[1], args.window,
-                                          args.recent)
-    ids = torch.randint(0, args.vocab, (1, args.context))
-    prefill_times = []
-    for _ in range(args.repeats):
-        started = time.perf_counter()
-        logits, state = prefill(ids)
-        prefill_times.append(time.perf_counter() - started)
+# -------------------------------------------------------------------- measuring
+def decode(runner: Runner, logits: torch.Tensor, state, steps: int) -> tuple[torch.Tensor, Any]:
     token = logits.argmax(-1, keepdim=True)
-    for _ in range(2):  # warm-up (and, compiled, the decode graph)
-        logits, state = step(token, state)
+    for _ in range(steps):
+        logits, state = runner.step(token, state)
         token = logits.argmax(-1, keepdim=True)
-    rates = []
-    for _ in range(args.repeats):
-        started = time.perf_counter()
-        for _ in range(args.steps):
-            logits, state = step(token, state)
-            token = logits.argmax(-1, keepdim=True)
-        rates.append(args.steps / (time.perf_counter() - started))
-    recompiles = None
-    if args.compiled:
-        from torch._dynamo.utils import counters
-        recompiles = int(counters["stats"]["unique_graphs"])
-    print(json.dumps({"prefill_tps": args.context / statistics.median(prefill_times),
-                      "decode_tps": statistics.median(rates), "peak_rss_mib": resource.getrusage(
-                          resource.RUSAGE_SELF).ru_maxrss / 1024, "retained": retained(state),
-                      "graphs": recompiles}))
+    return logits, state
 
 
-# ------------------------------------------------------------------------------ driver
-def run_one(folder: Path, impl: str, context: int, compiled: bool, args) -> dict:
-    command = [sys.executable, __file__, "--worker", impl, "--folder", str(folder), "--context", str(context),
-               "--steps", str(args.steps), "--repeats", str(args.repeats), "--vocab", str(args.vocab),
-               "--window", str(args.window), "--recent", str(args.recent)] + (["--compiled"] if compiled else [])
-    done = subprocess.run(command, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise SystemExit(f"{impl} at {context} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+def measure_memory(runner: Runner, ids: torch.Tensor, steps: int) -> float | None:
+    """Peak resident MiB above the start, over one prefill + decode (state freed afterwards)."""
+    start = reset_peak_rss()
+    logits, state = runner.prefill(ids)
+    decode(runner, logits, state, steps)
+    peak = _status_kib("VmHWM")
+    del logits, state
+    return None if start is None or peak is None else (peak - start) / 1024
 
 
+def timed_repeat(runner: Runner, ids: torch.Tensor, steps: int) -> None:
+    record = runner.results.setdefault
+    started = time.perf_counter()
+    logits, state = runner.prefill(ids)
+    record("prefill_tps", []).append(ids.shape[1] / (time.perf_counter() - started))
+    logits, state = decode(runner, logits, state, 2)  # warm-up (compiled: the decode graphs)
+    graphs = graphs_built()
+    started = time.perf_counter()
+    logits, state = decode(runner, logits, state, steps)
+    record("decode_tps", []).append(steps / (time.perf_counter() - started))
+    record("decode_recompiles", []).append(graphs_built() - graphs)
+    record("retained", []).append(runner.retained(state))
+    record("kv_mib", []).append(runner.kv_bytes(state) / 2**20)
+
+
+def run_context(runners: list[Runner], context: int, args, mode: str) -> None:
+    torch.manual_seed(context)
+    ids = torch.randint(0, args.vocab, (1, context))
+    graphs_before = {}
+    for runner in runners:  # warm-up (compiled: builds the graphs), then the memory pass
+        runner.results = {}
+        before = graphs_built()
+        decode(runner, *runner.prefill(ids[:, :64]), 2)
+        runner.results["peak_mib"] = [measure_memory(runner, ids, args.steps)]
+        graphs_before[runner.name] = graphs_built() - before
+    for repeat in range(args.repeats):
+        for runner in runners:
+            print(f"  [{mode} {context}] repeat {repeat + 1}/{args.repeats}: {runner.name}", file=sys.stderr, flush=True)
+            timed_repeat(runner, ids, args.steps)
+    base = runners[0].results
+    for runner in runners:
+        r = {key: statistics.median(v) if None not in v else None for key, v in runner.results.items()}
+        b = {key: statistics.median(v) if None not in v else None for key, v in base.items()}
+        graphs = ""
+        if mode == "compiled":
+            graphs = f"{graphs_before[runner.name]} / {max(runner.results['decode_recompiles'])}"
+        retained = "-" if r["retained"] is None else f"{r['retained']:.1%}"
+        peak = "-" if r["peak_mib"] is None else f"{r['peak_mib']:.0f}"
+        print(f"| {context} | {mode} | {runner.name} | {retained} | {r['kv_mib']:.1f} | {peak} | "
+              f"{r['prefill_tps']:.0f} | {r['prefill_tps'] / b['prefill_tps']:.2f}x | {r['decode_tps']:.2f} | "
+              f"{r['decode_tps'] / b['decode_tps']:.2f}x | {graphs or '-'} |", flush=True)
+
+
+# -------------------------------------------------------------------------- main
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096])
-    parser.add_argument("--steps", type=int, default=16, help="decode steps per timed block")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=32, help="timed decode steps per repeat")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--impls", nargs="+", choices=IMPLEMENTATIONS, default=list(IMPLEMENTATIONS),
+                        help="implementations to run; ratios are to the first")
+    parser.add_argument("--no-compile", action="store_true", help="eager only")
+    parser.add_argument("--compile-only", action="store_true", help="compiled only")
     parser.add_argument("--hidden", type=int, default=768)
     parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--heads", type=int, default=12)
@@ -132,39 +201,43 @@ def main() -> None:
     parser.add_argument("--peaky", type=float, default=8.0, help="scale of the q/k projections")
     parser.add_argument("--window", type=int, default=256, help="CORM w")
     parser.add_argument("--recent", type=int, default=256, help="CORM r")
-    parser.add_argument("--compile", action="store_true", help="also run every implementation compiled")
-    # worker mode (internal)
-    parser.add_argument("--worker", default=None, choices=IMPLEMENTATIONS, dest="impl")
-    parser.add_argument("--folder", type=Path)
-    parser.add_argument("--context", type=int)
-    parser.add_argument("--compiled", action="store_true")
     args = parser.parse_args()
-    if args.impl:
-        worker(args)
-        return
+    if args.no_compile and args.compile_only:
+        parser.error("--no-compile and --compile-only exclude each other")
+    modes = ["eager"] * (not args.compile_only) + ["compiled"] * (not args.no_compile)
 
-    with tempfile.TemporaryDirectory() as tmp:
+    import cormlm
+    from cormlm.compile import compile_model
+
+    with tempfile.TemporaryDirectory() as tmp, torch.inference_mode():
         folder = write_random_llama(Path(tmp), hidden=args.hidden, layers=args.layers, heads=args.heads,
                                     kv_heads=args.kv_heads, intermediate=args.intermediate, vocab=args.vocab,
-                                    max_positions=max(args.contexts) + 64, qk_scale=args.peaky)
-        params = sum(v.numel() for v in __import__("safetensors.torch", fromlist=["load_file"]).load_file(
-            folder / "model.safetensors").values())
+                                    max_positions=max(args.contexts) + args.steps + 64, qk_scale=args.peaky)
+        model = cormlm.load_model(folder, dtype=torch.float32)
+        params = sum(p.numel() for p in model.parameters())
+        hf_model = None
+        if "transformers" in args.impls:
+            import transformers
+            transformers.logging.set_verbosity_error()
+            hf_model = transformers.AutoModelForCausalLM.from_pretrained(
+                folder, dtype=torch.float32, attn_implementation="sdpa").eval()
         print(f"model: {params / 1e6:.1f}M parameters, {args.layers} layers, {args.heads}/{args.kv_heads} heads, "
-              f"fp32, {torch.get_num_threads()} threads; corm w={args.window} r={args.recent}", flush=True)
-        print("| context | mode | implementation | retained | prefill tok/s | vs transformers | decode tok/s | "
-              "vs transformers | peak RSS MiB |\n|---:|---|---|---:|---:|---:|---:|---:|---:|", flush=True)
-        for context in args.contexts:
-            for compiled in ([False, True] if args.compile else [False]):
-                mode = "compiled" if compiled else "eager"
-                base = None
-                for impl in IMPLEMENTATIONS:
-                    r = run_one(folder, impl, context, compiled, args)
-                    base = base or r
-                    retained = "-" if r["retained"] is None else f"{r['retained']:.1%}"
-                    graphs = f" ({r['graphs']} graphs)" if r["graphs"] is not None else ""
-                    print(f"| {context} | {mode}{graphs} | {impl} | {retained} | {r['prefill_tps']:.0f} | "
-                          f"{r['prefill_tps'] / base['prefill_tps']:.2f}x | {r['decode_tps']:.2f} | "
-                          f"{r['decode_tps'] / base['decode_tps']:.2f}x | {r['peak_rss_mib']:.0f} |", flush=True)
+              f"float32, {torch.get_num_threads()} threads, torch {torch.__version__}; corm w={args.window} "
+              f"r={args.recent}; medians of {args.repeats} repeats, {args.steps} decode steps each")
+        print("| context | mode | implementation | retained | KV MiB | peak MiB | prefill tok/s | vs first | "
+              "decode tok/s | vs first | graphs built / during decode |\n"
+              "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|", flush=True)
+        for mode in modes:
+            if mode == "compiled":
+                compile_model(model)
+            runners = []
+            for name in args.impls:
+                if name == "transformers":
+                    runners.append(transformers_runner(hf_model, mode == "compiled"))
+                else:
+                    runners.append(cormlm_runner(model, name.split("-")[1], args.window, args.recent))
+            for context in args.contexts:
+                run_context(runners, context, args, mode)
 
 
 if __name__ == "__main__":

@@ -64,3 +64,18 @@ def to_transformers4_rope(config: dict, key: str = "rope_type") -> dict:
     rope_type = params.pop("rope_type", "default")
     config["rope_scaling"] = None if rope_type == "default" else {key: rope_type, **params}
     return config
+
+
+def make_peaky_checkpoint(folder: Path, factor: float = 3.0, **overrides) -> Path:
+    """save_hf_model, then q_proj / k_proj weights times ``factor`` (peaked attention, so that
+    policies evict), re-saved under HF names."""
+    from safetensors.torch import load_file, save_file
+
+    save_hf_model(folder, **overrides)
+    path = folder / "model.safetensors"
+    weights = load_file(path)
+    for name in weights:
+        if name.endswith(("self_attn.q_proj.weight", "self_attn.k_proj.weight")):
+            weights[name] = (weights[name] * factor).contiguous()
+    save_file(weights, path, metadata={"format": "pt"})
+    return folder

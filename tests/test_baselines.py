@@ -23,18 +23,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
 import cormlm
 from baseline_reference import (budget_at, baseline_run, expected_held_counts, full_attention, protected_at,
                                 streaming_recent_at)
 from cache_cases import cached_model, first_mismatch, first_robust, kept_positions, left_pad, random_prompt
-from checkpoints import save_hf_model
+from checkpoints import make_peaky_checkpoint
 from corm_reference import reference_generate, reference_logits
 from cormlm.errors import CacheConfigError
 
 VOCAB, LAYERS = 160, 2
-PEAKY = 3.0
 
 # (policy, parameters): int and fraction budgets, recent given or not, scissorhands windows
 CASES = [
@@ -57,18 +55,6 @@ PROMPT, NEW = 24, 16
 def _case_id(case) -> str:
     policy, params = case
     return policy + "-" + "-".join(f"{k}{v}" for k, v in params.items())
-
-
-def make_peaky_checkpoint(folder: Path, factor: float = PEAKY, **overrides) -> Path:
-    """save_hf_model, then q_proj / k_proj weights times ``factor``, re-saved under HF names."""
-    save_hf_model(folder, **overrides)
-    path = folder / "model.safetensors"
-    weights = load_file(path)
-    for name in weights:
-        if name.endswith(("self_attn.q_proj.weight", "self_attn.k_proj.weight")):
-            weights[name] = (weights[name] * factor).contiguous()
-    save_file(weights, path, metadata={"format": "pt"})
-    return folder
 
 
 @pytest.fixture(scope="module")

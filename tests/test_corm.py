@@ -22,30 +22,16 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from safetensors.torch import load_file, save_file
 
 import cormlm
 from cache_cases import cached_model, first_robust, kept_positions, left_pad, random_prompt
-from checkpoints import load_hf_model, save_hf_model
+from checkpoints import load_hf_model, make_peaky_checkpoint, save_hf_model
 from corm_reference import (corm_step, corm_step_last_important, long_term_minor, reference_generate,
                             reference_logits, reference_run, worked_example)
 
 VOCAB = 160
-PEAKY = 3.0  # q_proj and k_proj scale: 20-80 % of the keys get evicted with the (w, r) used below
 KV_HEADS = {"mha": 4, "gqa": 2, "mqa": 1}
 WINDOWS = [(4, 2), (8, 4), (6, 10), (16, 1)]  # (w, r); r > w included
-
-
-def make_peaky_checkpoint(folder: Path, factor: float = PEAKY, **overrides) -> Path:
-    """save_hf_model, then q_proj / k_proj weights times ``factor``, re-saved under HF names."""
-    save_hf_model(folder, **overrides)
-    path = folder / "model.safetensors"
-    weights = load_file(path)
-    for name in weights:
-        if name.endswith(("self_attn.q_proj.weight", "self_attn.k_proj.weight")):
-            weights[name] = (weights[name] * factor).contiguous()
-    save_file(weights, path, metadata={"format": "pt"})
-    return folder
 
 
 @pytest.fixture(scope="module")

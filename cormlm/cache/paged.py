@@ -36,6 +36,16 @@ def bucket(n: int) -> int:
     return math.ceil(n / step) * step
 
 
+def stream_live_counts(positions: torch.Tensor, owner: torch.Tensor, num_streams: int) -> torch.Tensor:
+    """Live keys per stream [S] (long) from a pool's ``positions`` [NB, block] and ``owner`` [NB].
+
+    No boolean indexing: shapes stay static, so it runs without a sync and compiles.
+    """
+    live = torch.where(owner >= 0, (positions >= 0).sum(dim=1), 0)
+    out = torch.zeros(num_streams, dtype=torch.long, device=positions.device)
+    return out.index_add_(0, owner.clamp(min=0), live)
+
+
 class BlockPool:
     def __init__(self, num_streams: int, block_size: int, head_dim: int, dtype: torch.dtype,
                  device: torch.device, state_fields: dict[str, tuple[torch.dtype, float]]) -> None:
@@ -176,10 +186,7 @@ class BlockPool:
         return slot, stream, counts
 
     def live_counts(self) -> torch.Tensor:
-        live = (self.positions >= 0).sum(dim=1)
-        out = torch.zeros(self.num_streams, dtype=torch.long, device=self.device)
-        owned = self.owner >= 0
-        return out.index_add_(0, self.owner[owned], live[owned])
+        return stream_live_counts(self.positions, self.owner, self.num_streams)
 
     def stream_positions(self) -> list[torch.Tensor]:
         slot, _, counts = self._live_sorted()

@@ -8,20 +8,27 @@ that needs them (CORM) costs no second pass: they are the ones the output is mad
 
 from __future__ import annotations
 
+import functools
+from typing import Callable
+
 import torch
 
 from ..attention_ops import AttentionSpec
-from .paged import BlockPool
+from .paged import stream_live_counts
+from .policy import EvictionPolicy
 
 
-def paged_decode_attention(pool: BlockPool, q: torch.Tensor, q_pos: torch.Tensor,
+def paged_decode_attention(keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
+                           owner: torch.Tensor, q: torch.Tensor, q_pos: torch.Tensor,
                            spec: AttentionSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    """One query per stream: ``q`` [S, G, D], ``q_pos`` [S] -> output [S, G, D], probs [NB, G, block]."""
+    """One query per stream over a block pool (``keys``/``values`` [NB, block, D], ``positions``
+    [NB, block], ``owner`` [NB], -1 = free): ``q`` [S, G, D], ``q_pos`` [S] -> output [S, G, D],
+    probs [NB, G, block]."""
     s, g, d = q.shape
-    owner = pool.owner.clamp(min=0)
+    owner = owner.clamp(min=0)
     block_q = q[owner]  # [NB, G, D]: a few rows per block, not a copy of the cache
-    scores = torch.bmm(block_q, pool.keys.transpose(1, 2)).float() * spec.scale  # [NB, G, bs]
-    pos = pool.positions
+    scores = torch.bmm(block_q, keys.transpose(1, 2)).float() * spec.scale  # [NB, G, bs]
+    pos = positions
     # Every stored key precedes the query (it was appended first) and free or empty slots
     # hold position -1, so "stored" is the whole causal mask.
     visible = pos >= 0
@@ -37,8 +44,38 @@ def paged_decode_attention(pool: BlockPool, q: torch.Tensor, q_pos: torch.Tensor
         0, index, scores.amax(dim=-1), reduce="amax", include_self=True)
     weights = torch.exp(scores - peak[owner][:, :, None])  # invisible slots: exp(-inf) = 0
     denom = torch.zeros(s, g, device=q.device).index_add_(0, owner, weights.sum(dim=-1))
-    partial = torch.bmm(weights.to(pool.values.dtype), pool.values)  # [NB, G, D]
+    partial = torch.bmm(weights.to(values.dtype), values)  # [NB, G, D]
     out = torch.zeros(s, g, d, device=q.device).index_add_(0, owner, partial.float())
     out = out / denom[:, :, None]
     probs = weights / denom[owner][:, :, None]
     return out.to(q.dtype), probs
+
+
+def decode_layer_step(keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, owner: torch.Tensor,
+                      state: dict[str, torch.Tensor], q: torch.Tensor, q_pos: torch.Tensor,
+                      block_t: torch.Tensor, stream_t: torch.Tensor, spec: AttentionSpec,
+                      policy: EvictionPolicy) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One layer's decode attention and the policy's state update: output [S, G, D], new state.
+
+    Tensors in, tensors out (no host syncs, no storage changes), so that ``torch.compile``
+    can fuse it whole; ``block_t`` [NB, 1] is the owning stream's 1-indexed query position.
+    """
+    out, probs = paged_decode_attention(keys, values, positions, owner, q, q_pos, spec)
+    if not policy.needs_probs:
+        return out, state
+    attended = None
+    if policy.needs_attended:  # keys each stream attended to (its own included): [NB, 1]
+        attended = stream_live_counts(positions, owner, stream_t.shape[0])[owner.clamp(min=0)][:, None]
+    observed = policy.observe(probs[:, :, None, :], block_t, attended, None)
+    return out, policy.merge(state, observed)
+
+
+@functools.cache
+def compiled_decode_layer_step() -> Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+    """:func:`decode_layer_step` under ``torch.compile``, built once per process.
+
+    ``dynamic=True``: the pool's block count and the stream count are symbolic, so a cache
+    that grows, compacts or shrinks reuses one graph per (policy, attention kind) instead
+    of compiling one per pool size.
+    """
+    return torch.compile(decode_layer_step, dynamic=True)

@@ -13,7 +13,7 @@ import torch
 from ..attention_ops import AttentionSpec, attend, visibility_mask, alibi_bias
 from .base import CacheStats, KVCache
 from .paged import BlockPool
-from .paged_attention import paged_decode_attention
+from .paged_attention import compiled_decode_layer_step, decode_layer_step
 from .policy import EvictionPolicy, SlotView
 
 COMPACT_CHECK_EVERY = 16  # decode steps between (synchronising) fragmentation checks
@@ -40,9 +40,11 @@ def explicit_probs(q: torch.Tensor, k: torch.Tensor, q_pos: torch.Tensor, k_pos:
 
 class RaggedCache(KVCache):
     def __init__(self, policy: EvictionPolicy, *, block_size: int = 16, prefill_chunk: int | None = None,
-                 **kwargs) -> None:
+                 compiled: bool = False, **kwargs) -> None:
         super().__init__(**kwargs)
         self.policy = policy
+        # decode attention + policy update per layer: compiled (one fused graph) or eager
+        self.decode_step = compiled_decode_layer_step() if compiled else decode_layer_step
         self.block_size = block_size
         self.prefill_chunk = prefill_chunk
         streams = self.batch_size * self.num_kv_heads
@@ -78,13 +80,11 @@ class RaggedCache(KVCache):
         # 1-indexed t of the latest query of the stream owning each block: [NB, 1]
         block_t = self._stream_t[pool.owner.clamp(min=0)][:, None]
         if t == 1 and self._step_counts is None:
-            out, probs = paged_decode_attention(pool, q.reshape(b * hkv, g, d), stream_pos[:, 0], spec)
+            out, state = self.decode_step(pool.keys, pool.values, pool.positions, pool.owner, pool.state,
+                                          q.reshape(b * hkv, g, d), stream_pos[:, 0], block_t, self._stream_t,
+                                          spec, self.policy)
             out = out.view(b, hq, 1, d)
-            if self.policy.needs_probs:
-                attended = (pool.live_counts()[pool.owner.clamp(min=0)][:, None]  # [NB, 1]
-                            if self.policy.needs_attended else None)
-                observed = self.policy.observe(probs[:, :, None, :], block_t, attended, None)
-                pool.state.update(self.policy.merge(pool.state, observed))
+            pool.state.update(state)
         else:
             out = self._attend_many(pool, q, k, v, positions, slots, spec)
         self._evict(pool, block_t, spec)

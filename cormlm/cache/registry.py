@@ -34,7 +34,7 @@ def available_policies() -> list[str]:
 
 
 def build_cache(cfg: "CacheConfig", *, batch_size: int, num_layers: int, num_kv_heads: int,
-                head_dim: int, dtype, device) -> KVCache:
-    return RaggedCache(_POLICIES[cfg.policy](cfg), block_size=cfg.block_size, prefill_chunk=cfg.prefill_chunk, batch_size=batch_size,
-                       num_layers=num_layers, num_kv_heads=num_kv_heads, head_dim=head_dim, dtype=dtype,
-                       device=device)
+                head_dim: int, dtype, device, compiled: bool = False) -> KVCache:
+    return RaggedCache(_POLICIES[cfg.policy](cfg), block_size=cfg.block_size, prefill_chunk=cfg.prefill_chunk,
+                       compiled=compiled, batch_size=batch_size, num_layers=num_layers, num_kv_heads=num_kv_heads,
+                       head_dim=head_dim, dtype=dtype, device=device)

@@ -56,19 +56,30 @@ class Attention(nn.Module):
     def set_alibi_slopes(self, slopes: torch.Tensor) -> None:
         self.spec = dataclasses.replace(self.spec, alibi_slopes=slopes)
 
-    def forward(self, x: torch.Tensor, step: StepContext) -> torch.Tensor:
-        b, t, _ = x.shape
-        q, k, v = self.qkv(x).split(self.split_sizes, dim=-1)
+    def project(self, h: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries [B, Hq, T, D] and keys/values [B, Hkv, T, D], rotated when the model uses RoPE."""
+        b, t, _ = h.shape
+        q, k, v = self.qkv(h).split(self.split_sizes, dim=-1)
         q = q.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
         k = k.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        if step.rotary is not None:
-            cos, sin = step.rotary
+        if rotary is not None:
+            cos, sin = rotary
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        return q, k, v
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: StepContext) -> torch.Tensor:
+        """Attention output [B, Hq, T, D], through the cache when there is one."""
         if step.cache is not None:
-            out = step.cache.attend(self.layer_index, q, k, v, step.positions, self.spec)
-        elif step.plain_causal:
-            out = attend(q, k, v, self.spec, causal=True)
-        else:
-            out = attend(q, k, v, self.spec, q_pos=step.positions, k_pos=step.positions)
+            return step.cache.attend(self.layer_index, q, k, v, step.positions, self.spec)
+        if step.plain_causal:
+            return attend(q, k, v, self.spec, causal=True)
+        return attend(q, k, v, self.spec, q_pos=step.positions, k_pos=step.positions)
+
+    def output(self, out: torch.Tensor) -> torch.Tensor:
+        b, _, t, _ = out.shape
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
+
+    def forward(self, h: torch.Tensor, step: StepContext) -> torch.Tensor:
+        return self.output(self.attend(*self.project(h, step.rotary), step))

@@ -34,13 +34,24 @@ class Block(nn.Module):
         has_mlp_norm = not self.parallel or config.parallel_norms == 2
         self.mlp_norm = make_norm(config) if has_mlp_norm else None
 
-    def forward(self, x: torch.Tensor, step: StepContext) -> torch.Tensor:
+    def pre_attention(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Everything before attention: the normed input and q, k, v (dense: compiled whole)."""
         h = self.attn_norm(x)
+        return (h, *self.attn.project(h, rotary))
+
+    def post_attention(self, x: torch.Tensor, h: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
+        """Everything after attention: output projection, MLP and residuals (dense: compiled whole)."""
+        attn = self.attn.output(attn_out)
         if not self.parallel:
-            x = x + self.attn(h, step)
+            x = x + attn
             return x + self.mlp(self.mlp_norm(x))
         mlp_in = h if self.mlp_norm is None else self.mlp_norm(x)
-        return x + (self.mlp(mlp_in) + self.attn(h, step))
+        return x + (self.mlp(mlp_in) + attn)
+
+    def forward(self, x: torch.Tensor, step: StepContext) -> torch.Tensor:
+        h, q, k, v = self.pre_attention(x, step.rotary)
+        return self.post_attention(x, h, self.attn.attend(q, k, v, step))
 
 
 class CausalLM(nn.Module):
@@ -49,6 +60,7 @@ class CausalLM(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
+        self.compiled = False  # set by cormlm.compile.compile_model; caches made afterwards compile too
         self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
         self.final_norm = make_norm(config)
@@ -180,4 +192,8 @@ class CausalLM(nn.Module):
             x = block(x, step)
         if last_logits_only:
             x = x[:, -1:]
+        return self.head(x)
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """Final norm and LM head: logits for the hidden states ``x``."""
         return self.lm_head(self.final_norm(x))
