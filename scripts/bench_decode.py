@@ -15,7 +15,10 @@ one extra prefill + decode per implementation (after a short warm-up run), above
 resident set before it (Linux ``/proc/self/clear_refs``). Compiled: transformers' forward under ``torch.compile
 (dynamic=True)``, cormlm through ``cormlm.compile.compile_model``; the number of dynamo
 graphs each built, and how many of those appeared during timed decoding (recompilations
-as caches grow or shrink), are printed. Requires transformers (the test extra).
+as caches grow or shrink), are printed. "Of bandwidth limit": decode tokens/s times the
+bytes a step must read (weights but the embedding, plus the KV cache held) over the read
+bandwidth measured in the same run (a reduction over 1 GiB). ``--device cuda --dtype
+bfloat16`` runs the same comparison on a GPU. Requires transformers (the test extra).
 """
 
 from __future__ import annotations
@@ -130,33 +133,63 @@ def decode(runner: Runner, logits: torch.Tensor, state, steps: int) -> tuple[tor
 
 
 def measure_memory(runner: Runner, ids: torch.Tensor, steps: int) -> float | None:
-    """Peak resident MiB above the start, over one prefill + decode (state freed afterwards)."""
-    start = reset_peak_rss()
+    """Peak MiB above the start over one prefill + decode (state freed afterwards): device
+    memory on CUDA, the resident set on CPU."""
+    cuda = ids.device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        start = torch.cuda.memory_allocated() / 1024
+    else:
+        start = reset_peak_rss()
     logits, state = runner.prefill(ids)
     decode(runner, logits, state, steps)
-    peak = _status_kib("VmHWM")
+    peak = torch.cuda.max_memory_allocated() / 1024 if cuda else _status_kib("VmHWM")
     del logits, state
     return None if start is None or peak is None else (peak - start) / 1024
 
 
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def read_bandwidth(device: torch.device, gib: float = 1.0) -> float:
+    """Bytes/s the device streams through a reduction over ``gib`` GiB (median of 5)."""
+    data = torch.ones(int(gib * 2**30) // 4, device=device)
+    times = []
+    for _ in range(6):
+        sync(device)
+        started = time.perf_counter()
+        data.sum()
+        sync(device)
+        times.append(time.perf_counter() - started)
+    return data.numel() * 4 / statistics.median(times[1:])
+
+
 def timed_repeat(runner: Runner, ids: torch.Tensor, steps: int) -> None:
     record = runner.results.setdefault
+    sync(ids.device)
     started = time.perf_counter()
     logits, state = runner.prefill(ids)
+    sync(ids.device)
     record("prefill_tps", []).append(ids.shape[1] / (time.perf_counter() - started))
     logits, state = decode(runner, logits, state, 2)  # warm-up (compiled: the decode graphs)
     graphs = graphs_built()
+    sync(ids.device)
     started = time.perf_counter()
     logits, state = decode(runner, logits, state, steps)
+    sync(ids.device)
     record("decode_tps", []).append(steps / (time.perf_counter() - started))
     record("decode_recompiles", []).append(graphs_built() - graphs)
     record("retained", []).append(runner.retained(state))
     record("kv_mib", []).append(runner.kv_bytes(state) / 2**20)
 
 
-def run_context(runners: list[Runner], context: int, args, mode: str) -> None:
+def run_context(runners: list[Runner], context: int, args, mode: str, weight_bytes: int,
+                bandwidth: float) -> None:
     torch.manual_seed(context)
-    ids = torch.randint(0, args.vocab, (1, context))
+    ids = torch.randint(0, args.vocab, (1, context)).to(args.device)
     graphs_before = {}
     for runner in runners:  # warm-up (compiled: builds the graphs), then the memory pass
         runner.results = {}
@@ -177,9 +210,11 @@ def run_context(runners: list[Runner], context: int, args, mode: str) -> None:
             graphs = f"{graphs_before[runner.name]} / {max(runner.results['decode_recompiles'])}"
         retained = "-" if r["retained"] is None else f"{r['retained']:.1%}"
         peak = "-" if r["peak_mib"] is None else f"{r['peak_mib']:.0f}"
+        # bytes a decode step must read at least: the weights it multiplies by + the KV it holds
+        roofline = r["decode_tps"] * (weight_bytes + r["kv_mib"] * 2**20) / bandwidth
         print(f"| {context} | {mode} | {runner.name} | {retained} | {r['kv_mib']:.1f} | {peak} | "
               f"{r['prefill_tps']:.0f} | {r['prefill_tps'] / b['prefill_tps']:.2f}x | {r['decode_tps']:.2f} | "
-              f"{r['decode_tps'] / b['decode_tps']:.2f}x | {graphs or '-'} |", flush=True)
+              f"{r['decode_tps'] / b['decode_tps']:.2f}x | {roofline:.0%} | {graphs or '-'} |", flush=True)
 
 
 # -------------------------------------------------------------------------- main
@@ -199,6 +234,8 @@ def main() -> None:
     parser.add_argument("--intermediate", type=int, default=2048)
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--peaky", type=float, default=8.0, help="scale of the q/k projections")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--window", type=int, default=256, help="CORM w")
     parser.add_argument("--recent", type=int, default=256, help="CORM r")
     args = parser.parse_args()
@@ -213,20 +250,28 @@ def main() -> None:
         folder = write_random_llama(Path(tmp), hidden=args.hidden, layers=args.layers, heads=args.heads,
                                     kv_heads=args.kv_heads, intermediate=args.intermediate, vocab=args.vocab,
                                     max_positions=max(args.contexts) + args.steps + 64, qk_scale=args.peaky)
-        model = cormlm.load_model(folder, dtype=torch.float32)
+        dtype = getattr(torch, args.dtype)
+        model = cormlm.load_model(folder, dtype=dtype, device=args.device)
         params = sum(p.numel() for p in model.parameters())
+        # every parameter is read once per decode step except the embedding (one row)
+        weight_bytes = (params - (0 if model.config.tie_word_embeddings else model.embed.weight.numel())) \
+            * dtype.itemsize
+        bandwidth = read_bandwidth(torch.device(args.device))
         hf_model = None
         if "transformers" in args.impls:
             import transformers
             transformers.logging.set_verbosity_error()
             hf_model = transformers.AutoModelForCausalLM.from_pretrained(
-                folder, dtype=torch.float32, attn_implementation="sdpa").eval()
+                folder, dtype=dtype, attn_implementation="sdpa").to(args.device).eval()
+        where = (torch.cuda.get_device_name() if args.device.startswith("cuda")
+                 else f"CPU, {torch.get_num_threads()} threads")
         print(f"model: {params / 1e6:.1f}M parameters, {args.layers} layers, {args.heads}/{args.kv_heads} heads, "
-              f"float32, {torch.get_num_threads()} threads, torch {torch.__version__}; corm w={args.window} "
-              f"r={args.recent}; medians of {args.repeats} repeats, {args.steps} decode steps each")
+              f"{args.dtype}, {where}, torch {torch.__version__}; measured read bandwidth "
+              f"{bandwidth / 1e9:.1f} GB/s; corm w={args.window} r={args.recent}; medians of {args.repeats} "
+              f"repeats, {args.steps} decode steps each")
         print("| context | mode | implementation | retained | KV MiB | peak MiB | prefill tok/s | vs first | "
-              "decode tok/s | vs first | graphs built / during decode |\n"
-              "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|", flush=True)
+              "decode tok/s | vs first | of bandwidth limit | graphs built / during decode |\n"
+              "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|", flush=True)
         for mode in modes:
             if mode == "compiled":
                 compile_model(model)
@@ -237,7 +282,7 @@ def main() -> None:
                 else:
                     runners.append(cormlm_runner(model, name.split("-")[1], args.window, args.recent))
             for context in args.contexts:
-                run_context(runners, context, args, mode)
+                run_context(runners, context, args, mode, weight_bytes, bandwidth)
 
 
 if __name__ == "__main__":
