@@ -34,6 +34,9 @@ class StepContext:
 
 
 class Attention(nn.Module):
+    """One layer's attention in three calls, ``project`` -> ``attend`` -> ``output``, so the
+    dense ends can be compiled around the cache call (see ``cormlm.compile``)."""
+
     def __init__(self, config: ModelConfig, layer_index: int) -> None:
         super().__init__()
         self.layer_index = layer_index
@@ -80,6 +83,3 @@ class Attention(nn.Module):
     def output(self, out: torch.Tensor) -> torch.Tensor:
         b, _, t, _ = out.shape
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
-
-    def forward(self, h: torch.Tensor, step: StepContext) -> torch.Tensor:
-        return self.output(self.attend(*self.project(h, step.rotary), step))
