@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 
 from .cache import CacheConfig, CacheStats, KVCache, available_policies
+from .compile import compile_model
 from .config import ModelConfig, supported_model_types
 from .errors import (CacheConfigError, CheckpointError, CheckpointNotFoundError, ConfigError, CormlmError,
                      HubError, InputError, UnsupportedModelError)
@@ -29,6 +30,6 @@ def load_tokenizer(model: str | os.PathLike, *, revision: str | None = None,
 __all__ = [
     "CacheConfig", "CacheConfigError", "CacheStats", "CheckpointError", "CheckpointNotFoundError", "ConfigError",
     "CormlmError", "GenerationOutput", "HubError", "InputError", "KVCache", "ModelConfig", "Tokenizer",
-    "UnsupportedModelError", "available_policies", "generate", "load_model", "load_tokenizer", "make_cache",
+    "UnsupportedModelError", "available_policies", "compile_model", "generate", "load_model", "load_tokenizer", "make_cache",
     "supported_model_types",
 ]

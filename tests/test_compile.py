@@ -12,7 +12,6 @@ from torch._dynamo.utils import counters
 import cormlm
 from cache_cases import kept_positions, random_prompt
 from checkpoints import make_peaky_checkpoint
-from cormlm.compile import compile_model
 
 VOCAB = 160
 STEPS = 120  # long enough for the pools to grow across capacity buckets and to compact
@@ -44,7 +43,7 @@ def decode(model, cfg: cormlm.CacheConfig, prompt: list[int], steps: int, after_
                                  cormlm.CacheConfig("h2o", budget=24)], ids=["full", "corm", "h2o"])
 def test_compiled_decode_matches_eager_with_bounded_graphs(folder, cfg):
     eager = cormlm.load_model(folder)
-    compiled = compile_model(cormlm.load_model(folder))
+    compiled = cormlm.compile_model(cormlm.load_model(folder))
     prompt = random_prompt(40, 7, VOCAB)
     want_tokens, want_logits, want_kept, capacities = decode(eager, cfg, prompt, STEPS)
 
