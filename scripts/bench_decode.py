@@ -173,14 +173,14 @@ def timed_repeat(runner: Runner, ids: torch.Tensor, steps: int) -> None:
     started = time.perf_counter()
     logits, state = runner.prefill(ids)
     sync(ids.device)
-    record("prefill_tps", []).append(ids.shape[1] / (time.perf_counter() - started))
+    record("prefill_tps", []).append(ids.numel() / (time.perf_counter() - started))
     logits, state = decode(runner, logits, state, 2)  # warm-up (compiled: the decode graphs)
     graphs = graphs_built()
     sync(ids.device)
     started = time.perf_counter()
     logits, state = decode(runner, logits, state, steps)
     sync(ids.device)
-    record("decode_tps", []).append(steps / (time.perf_counter() - started))
+    record("decode_tps", []).append(steps * ids.shape[0] / (time.perf_counter() - started))
     record("decode_recompiles", []).append(graphs_built() - graphs)
     record("retained", []).append(runner.retained(state))
     record("kv_mib", []).append(runner.kv_bytes(state) / 2**20)
@@ -189,7 +189,7 @@ def timed_repeat(runner: Runner, ids: torch.Tensor, steps: int) -> None:
 def run_context(runners: list[Runner], context: int, args, mode: str, weight_bytes: int,
                 bandwidth: float) -> None:
     torch.manual_seed(context)
-    ids = torch.randint(0, args.vocab, (1, context)).to(args.device)
+    ids = torch.randint(0, args.vocab, (args.batch, context)).to(args.device)
     graphs_before = {}
     for runner in runners:  # warm-up (compiled: builds the graphs), then the memory pass
         runner.results = {}
@@ -210,8 +210,8 @@ def run_context(runners: list[Runner], context: int, args, mode: str, weight_byt
             graphs = f"{graphs_before[runner.name]} / {max(runner.results['decode_recompiles'])}"
         retained = "-" if r["retained"] is None else f"{r['retained']:.1%}"
         peak = "-" if r["peak_mib"] is None else f"{r['peak_mib']:.0f}"
-        # bytes a decode step must read at least: the weights it multiplies by + the KV it holds
-        roofline = r["decode_tps"] * (weight_bytes + r["kv_mib"] * 2**20) / bandwidth
+        # bytes a decode step (all rows) must read at least: the weights + the KV held
+        roofline = r["decode_tps"] / args.batch * (weight_bytes + r["kv_mib"] * 2**20) / bandwidth
         print(f"| {context} | {mode} | {runner.name} | {retained} | {r['kv_mib']:.1f} | {peak} | "
               f"{r['prefill_tps']:.0f} | {r['prefill_tps'] / b['prefill_tps']:.2f}x | {r['decode_tps']:.2f} | "
               f"{r['decode_tps'] / b['decode_tps']:.2f}x | {roofline:.0%} | {graphs or '-'} |", flush=True)
@@ -222,6 +222,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096])
     parser.add_argument("--steps", type=int, default=32, help="timed decode steps per repeat")
+    parser.add_argument("--batch", type=int, default=1, help="rows decoded together (tokens/s count all rows)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--impls", nargs="+", choices=IMPLEMENTATIONS, default=list(IMPLEMENTATIONS),
                         help="implementations to run; ratios are to the first")
@@ -266,7 +267,7 @@ def main() -> None:
         where = (torch.cuda.get_device_name() if args.device.startswith("cuda")
                  else f"CPU, {torch.get_num_threads()} threads")
         print(f"model: {params / 1e6:.1f}M parameters, {args.layers} layers, {args.heads}/{args.kv_heads} heads, "
-              f"{args.dtype}, {where}, torch {torch.__version__}; measured read bandwidth "
+              f"{args.dtype}, batch {args.batch}, {where}, torch {torch.__version__}; measured read bandwidth "
               f"{bandwidth / 1e9:.1f} GB/s; corm w={args.window} r={args.recent}; medians of {args.repeats} "
               f"repeats, {args.steps} decode steps each")
         print("| context | mode | implementation | retained | KV MiB | peak MiB | prefill tok/s | vs first | "

@@ -7,10 +7,10 @@ import torch
 import torch.nn.functional as F
 
 from cormlm.models import linear as linear_module
-from cormlm.models.linear import SPLIT_MAX_ROWS, Linear
+from cormlm.models.linear import SPLIT_MAX_ROWS, SPLIT_MAX_ROWS_NARROW, SPLIT_NARROW_INPUT, Linear
 
 
-@pytest.mark.parametrize("shape", [(1, 1), (1, 3), (2, 1), (2, 2), (4, 1)])
+@pytest.mark.parametrize("shape", [(1, 1), (1, 3), (2, 1), (2, 2), (4, 1), (2, 4)])
 @pytest.mark.parametrize("bias", [False, True])
 def test_split_gemv_matches_f_linear(shape, bias):
     torch.manual_seed(0)
@@ -27,13 +27,16 @@ def test_split_path_taken_only_for_few_rows_float32_cpu_even_out(monkeypatch):
     real = linear_module.split_gemv
     monkeypatch.setattr(linear_module, "split_gemv", lambda x, w: calls.append(x.shape[0]) or real(x, w))
     torch.manual_seed(0)
-    even, odd = Linear(16, 8), Linear(16, 7)
-    even(torch.randn(1, SPLIT_MAX_ROWS, 16))
-    assert calls == [SPLIT_MAX_ROWS]
-    even(torch.randn(1, SPLIT_MAX_ROWS + 1, 16))  # prefill-sized: F.linear
+    wide = SPLIT_NARROW_INPUT + 2
+    even, odd, even_wide = Linear(16, 8), Linear(16, 7), Linear(wide, 8)
+    even(torch.randn(1, SPLIT_MAX_ROWS_NARROW, 16))
+    even_wide(torch.randn(1, SPLIT_MAX_ROWS, wide))
+    assert calls == [SPLIT_MAX_ROWS_NARROW, SPLIT_MAX_ROWS]
+    even(torch.randn(1, SPLIT_MAX_ROWS_NARROW + 1, 16))  # prefill-sized: F.linear
+    even_wide(torch.randn(1, SPLIT_MAX_ROWS + 1, wide))  # wide input, more than 4 rows: F.linear
     odd(torch.randn(1, 1, 16))  # odd output width cannot be halved
     even.double()(torch.randn(1, 1, 16, dtype=torch.float64))  # only float32 measured faster
-    assert calls == [SPLIT_MAX_ROWS]
+    assert calls == [SPLIT_MAX_ROWS_NARROW, SPLIT_MAX_ROWS]
 
 
 def test_state_dict_is_that_of_nn_linear():
