@@ -45,3 +45,20 @@ def test_state_dict_is_that_of_nn_linear():
     plain.load_state_dict(layer.state_dict())
     x = torch.randn(3, 8)
     torch.testing.assert_close(plain(x), layer(x))
+
+
+def test_opaque_split_gemv_passes_opcheck():
+    """The custom op's fake kernel (shapes, strides) must match what the real one returns."""
+    torch.manual_seed(0)
+    for rows in (1, 3, 8):
+        torch.library.opcheck(linear_module.opaque_split_gemv, (torch.randn(rows, 24), torch.randn(10, 24)))
+
+
+@torch.inference_mode()
+def test_compiled_linear_matches_f_linear_for_one_and_several_rows():
+    torch.manual_seed(0)
+    layer = Linear(48, 20, bias=True)
+    compiled = torch.compile(layer, dynamic=True)
+    for rows in (1, 3, SPLIT_MAX_ROWS_NARROW, 17):
+        x = torch.randn(1, rows, 48)
+        torch.testing.assert_close(compiled(x), F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
