@@ -10,6 +10,7 @@ import torch
 from torch._dynamo.utils import counters
 
 import cormlm
+from cormlm.cache import paged_attention
 from cache_cases import kept_positions, random_prompt
 from checkpoints import make_peaky_checkpoint
 
@@ -39,9 +40,16 @@ def decode(model, cfg: cormlm.CacheConfig, prompt: list[int], steps: int, after_
 
 
 @torch.inference_mode()
-@pytest.mark.parametrize("cfg", [cormlm.CacheConfig("full"), cormlm.CacheConfig("corm", window=8, recent=4),
-                                 cormlm.CacheConfig("h2o", budget=24)], ids=["full", "corm", "h2o"])
-def test_compiled_decode_matches_eager_with_bounded_graphs(folder, cfg):
+@pytest.mark.parametrize("cfg,dense", [(cormlm.CacheConfig("full"), True),
+                                       (cormlm.CacheConfig("corm", window=8, recent=4), True),
+                                       (cormlm.CacheConfig("corm", window=8, recent=4), False),
+                                       (cormlm.CacheConfig("h2o", budget=24), True)],
+                         ids=["full", "corm", "corm-scatter", "h2o"])
+def test_compiled_decode_matches_eager_with_bounded_graphs(folder, cfg, dense, monkeypatch):
+    """``dense=False``: the compiled step's per-stream reductions take the scatter path that
+    large caches (or CUDA) use instead of the membership matrix."""
+    if not dense:
+        monkeypatch.setattr(paged_attention, "DENSE_SEGMENTS_MAX", 0)
     eager = cormlm.load_model(folder)
     compiled = cormlm.compile_model(cormlm.load_model(folder))
     prompt = random_prompt(40, 7, VOCAB)

@@ -4,6 +4,8 @@ Each block is scored against the queries of the stream that owns it (one bmm ove
 blocks); the softmax is a segmented one over each stream's blocks (scatter max, exp,
 index_add). The normalised probabilities fall out of the same computation, so a policy
 that needs them (CORM) costs no second pass: they are the ones the output is made from.
+``decode_layer_step`` adds the policy's state update; caches of a compiled model run it
+as one ``torch.compile`` graph with a symbolic block count.
 """
 
 from __future__ import annotations
@@ -18,13 +20,27 @@ from .paged import stream_live_counts
 from .policy import EvictionPolicy
 
 
+DENSE_SEGMENTS_MAX = 2**22  # streams x blocks up to which the compiled CPU step avoids scatters
+
+
+def _dense_segments(owner: torch.Tensor, num_streams: int) -> bool:
+    """Whether per-stream reductions go through a [streams x blocks] membership matrix.
+
+    Only inside a compiled CPU graph (CUDA atomics are fast) and only while that matrix is
+    small: it costs streams times the work of a scatter.
+    """
+    return (torch.compiler.is_compiling() and owner.device.type == "cpu"
+            and num_streams * owner.shape[0] <= DENSE_SEGMENTS_MAX)
+
+
 def _segment_max(x: torch.Tensor, owner: torch.Tensor, num_streams: int) -> torch.Tensor:
     """Per-stream max of block rows ``x`` [NB, G] -> [S, G].
 
-    Eager: a scatter. Compiled: a masked max over a [S, NB, G] view, since inductor turns
-    scatters into atomic updates that contend on a 2-core CPU (3-4x slower than eager).
+    Eager: a scatter. Compiled on CPU: a masked max over a [S, NB, G] view, since inductor
+    turns scatters into atomic updates that contend on a 2-core CPU (3-4x slower than
+    eager); see :func:`_dense_segments` for when.
     """
-    if torch.compiler.is_compiling():
+    if _dense_segments(owner, num_streams):
         member = owner[None, :, None] == torch.arange(num_streams, device=owner.device)[:, None, None]
         return torch.where(member, x[None], float("-inf")).amax(dim=1)
     index = owner[:, None].expand_as(x)
@@ -33,9 +49,9 @@ def _segment_max(x: torch.Tensor, owner: torch.Tensor, num_streams: int) -> torc
 
 
 def _segment_sum(x: torch.Tensor, owner: torch.Tensor, num_streams: int) -> torch.Tensor:
-    """Per-stream sum of block rows ``x`` [NB, ...] -> [S, ...]: eager index_add, compiled a
-    one-hot GEMM (no atomics; see :func:`_segment_max`)."""
-    if torch.compiler.is_compiling():
+    """Per-stream sum of block rows ``x`` [NB, ...] -> [S, ...]: eager index_add, compiled on
+    CPU a one-hot GEMM (no atomics; see :func:`_segment_max`)."""
+    if _dense_segments(owner, num_streams):
         one_hot = (owner[None, :] == torch.arange(num_streams, device=owner.device)[:, None]).to(x.dtype)
         return (one_hot @ x.reshape(x.shape[0], -1)).view(num_streams, *x.shape[1:])
     return torch.zeros(num_streams, *x.shape[1:], dtype=x.dtype, device=x.device).index_add_(0, owner, x)
