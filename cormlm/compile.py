@@ -1,4 +1,4 @@
-"""``torch.compile`` for the dense part of every step.
+"""``torch.compile`` for every step: the dense work of each block, and decode attention.
 
 Each block is compiled as two graphs, everything before attention (norm, QKV projection,
 rotary) and everything after it (output projection, MLP, residuals), plus one for the
@@ -20,9 +20,11 @@ from .errors import CormlmError
 
 
 def compile_model(model: torch.nn.Module) -> torch.nn.Module:
-    """Compile ``model``'s dense work in place; returns the model."""
+    """Compile ``model`` in place (once: a second call changes nothing); returns the model."""
     if not hasattr(torch, "compile"):
         raise CormlmError(f"torch {torch.__version__} has no torch.compile; drop --compile")
+    if model.compiled:
+        return model
     for block in model.blocks:
         block.pre_attention = torch.compile(block.pre_attention, dynamic=True)
         block.post_attention = torch.compile(block.post_attention, dynamic=True)

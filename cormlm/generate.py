@@ -37,7 +37,7 @@ class GenerationOutput:
 def make_cache(model: torch.nn.Module, cfg: CacheConfig | None = None, batch_size: int = 1) -> KVCache:
     """An empty cache for ``model`` and ``batch_size`` rows, ruled by ``cfg``'s policy.
 
-    A model passed through :func:`cormlm.compile.compile_model` gets a cache whose decode
+    A model passed through :func:`cormlm.compile_model` gets a cache whose decode
     attention is compiled too.
     """
     config = model.config

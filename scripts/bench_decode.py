@@ -13,7 +13,7 @@ cache, cormlm with CORM): a prefill of ``context`` tokens, two warm-up decode st
 transformers measured in the same run. Peak memory is the resident-set high-water mark of
 one extra prefill + decode per implementation (after a short warm-up run), above the
 resident set before it (Linux ``/proc/self/clear_refs``). Compiled: transformers' forward under ``torch.compile
-(dynamic=True)``, cormlm through ``cormlm.compile.compile_model``; the number of dynamo
+(dynamic=True)``, cormlm through ``cormlm.compile_model``; the number of dynamo
 graphs each built, and how many of those appeared during timed decoding (recompilations
 as caches grow or shrink), are printed. "Of bandwidth limit": decode tokens/s times the
 bytes a step must read (weights but the embedding, plus the KV cache held) over the read

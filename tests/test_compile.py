@@ -67,3 +67,9 @@ def test_compiled_decode_matches_eager_with_bounded_graphs(folder, cfg, dense, m
     # every graph (per-block dense parts, head, decode attention) exists after two decode
     # steps; growing, evicting and compacting the pools must not add any
     assert counters["stats"]["unique_graphs"] == seen["graphs"]
+
+
+def test_compiling_twice_changes_nothing(folder):
+    model = cormlm.compile_model(cormlm.load_model(folder))
+    compiled_head = model.head
+    assert cormlm.compile_model(model) is model and model.head is compiled_head
