@@ -33,7 +33,7 @@ from typing import Sequence
 
 import torch
 
-from corm_reference import load_reference
+from corm_reference import greedy_decode, load_reference
 
 POLICIES = ("streaming", "h2o", "scissorhands", "knorm")
 SCISSORHANDS_WINDOW = 32
@@ -91,11 +91,6 @@ def expected_held_counts(n: int, seen: int, budget, recent) -> dict[int, int]:
 def _rel(a: float, b: float) -> float:
     scale = max(abs(a), abs(b))
     return abs(a - b) / scale if scale > 0 else 0.0
-
-
-def _gap(logits: torch.Tensor) -> float:
-    top = torch.topk(logits, 2).values
-    return float(top[0] - top[1])
 
 
 @dataclass
@@ -254,26 +249,7 @@ def baseline_run(folder: str | Path, prompt_ids: Sequence[int], max_new_tokens: 
             evict(layer, kv, t)
         return torch.cat(outs, -1)[None]
 
-    for layer in range(L):
-        x = model.block(x, layer, pos, lambda q, k, v: prefill_attend(layer, q, k, v))
-    logits = model.final(x[-1])
-
-    new_tokens: list[int] = []
-    step_logits: list[torch.Tensor] = []
-    gap = math.inf
-    for step in range(max_new_tokens):
-        step_logits.append(logits)
-        gap = min(gap, _gap(logits))
-        token = int(torch.argmax(logits))
-        new_tokens.append(token)
-        if step == max_new_tokens - 1:
-            break
-        t = n + step + 1  # 1-indexed position of the token fed back
-        x = model.embed[token][None]
-        p = torch.tensor([t - 1])
-        for layer in range(L):
-            x = model.block(x, layer, p, lambda q, k, v: decode_attend(layer, t, q, k, v))
-        logits = model.final(x[0])
+    new_tokens, step_logits, gap = greedy_decode(model, x, pos, n, max_new_tokens, prefill_attend, decode_attend)
 
     return BaselineRun(policy=policy, prompt_len=n, new_tokens=new_tokens, kept=kept, seen=total,
                        decision_margin=margins["decision"], threshold_margin=margins["threshold"], logit_gap=gap,

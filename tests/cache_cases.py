@@ -5,11 +5,13 @@ fp32 rounding, left padding, and kept positions compared with a readable first m
 from __future__ import annotations
 
 from pathlib import Path
+from functools import lru_cache
 from typing import Any, Callable
 
 import torch
 
 import cormlm
+from corm_reference import reference_run
 
 _MODELS: dict[Path, torch.nn.Module] = {}
 
@@ -33,6 +35,13 @@ def first_robust(run_for: Callable[[list[int]], Any], length: int, seed: int, vo
         if run.robust():
             return prompt, run
     raise AssertionError(f"no robust prompt found: {what}")
+
+
+@lru_cache(maxsize=None)
+def robust_corm_case(folder: Path, length: int, new: int, window: int, recent: int, vocab: int, seed: int = 0):
+    """(prompt, CORM reference run) for the first seed from ``seed`` whose run is robust to fp32."""
+    return first_robust(lambda prompt: reference_run(folder, prompt, new, window, recent), length, seed, vocab,
+                        "the checkpoint puts attention too close to 1/t")
 
 
 def kept_positions(cache, num_layers: int, row: int = 0) -> list[list[list[int]]]:

@@ -351,6 +351,36 @@ def _gap(logits: torch.Tensor) -> float:
     return float(top[0] - top[1])
 
 
+def greedy_decode(model, x: torch.Tensor, pos: torch.Tensor, n: int, max_new_tokens: int,
+                  prefill_attend, decode_attend) -> tuple[list[int], list[torch.Tensor], float]:
+    """The references' shared driver: prefill the ``n`` prompt embeddings ``x`` through every
+    layer with ``prefill_attend(layer, q, k, v)``, then greedy decoding one token at a time
+    with ``decode_attend(layer, t, q, k, v)`` (``t``: 1-indexed position of the token fed
+    back). Returns the new tokens, the logits each was chosen from, and the smallest gap
+    between the two best logits (how robust the greedy choices are to rounding)."""
+    L = model.n_layers
+    for layer in range(L):
+        x = model.block(x, layer, pos, lambda q, k, v: prefill_attend(layer, q, k, v))
+    logits = model.final(x[-1])
+    new_tokens: list[int] = []
+    step_logits: list[torch.Tensor] = []
+    gap = math.inf
+    for step in range(max_new_tokens):
+        step_logits.append(logits)
+        gap = min(gap, _gap(logits))
+        token = int(torch.argmax(logits))
+        new_tokens.append(token)
+        if step == max_new_tokens - 1:
+            break
+        t = n + step + 1  # 1-indexed position of the token fed back
+        x = model.embed[token][None]
+        p = torch.tensor([t - 1])
+        for layer in range(L):
+            x = model.block(x, layer, p, lambda q, k, v: decode_attend(layer, t, q, k, v))
+        logits = model.final(x[0])
+    return new_tokens, step_logits, gap
+
+
 def reference_run(folder: str | Path, prompt_ids: Sequence[int], max_new_tokens: int, window: int | None,
                   recent: int | None, corm_policy: bool = True) -> ReferenceRun:
     """Greedy generation of ``max_new_tokens`` tokens (never stopping early) with CORM.
@@ -438,27 +468,7 @@ def reference_run(folder: str | Path, prompt_ids: Sequence[int], max_new_tokens:
             evict(layer, kv, t)
         return torch.cat(outs, -1)[None]
 
-    for layer in range(L):
-        x = model.block(x, layer, pos, lambda q, k, v: prefill_attend(layer, q, k, v))
-    logits = model.final(x[-1])
-
-    # -- decoding: one token at a time, attention over kept keys + own key --------------
-    new_tokens: list[int] = []
-    step_logits: list[torch.Tensor] = []
-    gap = math.inf
-    for step in range(max_new_tokens):
-        step_logits.append(logits)
-        gap = min(gap, _gap(logits))
-        token = int(torch.argmax(logits))
-        new_tokens.append(token)
-        if step == max_new_tokens - 1:
-            break
-        t = n + step + 1  # 1-indexed position of the token fed back
-        x = model.embed[token][None]
-        p = torch.tensor([t - 1])
-        for layer in range(L):
-            x = model.block(x, layer, p, lambda q, k, v: decode_attend(layer, t, q, k, v))
-        logits = model.final(x[0])
+    new_tokens, step_logits, gap = greedy_decode(model, x, pos, n, max_new_tokens, prefill_attend, decode_attend)
 
     kept0 = [[[i - 1 for i in head] for head in layer] for layer in kept]
     return ReferenceRun(new_tokens=new_tokens, kept=kept0, seen=total,

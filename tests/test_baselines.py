@@ -81,6 +81,21 @@ def _cfg(policy: str, params: dict) -> cormlm.CacheConfig:
     return cormlm.CacheConfig(policy, **params)
 
 
+def _assert_generation_matches(model, policy: str, params: dict, prompt: list[int], run) -> list:
+    """cormlm's greedy tokens, kept positions and per-step logits (<= 1e-4) equal the
+    reference run's; returns the kept positions after every step."""
+    out = cormlm.generate(model, torch.tensor([prompt]), max_new_tokens=NEW, cache=_cfg(policy, params),
+                          eos_token_id=[])
+    assert out.new_tokens[0] == run.new_tokens
+    got = kept_positions(out.cache, LAYERS)
+    assert got == run.kept, first_mismatch(got, run.kept)
+    logits, _, kept_steps = _step_by_step(model, _cfg(policy, params), prompt, run.new_tokens[:-1])
+    for step, (ours, ref) in enumerate(zip(logits, run.step_logits)):
+        diff = (ours.double() - ref).abs().max().item()
+        assert diff <= 1e-4, f"step {step}: max abs diff {diff}"
+    return kept_steps
+
+
 def _step_by_step(model, cfg, prompt: list[int], tokens: list[int]):
     """make_cache + model(): the prompt, then each token fed back; (per-step logits, cache,
     kept positions after every call)."""
@@ -180,16 +195,7 @@ def test_generation_matches_reference(case, folders):
     prompt, run = _robust_case(folder, PROMPT, NEW, policy, tuple(params.items()))
     assert run.evicted_any(), "the reference evicted nothing: the test could not fail"
     model = cached_model(folder)
-    out = cormlm.generate(model, torch.tensor([prompt]), max_new_tokens=NEW, cache=_cfg(policy, params),
-                          eos_token_id=[])
-    assert out.new_tokens[0] == run.new_tokens
-    got = kept_positions(out.cache, LAYERS)
-    assert got == run.kept, first_mismatch(got, run.kept)
-
-    logits, _, kept_steps = _step_by_step(model, _cfg(policy, params), prompt, run.new_tokens[:-1])
-    for step, (ours, ref) in enumerate(zip(logits, run.step_logits)):
-        diff = (ours.double() - ref).abs().max().item()
-        assert diff <= 1e-4, f"step {step}: max abs diff {diff}"
+    kept_steps = _assert_generation_matches(model, policy, params, prompt, run)
     assert kept_steps[-1] == run.kept, first_mismatch(kept_steps[-1], run.kept)
     # the eviction really changed what attention saw (so the logits comparison has teeth)
     full = reference_logits(folder, prompt + run.new_tokens[:-1])[len(prompt) - 1:]
@@ -247,16 +253,7 @@ def test_alibi_falcon_rw_matches_reference(policy, params, falcon_rw):
     folder = falcon_rw
     prompt, run = _robust_case(folder, PROMPT, NEW, policy, tuple(params.items()))
     assert run.evicted_any()
-    model = cached_model(folder)
-    out = cormlm.generate(model, torch.tensor([prompt]), max_new_tokens=NEW, cache=_cfg(policy, params),
-                          eos_token_id=[])
-    assert out.new_tokens[0] == run.new_tokens
-    got = kept_positions(out.cache, LAYERS)
-    assert got == run.kept, first_mismatch(got, run.kept)
-    logits, _, _ = _step_by_step(model, _cfg(policy, params), prompt, run.new_tokens[:-1])
-    for step, (ours, ref) in enumerate(zip(logits, run.step_logits)):
-        diff = (ours.double() - ref).abs().max().item()
-        assert diff <= 1e-4, f"step {step}: max abs diff {diff}"
+    _assert_generation_matches(cached_model(folder), policy, params, prompt, run)
 
 
 # ----------------------------------------------------------------------------------------

@@ -15,7 +15,6 @@ reference only on such robust examples.
 
 from __future__ import annotations
 
-from functools import lru_cache
 from pathlib import Path
 
 import pytest
@@ -24,7 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import cormlm
-from cache_cases import cached_model, first_robust, kept_positions, left_pad, random_prompt
+from cache_cases import robust_corm_case, cached_model, kept_positions, left_pad, random_prompt
 from checkpoints import load_hf_model, make_peaky_checkpoint, save_hf_model
 from corm_reference import (corm_step, corm_step_last_important, long_term_minor, reference_generate,
                             reference_logits, reference_run, worked_example)
@@ -40,11 +39,8 @@ def folders(tmp_path_factory) -> dict[str, Path]:
             for name, kv in KV_HEADS.items()}
 
 
-@lru_cache(maxsize=None)
 def _robust_case(folder: Path, length: int, new: int, window: int, recent: int, seed: int = 0):
-    """(prompt, reference run) for the first seed from ``seed`` whose run is robust to fp32."""
-    return first_robust(lambda prompt: reference_run(folder, prompt, new, window, recent), length, seed, VOCAB,
-                        "the checkpoint puts attention too close to 1/t")
+    return robust_corm_case(folder, length, new, window, recent, VOCAB, seed)
 
 
 def _corm(window: int, recent: int) -> cormlm.CacheConfig:

@@ -18,7 +18,6 @@ of a tie, so fp32 (cormlm) vs float64 (reference) rounding cannot flip a decisio
 
 from __future__ import annotations
 
-from functools import lru_cache
 from pathlib import Path
 
 import pytest
@@ -26,7 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import cormlm
-from cache_cases import cached_model, first_mismatch, first_robust, kept_positions, left_pad, random_prompt
+from cache_cases import robust_corm_case, cached_model, first_mismatch, kept_positions, left_pad, random_prompt
 from checkpoints import load_hf_model, save_hf_model
 from corm_reference import long_term_minor, reference_generate, reference_logits, reference_run
 
@@ -96,11 +95,8 @@ def folders(tmp_path_factory) -> dict[str, Path]:
     return {name: make_falcon_checkpoint(tmp_path_factory.mktemp(f"falcon_{name}"), name) for name in LAYOUTS}
 
 
-@lru_cache(maxsize=None)
 def _robust_case(folder: Path, length: int, new: int, window: int, recent: int, seed: int = 0):
-    """(prompt, reference run) for the first seed from ``seed`` whose run is robust to fp32."""
-    return first_robust(lambda prompt: reference_run(folder, prompt, new, window, recent), length, seed, VOCAB,
-                        "the checkpoint puts attention too close to 1/t")
+    return robust_corm_case(folder, length, new, window, recent, VOCAB, seed)
 
 
 def _corm(window: int, recent: int) -> cormlm.CacheConfig:
