@@ -287,4 +287,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from cormlm.errors import CormlmError
+
+    try:
+        main()
+    except CormlmError as error:  # bad device, dtype or model: one line, not a traceback
+        raise SystemExit(f"bench_decode: {error}")
