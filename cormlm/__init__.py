@@ -16,6 +16,7 @@ from .config import ModelConfig, supported_model_types
 from .errors import (CacheConfigError, CheckpointError, CheckpointNotFoundError, ConfigError, CormlmError,
                      HubError, InputError, UnsupportedModelError)
 from .generate import GenerationOutput, generate, make_cache
+from .gguf_model import is_gguf, open_gguf
 from .hub import resolve_checkpoint
 from .loading import load_model
 from .tokenizer import Tokenizer, load_tokenizer_from_folder
@@ -23,8 +24,13 @@ from .tokenizer import Tokenizer, load_tokenizer_from_folder
 
 def load_tokenizer(model: str | os.PathLike, *, revision: str | None = None,
                    cache_dir: str | os.PathLike | None = None) -> Tokenizer:
-    """The tokenizer of a checkpoint folder or hub id (tokenizer.json or tokenizer.model)."""
-    return load_tokenizer_from_folder(resolve_checkpoint(model, revision=revision, cache_dir=cache_dir))
+    """The tokenizer of a checkpoint folder or hub id (tokenizer.json or tokenizer.model), or of a GGUF file
+    (its tokenizer metadata)."""
+    path = resolve_checkpoint(model, revision=revision, cache_dir=cache_dir)
+    if is_gguf(path):
+        from .gguf_tokenizer import tokenizer_from_gguf
+        return tokenizer_from_gguf(open_gguf(path), path)
+    return load_tokenizer_from_folder(path)
 
 
 __all__ = [

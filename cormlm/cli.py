@@ -46,7 +46,7 @@ def _parser() -> argparse.ArgumentParser:
                          description="Complete a prompt; tokens stream to stdout, a summary goes to stderr.")
     gen.add_argument("prompt", nargs="?", default=None, help="the prompt; '-' (or a pipe) reads stdin")
     gen.add_argument("--prompt-file", default=None, help="read the prompt from this file")
-    gen.add_argument("--model", default=None, help="checkpoint folder or hub id (default: the embedded model)")
+    gen.add_argument("--model", default=None, help="checkpoint folder, .gguf file or hub id (default: the embedded model)")
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the checkpoint's chat template")
     cache = gen.add_argument_group("cache policy")
     cache.add_argument("--policy", choices=POLICIES, default="corm", help="eviction policy (default corm)")
@@ -73,7 +73,7 @@ def _parser() -> argparse.ArgumentParser:
 
     ins = sub.add_parser("inspect", help="family, size, heads and KV bytes per token of a checkpoint",
                          description="What a checkpoint costs, read from its config and tensor headers.")
-    ins.add_argument("model", nargs="?", default=None, help="checkpoint folder or hub id (default: embedded)")
+    ins.add_argument("model", nargs="?", default=None, help="checkpoint folder, .gguf file or hub id (default: embedded)")
     ins.add_argument("--json", action="store_true", help="print one JSON object")
     return parser
 

@@ -1,6 +1,6 @@
 """``cormlm inspect MODEL``: what a checkpoint costs, without loading its weights.
 
-Parameters are counted from the safetensors headers (shapes only); KV bytes per token are
+Parameters are counted from the tensor headers (safetensors or GGUF; shapes only); KV bytes per token are
 what a full cache stores for one token in every layer, in the checkpoint's dtype.
 """
 
@@ -14,19 +14,20 @@ import torch
 
 
 def describe(source) -> dict:
-    from .config import load_config
     from .hub import resolve_checkpoint
-    from .weights import open_safetensors, tensor_files
+    from .loading import open_checkpoint
 
     folder = resolve_checkpoint(source)
-    config = load_config(folder)
-    files = tensor_files(folder)
-    params = 0
-    for path in sorted(set(files.values())):
-        with open_safetensors(path) as handle:
-            params += sum(math.prod(handle.get_slice(name).get_shape()) for name in handle.keys())
+    config, tensors = open_checkpoint(folder)
+    try:
+        params = sum(math.prod(tensors.shape(name)) for name in tensors.names())
+    finally:
+        tensors.close()
     dtype = getattr(torch, config.stored_dtype or "float32", torch.float32)
     itemsize = dtype.itemsize if isinstance(dtype, torch.dtype) else 4
+    stored = str(dtype).removeprefix("torch.")
+    if getattr(tensors, "file_type", None):  # a quantized GGUF: runs dequantized (float32 on CPU)
+        stored = f"{tensors.file_type} (GGUF; KV bytes below for float32)"
     per_token = 2 * config.num_layers * config.num_kv_heads * config.head_dim * itemsize
     attention = ("MHA" if config.num_kv_heads == config.num_heads else
                  "MQA" if config.num_kv_heads == 1 else f"GQA ({config.group_size} query heads per KV head)")
@@ -35,7 +36,7 @@ def describe(source) -> dict:
         "layers": config.num_layers, "hidden_size": config.hidden_size, "heads": config.num_heads,
         "kv_heads": config.num_kv_heads, "head_dim": config.head_dim, "attention": attention,
         "position": config.position, "vocab_size": config.vocab_size, "context_length": config.context_length,
-        "sliding_window": config.sliding_window, "dtype": str(dtype).removeprefix("torch."),
+        "sliding_window": config.sliding_window, "dtype": stored,
         "kv_bytes_per_token": per_token, "kv_bytes_full_context": per_token * config.context_length,
     }
 

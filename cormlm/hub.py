@@ -26,14 +26,29 @@ def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
+def _gguf_in_folder(folder: Path) -> Path | None:
+    if (folder / "config.json").is_file():
+        return None
+    found = sorted(folder.glob("*.gguf"))
+    if len(found) > 1:
+        raise CheckpointNotFoundError(f"{folder} holds several GGUF files ({', '.join(p.name for p in found)}); "
+                                      "pass the one to load")
+    return found[0] if found else None
+
+
 def resolve_checkpoint(model: str | os.PathLike, revision: str | None = None,
                        cache_dir: str | os.PathLike | None = None) -> Path:
-    """A local folder holding the checkpoint named by ``model`` (folder or hub id)."""
+    """The local checkpoint named by ``model``: a Hugging Face folder, or a GGUF file.
+
+    A folder without config.json that holds exactly one ``.gguf`` file resolves to that file.
+    """
     path = Path(model).expanduser()
     if path.is_dir():
-        return path
+        return _gguf_in_folder(path) or path
     if path.exists():
-        raise CheckpointNotFoundError(f"{path} is a file; pass the folder that holds config.json")
+        if path.suffix.lower() == ".gguf":
+            return path
+        raise CheckpointNotFoundError(f"{path} is a file; pass the folder that holds config.json, or a .gguf file")
     text = str(model)
     if _looks_like_path(text) or not REPO_ID.match(text):
         raise CheckpointNotFoundError(f"no such folder: {text}; pass a checkpoint folder or a hub id like 'org/name'")

@@ -1,16 +1,18 @@
-"""``load_model``: checkpoint folder or hub id -> ready-to-run model."""
+"""``load_model``: checkpoint folder, hub id or GGUF file -> ready-to-run model."""
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import torch
 
-from .config import load_config
+from .config import ModelConfig, load_config
 from .errors import ConfigError
+from .gguf_model import gguf_checkpoint, is_gguf
 from .hub import resolve_checkpoint
 from .models.transformer import CausalLM
-from .weights import ProgressCallback, load_weights
+from .weights import ProgressCallback, SafetensorsSource, TensorSource, load_weights
 
 DTYPE_NAMES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
@@ -50,16 +52,23 @@ def load_model(model: str | os.PathLike, dtype: str | torch.dtype | None = None,
                device: str | torch.device | None = None, *, revision: str | None = None,
                cache_dir: str | os.PathLike | None = None,
                progress: ProgressCallback | None = None) -> CausalLM:
-    """Load a Hugging Face checkpoint (local folder or hub id) as an eval-mode model.
+    """Load a checkpoint (Hugging Face folder, hub id, or GGUF file) as an eval-mode model.
 
-    The model is built on the meta device and filled tensor by tensor, so loading never
-    holds two copies of the weights.
+    The model is built on the meta device and filled tensor by tensor (GGUF tensors
+    dequantized one at a time), so loading never holds two copies of the weights.
     """
-    folder = resolve_checkpoint(model, revision=revision, cache_dir=cache_dir)
-    config = load_config(folder)
+    config, source = open_checkpoint(resolve_checkpoint(model, revision=revision, cache_dir=cache_dir))
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, config.stored_dtype, device)
     with torch.device("meta"):
         net = CausalLM(config)
-    load_weights(net, folder, dtype, device, progress)
+    load_weights(net, source, dtype, device, progress)
     return net.eval()
+
+
+def open_checkpoint(path: Path) -> tuple[ModelConfig, TensorSource]:
+    """The config and tensors of a resolved checkpoint: a Hugging Face folder or a GGUF file."""
+    if is_gguf(path):
+        config, source, _ = gguf_checkpoint(path)
+        return config, source
+    return load_config(path), SafetensorsSource(path)

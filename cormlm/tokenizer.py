@@ -279,7 +279,8 @@ class _SentencePieceTokenizer(Tokenizer):
                     parts.append(self._sp.decode(run))
                     run = []
                 if not (special and skip_special_tokens):
-                    parts.append(self._added.get(token_id) or self._sp.id_to_piece(token_id))
+                    content = self._added.get(token_id)
+                    parts.append(self._sp.id_to_piece(token_id) if content is None else content)
             else:
                 run.append(token_id)
         if run:

@@ -1,4 +1,4 @@
-"""Reading safetensors checkpoints (single file or sharded) into a model built on ``meta``.
+"""Reading checkpoint tensors (safetensors, single or sharded; GGUF) into a model built on ``meta``.
 
 The model is created without storage, then each parameter is read from its file, cast to
 the requested dtype/device and assigned, one at a time: peak memory stays at the model's
@@ -8,7 +8,7 @@ size plus one tensor, never twice the model.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable, Protocol
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -58,23 +58,40 @@ def open_safetensors(path: Path):
         raise CheckpointError(f"{path} is not a readable safetensors file ({exc}); re-download it") from None
 
 
-class _Shards:
-    """Open shard handles, reused across tensors."""
+class TensorSource(Protocol):
+    """Named checkpoint tensors in Hugging Face names and layout (safetensors shards, a GGUF file)."""
 
-    def __init__(self) -> None:
+    where: Path  # the folder or file, for messages
+
+    def names(self) -> Iterable[str]: ...
+    def shape(self, name: str) -> tuple[int, ...]: ...
+    def read(self, name: str) -> torch.Tensor: ...
+    def close(self) -> None: ...
+
+
+class SafetensorsSource:
+    """The safetensors files of a checkpoint folder; open shard handles are reused across tensors."""
+
+    def __init__(self, folder: Path) -> None:
+        self.where = folder
+        self.files = tensor_files(folder)
         self.handles: dict[Path, object] = {}
 
-    def get(self, path: Path):
+    def _handle(self, path: Path):
         if path not in self.handles:
             self.handles[path] = open_safetensors(path).__enter__()
         return self.handles[path]
 
-    def shape(self, path: Path, name: str) -> tuple[int, ...]:
-        return tuple(self.get(path).get_slice(name).get_shape())
+    def names(self) -> Iterable[str]:
+        return self.files.keys()
 
-    def read(self, path: Path, name: str) -> torch.Tensor:
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._handle(self.files[name]).get_slice(name).get_shape())
+
+    def read(self, name: str) -> torch.Tensor:
+        path = self.files[name]
         try:
-            return self.get(path).get_tensor(name)
+            return self._handle(path).get_tensor(name)
         except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
             raise CheckpointError(f"tensor '{name}' in {path} cannot be read ({exc}); re-download the file") from None
 
@@ -84,28 +101,29 @@ class _Shards:
         self.handles.clear()
 
 
-def _validate(plan: list[ParamSource], files: dict[str, Path], shards: _Shards, folder: Path, config) -> None:
+def _validate(plan: list[ParamSource], source: TensorSource, config) -> None:
+    folder, available = source.where, set(source.names())
     missing, wrong = [], []
     for param in plan:
         for name, shape in param.sources:
-            if name not in files:
+            if name not in available:
                 missing.append(f"{name} (expected shape {list(shape)})")
                 continue
-            found = shards.shape(files[name], name)
+            found = source.shape(name)
             if found != shape:
                 wrong.append(f"{name}: checkpoint has shape {list(found)}, the config implies {list(shape)}")
     if missing:
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
         raise CheckpointError(f"{folder}: missing tensor(s) {'; '.join(missing[:5])}{more}")
     if wrong:
-        raise CheckpointError(f"{folder}: shape mismatch for {'; '.join(wrong[:5])}; does config.json match the weights?")
+        raise CheckpointError(f"{folder}: shape mismatch for {'; '.join(wrong[:5])}; does the config match the weights?")
     used = {name for param in plan for name, _ in param.sources}
-    unexpected = sorted(n for n in files if n not in used and not is_ignorable(config, n))
+    unexpected = sorted(n for n in available if n not in used and not is_ignorable(config, n))
     if unexpected:
         more = f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else ""
         raise CheckpointError(
             f"{folder}: unexpected tensor(s) {', '.join(unexpected[:5])}{more}; the checkpoint does not match "
-            f"its config.json (model_type '{config.family}')"
+            f"its config (model_type '{config.family}')"
         )
 
 
@@ -115,26 +133,24 @@ def _assign(model: nn.Module, target: str, tensor: torch.Tensor) -> None:
     setattr(module, leaf, nn.Parameter(tensor, requires_grad=False))
 
 
-def load_weights(model: nn.Module, folder: Path, dtype: torch.dtype, device: torch.device,
+def load_weights(model: nn.Module, source: TensorSource, dtype: torch.dtype, device: torch.device,
                  progress: ProgressCallback | None = None) -> None:
-    """Fill ``model`` (built on the meta device) from the checkpoint in ``folder``."""
+    """Fill ``model`` (built on the meta device) from ``source``, one tensor at a time."""
     config = model.config
     plan = checkpoint_layout(config)
-    files = tensor_files(folder)
-    shards = _Shards()
     try:
-        _validate(plan, files, shards, folder, config)
+        _validate(plan, source, config)
         for done, param in enumerate(plan, start=1):
-            parts = [shards.read(files[name], name).to(device=device, dtype=dtype) for name, _ in param.sources]
+            parts = [source.read(name).to(device=device, dtype=dtype) for name, _ in param.sources]
             _assign(model, param.target, param.combine(parts))
             del parts
             if progress is not None:
                 progress(done, len(plan))
     finally:
-        shards.close()
+        source.close()
     if config.tie_word_embeddings:
         model.lm_head.weight = model.embed.weight
     model.reset_derived_buffers()
     left = [name for name, p in model.named_parameters() if p.is_meta]
     if left:
-        raise CheckpointError(f"{folder}: no checkpoint tensor fills parameter(s) {', '.join(left[:5])}")
+        raise CheckpointError(f"{source.where}: no checkpoint tensor fills parameter(s) {', '.join(left[:5])}")

