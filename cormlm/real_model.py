@@ -90,6 +90,20 @@ def smollm2_gguf(cache_dir: Path | None = None, log: Callable[[str], None] | Non
     return target
 
 
+REAL_MODEL, EMBEDDED_MODEL = "smollm2", "weights"
+
+
+def resolve_model_argument(model: str) -> str | Path:
+    """A script's ``--model``: ``smollm2`` is the real model (fetched on first use), ``weights`` the
+    embedded toy; anything else (a folder, a .gguf file, a hub id) is passed on as given."""
+    if model == REAL_MODEL:
+        return smollm2_gguf(log=lambda message: print(f"cormlm: {message}", file=sys.stderr))
+    if model == EMBEDDED_MODEL:
+        from .embedded import embedded_model_path
+        return embedded_model_path()
+    return model
+
+
 def main() -> int:
     try:
         print(smollm2_gguf(log=lambda message: print(f"cormlm: {message}", file=sys.stderr)))

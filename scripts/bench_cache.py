@@ -1,11 +1,12 @@
 """Full vs CORM on the same model: bytes held, retained fraction, decode speed.
 
-    python scripts/bench_cache.py                 # contexts 1k, 4k, 16k
-    python scripts/bench_cache.py --contexts 1024 --steps 16 --repeats 3
+    python scripts/bench_cache.py                 # SmolLM2-135M-Instruct, contexts 1k, 4k, 8k
+    python scripts/bench_cache.py --model random --contexts 1024 16384
 
-The model is Llama-3-shaped with random weights whose q/k projections are scaled up
-(``--peaky``) so that attention is concentrated as in trained models; with flat random
-attention CORM would (correctly) keep almost everything. Each (policy, context) is
+``--model smollm2`` (default) is the real model (scripts/real_model.py); ``--model random``
+a Llama-3-shaped model with random weights whose q/k projections are scaled up
+(``--peaky``) so that attention is concentrated as in trained models (with flat random
+attention CORM would, correctly, keep almost everything); or any folder / .gguf file. Each (policy, context) is
 prefilled once, then decoded ``repeats`` x ``steps`` tokens; the figure per repeat is the
 median step time, and the table shows the median over repeats. Ratios are against
 ``full`` measured in the same run.
@@ -24,6 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import cormlm  # noqa: E402
+from cormlm.real_model import REAL_MODEL, resolve_model_argument  # noqa: E402
 from scripts.random_checkpoint import write_random_llama  # noqa: E402
 
 
@@ -55,7 +57,8 @@ def measure(model, policy: cormlm.CacheConfig, context: int, steps: int, repeats
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096, 16384])
+    parser.add_argument("--model", default=REAL_MODEL, help="smollm2 (default), random, weights, a folder or .gguf")
+    parser.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096, 8000])
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--window", type=int, default=256)
@@ -65,9 +68,12 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = write_random_llama(Path(tmp), max_positions=max(args.contexts) + 64, qk_scale=args.peaky)
-        model = cormlm.load_model(folder, dtype=torch.float32, device="cpu")
+    if args.model == "random":
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = write_random_llama(Path(tmp), max_positions=max(args.contexts) + 64, qk_scale=args.peaky)
+            model = cormlm.load_model(folder, dtype=torch.float32, device="cpu")
+    else:
+        model = cormlm.load_model(resolve_model_argument(args.model), dtype=torch.float32, device="cpu")
     c = model.config
     print(f"model: {c.num_layers} layers, hidden {c.hidden_size}, {c.num_heads} heads / {c.num_kv_heads} KV heads, "
           f"head_dim {c.head_dim}, fp32, {torch.get_num_threads()} threads; corm w={args.window} r={args.recent}; "

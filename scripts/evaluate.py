@@ -1,7 +1,8 @@
 """What CORM buys on a model with learned attention, beside the baselines, at equal memory.
 
-    python scripts/evaluate.py                 # default run (<= 30 min on a 2-core CPU)
-    python scripts/evaluate.py --quick         # about a minute: small sizes, fewer policies
+    python scripts/evaluate.py                 # the real model, SmolLM2-135M-Instruct (GGUF)
+    python scripts/evaluate.py --model weights # the embedded toy (<= 30 min on a 2-core CPU)
+    python scripts/evaluate.py --quick         # small sizes, fewer policies
 
 Data: the held-out files of the embedded model's training split (scripts/train_tiny.py;
 never trained on), minus ``encodings/`` (generated codec tables), those of >= 2048 tokens.
@@ -37,6 +38,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import cormlm  # noqa: E402
+from cormlm.real_model import REAL_MODEL, resolve_model_argument  # noqa: E402
 from scripts.png_plot import Series, plot_png  # noqa: E402
 from scripts.train_tiny import is_held_out, stdlib_files  # noqa: E402
 
@@ -226,7 +228,8 @@ def plots(rows: list[Row], out: Path, title: str) -> list[Path]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=str(ROOT / "weights"))
+    parser.add_argument("--model", default=REAL_MODEL,
+                        help="smollm2 (the real model, default), weights (the embedded toy), a folder or a .gguf")
     parser.add_argument("--stdlib", type=Path, default=Path(sysconfig.get_paths()["stdlib"]))
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "eval")
     parser.add_argument("--quick", action="store_true", help="small sizes and one corm setting (~1 minute)")
@@ -239,8 +242,9 @@ def main() -> None:
     started = time.perf_counter()
 
     print(f"loading {args.model}", flush=True)
-    model = cormlm.load_model(args.model)
-    tok = cormlm.load_tokenizer(args.model)
+    source = resolve_model_argument(args.model)
+    model = cormlm.load_model(source)
+    tok = cormlm.load_tokenizer(source)
     texts = held_out_texts(args.stdlib)
     windows = perplexity_windows(tok, texts, sizes, max_windows)
     samples = completion_samples(tok, texts, sizes, max_samples)
@@ -258,7 +262,7 @@ def main() -> None:
 
     args.out.mkdir(parents=True, exist_ok=True)
     minutes = (time.perf_counter() - started) / 60
-    title = f"{Path(args.model).name}: {windows.shape[0]} x {sizes.window}-token held-out windows"
+    title = f"{Path(source).name}: {windows.shape[0]} x {sizes.window}-token held-out windows"
     table = markdown_table(rows)
     (args.out / "results.md").write_text(
         f"Command: `python scripts/evaluate.py{' --quick' if args.quick else ''}` ({minutes:.1f} min, "

@@ -27,7 +27,8 @@ def test_first_line():
 
 
 def test_quick_run(tmp_path):
-    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "evaluate.py"), "--quick", "--out", str(tmp_path)],
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "evaluate.py"), "--quick", "--model", "weights",
+                           "--out", str(tmp_path)],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads((tmp_path / "results.json").read_text())
