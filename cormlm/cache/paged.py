@@ -59,6 +59,7 @@ class BlockPool:
         self.tail = torch.full((num_streams,), -1, dtype=torch.long, device=device)
         # Host mirror of each tail block's fill; block_size means "no room, take a new block".
         self.fill = torch.full((num_streams,), block_size, dtype=torch.long)
+        self._room_left = 0  # host: free slots in the fullest tail block (min over streams)
         self.allocated_upper = 0  # host upper bound of blocks owned by streams
 
     # ----------------------------------------------------------------- storage
@@ -115,6 +116,8 @@ class BlockPool:
         s, t, _ = keys.shape
         bs = self.block_size
         dev = self.device
+        if t == 1 and counts is None and self.tail_has_room():
+            return self._append_one(keys[:, 0], values[:, 0], positions[:, 0])
         counts_host = torch.full((s,), t, dtype=torch.long) if counts is None else counts
         room = bs - self.fill
         extra = (counts_host - room).clamp(min=0)
@@ -159,7 +162,25 @@ class BlockPool:
             self.fill = torch.where(has_new, extra - (new_per_stream - 1) * bs, self.fill + counts_host)
         else:
             self.fill = self.fill + counts_host
+        self._room_left = bs - int(self.fill.max())
         return slots
+
+    def tail_has_room(self) -> bool:
+        """Whether every stream's tail block has a free slot (host bookkeeping, no sync)."""
+        return self._room_left > 0
+
+    def _append_one(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Decode's common case: one token per stream, each into its tail block's next slot."""
+        slots = self.tail * self.block_size + self.fill.to(self.device)
+        d = self.head_dim
+        self.keys.view(-1, d).index_copy_(0, slots, keys.to(self.dtype))
+        self.values.view(-1, d).index_copy_(0, slots, values.to(self.dtype))
+        self.positions.view(-1).index_copy_(0, slots, positions.to(torch.int32))
+        for name, (_, fresh) in self.state_fields.items():
+            self.state[name].view(-1).index_fill_(0, slots, fresh)
+        self.fill += 1
+        self._room_left -= 1
+        return slots[:, None]
 
     # ------------------------------------------------------------------- evict
     def evict(self, drop: torch.Tensor) -> None:
@@ -236,4 +257,5 @@ class BlockPool:
         counts_host = counts.cpu()
         self.fill = torch.where(counts_host > 0, counts_host - (blocks_per_stream.cpu() - 1) * bs,
                                 torch.full_like(counts_host, bs))
+        self._room_left = bs - int(self.fill.max())
         self.allocated_upper = total
