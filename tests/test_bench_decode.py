@@ -1,0 +1,94 @@
+"""scripts/bench_decode.py end to end on a toy random checkpoint: the machine header, one table
+row per implementation with ratios and KV held against retained, and the GEMV choices."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+ROOT = Path(__file__).resolve().parent.parent
+TOY = ["--model", "random", "--hidden", "64", "--layers", "2", "--heads", "4", "--kv-heads", "2",
+       "--intermediate", "128", "--vocab", "256", "--contexts", "32", "--repeats", "1", "--steps", "2",
+       "--no-compile", "--bandwidth-gib", "0.0625"]
+IMPLEMENTATIONS = ("transformers", "cormlm-full", "cormlm-corm")
+
+
+def _expected_cpu_name() -> str | None:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
+@pytest.fixture(scope="module")
+def output():
+    env = {k: v for k, v in os.environ.items() if k != "CORMLM_GEMV"}  # let the linear layer measure
+    env["OMP_NUM_THREADS"] = "1"  # a toy model: one thread is fastest, and kind to a busy machine
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_decode.py"), *TOY], check=False,
+                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def test_header_names_the_cpu_and_blas(output):
+    cpu = next(line for line in output.splitlines() if line.startswith("- CPU: "))
+    name = _expected_cpu_name()
+    if name:
+        assert name in cpu
+    assert "threads" in cpu and "cores" in cpu
+    assert re.search(r"^- ISA: .*torch CPU capability \S+", output, re.MULTILINE)
+    blas = next(line for line in output.splitlines() if re.match(r"- torch \S+; BLAS: ", line))
+    assert torch.__version__ in blas
+    assert "(torch reports none)" not in blas
+    info = re.search(r"BLAS_INFO=(\w+)", torch.__config__.show())
+    if info:
+        assert f"BLAS_INFO={info.group(1)}" in blas
+    assert "oneDNN (mkldnn) available: " in blas
+    # the header comes before the first table
+    assert output.index("- CPU: ") < output.index("| context |")
+
+
+def test_one_row_per_implementation_with_ratios_and_kv_held_against_retained(output):
+    lines = output.splitlines()
+    header = next(line for line in lines if line.startswith("| context |"))
+    columns = [c.strip() for c in header.strip("|").split("|")]
+    assert columns.count("vs transformers") == 2  # prefill and decode
+    for name in ("KV MiB held", "retained KV MiB", "held / retained", "peak MiB", "of bandwidth limit"):
+        assert name in columns
+    rows = {}
+    for line in lines:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if line.startswith("| 32 |"):
+            assert len(cells) == len(columns), line
+            rows[cells[2]] = dict(zip(columns, cells))
+    assert set(rows) == set(IMPLEMENTATIONS)
+    for name, row in rows.items():
+        assert row["mode"] == "eager"
+        assert re.fullmatch(r"\d+\.\d\dx", row["vs transformers"])
+        assert float(row["decode tok/s"]) > 0 and float(row["KV MiB held"]) > 0
+        if name == "transformers":
+            assert row["vs transformers"] == "1.00x"
+            assert row["held / retained"] == "-" and row["retained KV MiB"] == "-"
+        else:
+            # 2 layers x 2 kv heads x 36 tokens (32 prompt + 2 warm-up + 2 timed steps) x key + value
+            # x head_dim 16 x 4 bytes: a full cache (and CORM under its window) retains them all
+            retained = 2 * 2 * (32 + 2 + 2) * 2 * 16 * 4 / 2**20
+            assert float(row["retained KV MiB"]) == pytest.approx(retained, abs=1e-3)
+            assert float(row["held / retained"]) >= 1.0  # storage holds at least the retained keys + values
+            assert row["retained"] == "100.0%"
+
+
+def test_gemv_choices_are_printed(output):
+    tail = output[output.index("linear-layer kernel per product shape"):]
+    choices = re.findall(r"^- (\d+)x(\d+), 1 row, float32, 1 threads: (F\.linear|split GEMV)$", tail, re.MULTILINE)
+    assert choices, tail
+    assert (256, 64) in {(int(o), int(i)) for o, i, _ in choices}  # the LM head: vocab x hidden, one row
