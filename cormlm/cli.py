@@ -55,7 +55,7 @@ def _parser() -> argparse.ArgumentParser:
                        help="positions never evicted (corm 256; budget policies: half the budget)")
     cache.add_argument("--budget", type=_budget, default=None,
                        help="h2o/scissorhands/knorm/streaming: tokens kept per KV head (int) or fraction (float)")
-    cache.add_argument("--sink", type=int, default=4, help="streaming: first positions always kept")
+    cache.add_argument("--sink", type=int, default=None, help="streaming: first positions always kept (4)")
     cache.add_argument("--block-size", type=int, default=16, help="cache slots per storage block")
     cache.add_argument("--prefill-chunk", type=int, default=None, help="prefill long prompts in chunks, evicting")
     sampling = gen.add_argument_group("sampling")

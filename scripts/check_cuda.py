@@ -20,7 +20,7 @@ from scripts.random_checkpoint import write_random_llama  # noqa: E402
 
 def run(model, ids, mask, policy):
     out = cormlm.generate(model, ids, attention_mask=mask, max_new_tokens=24, eos_token_id=[],
-                          cache=cormlm.CacheConfig(policy, window=32, recent=32))
+                          cache=cormlm.CacheConfig(policy, **({"window": 32, "recent": 32} if policy == "corm" else {})))
     kept = [[[p.tolist() for p in row] for row in out.cache.positions(layer)] for layer in range(model.config.num_layers)]
     return out.new_tokens, kept, out.cache.stats()
 

@@ -372,6 +372,16 @@ def test_negative_sink_or_recent(policy, params):
         cormlm.CacheConfig(policy, **{**params, "recent": -1})
 
 
+@pytest.mark.parametrize("policy,params,ignored", [
+    ("full", dict(window=8), "window"), ("full", dict(budget=0.5), "budget"), ("corm", dict(budget=512), "budget"),
+    ("corm", dict(sink=2), "sink"), ("h2o", dict(budget=8, window=4), "window"), ("knorm", dict(budget=8, sink=1), "sink"),
+    ("streaming", dict(recent=4, window=8), "window"), ("scissorhands", dict(budget=8, sink=4), "sink")])
+def test_a_parameter_the_policy_ignores_is_an_error(policy, params, ignored):
+    """Silence is a bug: a parameter that would change nothing is refused, naming it and what the policy takes."""
+    with pytest.raises(CacheConfigError, match=rf"policy '{policy}' does not use CacheConfig\.{ignored}; it takes"):
+        cormlm.CacheConfig(policy, **params)
+
+
 def test_valid_configs_construct():
     for policy, params in CASES:
         cfg = cormlm.CacheConfig(policy, **params)

@@ -11,6 +11,8 @@ import cormlm
 from checkpoints import save_hf_model
 from cormlm.cache.paged import BlockPool
 
+CORM_PARAMS = {"corm": {"window": 8, "recent": 4}}
+
 
 def _peaky(folder, scale: float):
     """Scale q/k projections so attention concentrates and CORM really evicts."""
@@ -61,7 +63,7 @@ def test_results_do_not_depend_on_block_size(gqa, policy):
     ids = _ids(2, 40, seed=1)
     runs = []
     for block_size in (1, 7, 16, 64):
-        cfg = cormlm.CacheConfig(policy, window=8, recent=4, block_size=block_size)
+        cfg = cormlm.CacheConfig(policy, **CORM_PARAMS.get(policy, {}), block_size=block_size)
         out = cormlm.generate(gqa, ids, max_new_tokens=20, cache=cfg, eos_token_id=[])
         held = [[[p.tolist() for p in row] for row in out.cache.positions(layer)] for layer in range(2)]
         runs.append((out.new_tokens, held))
@@ -107,7 +109,7 @@ def test_freed_blocks_are_reused(gqa):
 @pytest.mark.parametrize("policy", ["full", "corm"])
 def test_sliding_window_drops_keys_under_every_policy(mistral, policy):
     window = mistral.config.sliding_window
-    cfg = cormlm.CacheConfig(policy, window=4, recent=2)
+    cfg = cormlm.CacheConfig(policy, **({"window": 4, "recent": 2} if policy == "corm" else {}))
     out = cormlm.generate(mistral, _ids(2, 40, seed=4), max_new_tokens=30, cache=cfg, eos_token_id=[])
     seen = out.cache.stats().tokens_seen
     for layer in range(mistral.config.num_layers):

@@ -96,6 +96,8 @@ def test_inspect_text_and_json():
     (["generate", "--policy", "h2o", "x"], "give --budget"),
     (["generate", "--policy", "streaming", "--budget", "8", "--recent", "4", "x"], "exactly one of --budget"),
     (["generate", "--policy", "h2o", "--budget", "1.5", "x"], "--budget as a fraction must be in (0, 1]"),
+    (["generate", "--policy", "corm", "--budget", "512", "x"], "policy 'corm' does not use --budget; it takes --window, --recent"),
+    (["generate", "--policy", "full", "--sink", "2", "x"], "policy 'full' does not use --sink"),
     (["generate", "--prompt-file", "p.txt", "x"], "not both"),
     (["nonsense"], "invalid choice: 'nonsense'"),
 ])

@@ -10,6 +10,8 @@ BUDGET_POLICIES = ("h2o", "scissorhands", "knorm")  # fixed budget; streaming ta
 CORM_DEFAULT = 256  # CORM's w and r when not given
 SCISSORHANDS_WINDOW = 32  # scissorhands' history window when not given
 SCISSORHANDS_MAX_WINDOW = 64  # its per-key verdict history is one 64-bit ring
+STREAMING_SINK = 4  # streaming's first positions always kept when not given
+POLICY_FIELDS = ("window", "recent", "budget", "sink")  # fields only some policies read
 
 
 @dataclass(frozen=True)
@@ -25,8 +27,8 @@ class CacheConfig:
       unimportance over its last ``window`` queries (default 32, at most 64).
 
     ``budget`` is a number of tokens (int) or a fraction of the tokens seen so far
-    (float in (0, 1]), per batch row, layer and KV head. Policies ignore parameters they
-    do not use.
+    (float in (0, 1]), per batch row, layer and KV head. A parameter the policy does not
+    read is an error (``CacheConfig("corm", budget=512)`` would otherwise do nothing).
 
     ``prefill_chunk`` (off by default) feeds a long prompt in chunks of that many tokens,
     evicting after each, so the keys a prompt holds at once stay bounded. Decisions then
@@ -39,22 +41,27 @@ class CacheConfig:
     window: int | None = None
     recent: int | None = None
     budget: int | float | None = None
-    sink: int = 4
+    sink: int | None = None  # streaming only; None: 4
     block_size: int = 16  # slots per storage block: memory granularity per (row, layer, KV head)
     prefill_chunk: int | None = None  # split long prompts into chunks, evicting between them
 
     def __post_init__(self) -> None:
-        from .registry import available_policies
+        from .registry import available_policies, policy_parameters
 
         if self.policy not in available_policies():
             raise CacheConfigError(
                 f"unknown cache policy '{self.policy}'; available policies: {', '.join(available_policies())}"
             )
+        takes = policy_parameters(self.policy)
+        ignored = [name for name in POLICY_FIELDS if getattr(self, name) is not None and name not in takes]
+        if ignored:
+            uses = ", ".join(f"CacheConfig.{name}" for name in takes) or "none of window, recent, budget, sink"
+            raise CacheConfigError(f"policy '{self.policy}' does not use CacheConfig.{ignored[0]}; it takes {uses}")
         for name, low, meaning in (("window", 1, "queries remembered"), ("recent", 0, "protected positions"),
                                    ("sink", 0, "first positions kept"), ("block_size", 1, "slots per block"),
                                    ("prefill_chunk", 1, "tokens per prefill chunk")):
             value = getattr(self, name)
-            if value is None and name in ("window", "recent", "prefill_chunk"):
+            if value is None and name in ("window", "recent", "sink", "prefill_chunk"):
                 continue
             if isinstance(value, bool) or not isinstance(value, int):
                 raise CacheConfigError(f"CacheConfig.{name} must be an integer, got {value!r}")

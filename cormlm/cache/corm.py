@@ -16,6 +16,7 @@ from .policy import EvictionPolicy, SlotView
 
 class CormPolicy(EvictionPolicy):
     name = "corm"
+    parameters = ("window", "recent")
     needs_probs = True
 
     def __init__(self, window: int, recent: int) -> None:

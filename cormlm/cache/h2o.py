@@ -16,6 +16,7 @@ from .policy import EvictionPolicy, SlotView
 
 class H2OPolicy(EvictionPolicy):
     name = "h2o"
+    parameters = ("budget", "recent")
     needs_probs = True
 
     def __init__(self, budget: int | float, recent: int | None) -> None:

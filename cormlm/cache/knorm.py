@@ -13,6 +13,7 @@ from .policy import EvictionPolicy, SlotView
 
 class KNormPolicy(EvictionPolicy):
     name = "knorm"
+    parameters = ("budget", "recent")
 
     def __init__(self, budget: int | float, recent: int | None) -> None:
         self.budget = budget

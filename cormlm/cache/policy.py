@@ -34,6 +34,8 @@ class EvictionPolicy(ABC):
     """Base policy: keeps everything. Subclasses override what they need."""
 
     name: ClassVar[str] = "full"
+    # CacheConfig fields the policy reads; setting any other is an error, never a silent no-op
+    parameters: ClassVar[tuple[str, ...]] = ()
     needs_probs: ClassVar[bool] = False
     needs_attended: ClassVar[bool] = False  # observe() reads ``attended`` (costs a count per decode step)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Callable
 
 from .base import KVCache
-from .config import CORM_DEFAULT, SCISSORHANDS_WINDOW
+from .config import CORM_DEFAULT, SCISSORHANDS_WINDOW, STREAMING_SINK
 from .corm import CormPolicy
 from .h2o import H2OPolicy
 from .knorm import KNormPolicy
@@ -17,11 +17,15 @@ from .streaming import StreamingPolicy
 if TYPE_CHECKING:
     from .config import CacheConfig
 
+POLICY_CLASSES: dict[str, type[EvictionPolicy]] = {
+    cls.name: cls for cls in (EvictionPolicy, CormPolicy, StreamingPolicy, H2OPolicy, ScissorhandsPolicy, KNormPolicy)}
+
 _POLICIES: dict[str, Callable[["CacheConfig"], EvictionPolicy]] = {
     "full": lambda cfg: EvictionPolicy(),
     "corm": lambda cfg: CormPolicy(window=cfg.window or CORM_DEFAULT,
                                    recent=CORM_DEFAULT if cfg.recent is None else cfg.recent),
-    "streaming": lambda cfg: StreamingPolicy(sink=cfg.sink, recent=cfg.recent, budget=cfg.budget),
+    "streaming": lambda cfg: StreamingPolicy(sink=STREAMING_SINK if cfg.sink is None else cfg.sink,
+                                             recent=cfg.recent, budget=cfg.budget),
     "h2o": lambda cfg: H2OPolicy(budget=cfg.budget, recent=cfg.recent),
     "scissorhands": lambda cfg: ScissorhandsPolicy(budget=cfg.budget, recent=cfg.recent,
                                                    window=cfg.window or SCISSORHANDS_WINDOW),
@@ -31,6 +35,11 @@ _POLICIES: dict[str, Callable[["CacheConfig"], EvictionPolicy]] = {
 
 def available_policies() -> list[str]:
     return list(_POLICIES)
+
+
+def policy_parameters(name: str) -> tuple[str, ...]:
+    """The CacheConfig fields policy ``name`` reads."""
+    return POLICY_CLASSES[name].parameters
 
 
 def build_cache(cfg: "CacheConfig", *, batch_size: int, num_layers: int, num_kv_heads: int,

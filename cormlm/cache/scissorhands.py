@@ -36,6 +36,7 @@ def query_bits(query_t: torch.Tensor) -> torch.Tensor:
 
 class ScissorhandsPolicy(EvictionPolicy):
     name = "scissorhands"
+    parameters = ("budget", "recent", "window")
     needs_probs = True
     needs_attended = True
 

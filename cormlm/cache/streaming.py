@@ -14,6 +14,7 @@ from .policy import EvictionPolicy, SlotView
 
 class StreamingPolicy(EvictionPolicy):
     name = "streaming"
+    parameters = ("sink", "recent", "budget")
 
     def __init__(self, sink: int, recent: int | None, budget: int | float | None) -> None:
         self.sink = sink
