@@ -14,6 +14,9 @@ modules' parameters: nothing is copied.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import torch
 
 from .errors import CormlmError
@@ -29,5 +32,20 @@ def compile_model(model: torch.nn.Module) -> torch.nn.Module:
         block.pre_attention = torch.compile(block.pre_attention, dynamic=True)
         block.post_attention = torch.compile(block.post_attention, dynamic=True)
     model.head = torch.compile(model.head, dynamic=True)
+    # dynamic=None: sizes stay static but the pools' block counts, which the pool marks dynamic
+    model.compiled_decode = _without_duck_sizing(torch.compile(model.decode_body, dynamic=None))
     model.compiled = True
     return model
+
+
+def _without_duck_sizing(compiled: Callable) -> Callable:
+    """Each layer's pool grows on its own: pools that happen to share a size when the graph
+    is traced must not be given one symbol (that would recompile when they part)."""
+    from torch.fx.experimental import _config as fx_config
+
+    @functools.wraps(compiled)
+    def call(*args):
+        with fx_config.patch(use_duck_shape=False):
+            return compiled(*args)
+
+    return call

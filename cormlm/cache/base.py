@@ -79,6 +79,9 @@ class KVCache(ABC):
             self.max_length = int(self.lengths.max())
         return positions, self.max_length - 1
 
+    def end_step(self) -> None:
+        """Called by the model after its last layer (bookkeeping, compaction)."""
+
     @abstractmethod
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                positions: torch.Tensor, spec: AttentionSpec) -> torch.Tensor:

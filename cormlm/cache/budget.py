@@ -46,7 +46,9 @@ def drop_over_budget(view: SlotView, priority: torch.Tensor, budget: int | float
     held_count = torch.zeros(streams + 1, dtype=torch.long, device=position.device)
     held_count.index_add_(0, stream, torch.ones_like(stream))
     excess = (held_count[:streams] - budget_t).clamp(min=0)
-    if position.device.type == "cpu" and int(excess.max()) <= 1:  # a decode step: no sort needed
+    # One key appended per stream since the last eviction left no stream over budget with a
+    # candidate to spare, so at most one candidate per stream goes: no sort, and no sync.
+    if view.single_step or (position.device.type == "cpu" and int(excess.max()) <= 1):
         return _drop_one(stream, safe, priority.reshape(-1), position, candidate, excess).view(nb, bs)
     # sort keys, least significant first: position ascending, priority descending, candidates first, stream
     order = torch.argsort(position, stable=True)

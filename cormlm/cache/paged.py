@@ -9,10 +9,11 @@ slots taken from one pool per layer, so bytes follow the sum of what the streams
 - Appending writes only the new tokens into each stream's tail block (or into a fresh
   block taken from the free list): never a copy of the cache.
 - Eviction marks slots empty; blocks whose slots are all empty go back to the free list at
-  the cache's periodic check or when the pool would otherwise grow. Holes inside live blocks are reclaimed by ``compact``, which repacks the live
-  slots stream by stream and resizes the pool to fit: the cache calls it when holes or free
-  blocks make up a large share of the pool, so held bytes track retained tokens and the
-  memory really goes back to the allocator.
+  the cache's periodic check or when the pool would otherwise grow. Holes inside live
+  blocks are reclaimed by ``compact``, which repacks the live slots stream by stream and
+  resizes the pool to fit: the cache calls it when holes or free blocks make up a large
+  share of the pool, so held bytes track retained tokens and the memory really goes back
+  to the allocator.
 - Positions, not slots, define attention (see ``attention_ops``), so slot order within a
   stream never matters and no reordering is needed on eviction.
 - Fixed-capacity tensors addressed by index tensors: a decode step has static shapes
@@ -71,6 +72,9 @@ class BlockPool:
         self.owner = torch.full((num_blocks,), -1, dtype=torch.long, device=dev)
         self.state = {name: torch.full((num_blocks, bs), fresh, dtype=dtype, device=dev)
                       for name, (dtype, fresh) in self.state_fields.items()}
+        for tensor in (self.keys, self.values, self.positions, self.owner, *self.state.values()):
+            # compiled steps: the block count is symbolic (no recompilation as the pool resizes)
+            torch._dynamo.maybe_mark_dynamic(tensor, 0)
 
     @property
     def capacity(self) -> int:
@@ -116,8 +120,6 @@ class BlockPool:
         s, t, _ = keys.shape
         bs = self.block_size
         dev = self.device
-        if t == 1 and counts is None and self.tail_has_room():
-            return self._append_one(keys[:, 0], values[:, 0], positions[:, 0])
         counts_host = torch.full((s,), t, dtype=torch.long) if counts is None else counts
         room = bs - self.fill
         extra = (counts_host - room).clamp(min=0)
@@ -169,8 +171,26 @@ class BlockPool:
         """Whether every stream's tail block has a free slot (host bookkeeping, no sync)."""
         return self._room_left > 0
 
-    def _append_one(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Decode's common case: one token per stream, each into its tail block's next slot."""
+    def make_tail_room(self) -> None:
+        """Give every stream whose tail block is full (or that has none) a fresh tail block,
+        so that the next single-token append needs no allocation (decode, before the step)."""
+        if self.tail_has_room():
+            return
+        full = self.fill >= self.block_size  # host
+        streams = full.nonzero()[:, 0]
+        self._reserve(len(streams))
+        ids = self._take_free(len(streams))
+        streams = streams.to(self.device)
+        self.owner[ids] = streams
+        self.tail = self.tail.index_copy(0, streams, ids)
+        self.allocated_upper += len(streams)
+        self.fill = self.fill.masked_fill(full, 0)
+        self._room_left = self.block_size - int(self.fill.max())
+
+    def append_one(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """One token per stream (``keys`` [S, D], ``positions`` [S]) into each tail block's next
+        slot; returns the slots [S]. Tensor operations only (traceable): the caller made tail
+        room before the step and calls :meth:`appended_one` after it."""
         slots = self.tail * self.block_size + self.fill.to(self.device)
         d = self.head_dim
         self.keys.view(-1, d).index_copy_(0, slots, keys.to(self.dtype))
@@ -178,9 +198,12 @@ class BlockPool:
         self.positions.view(-1).index_copy_(0, slots, positions.to(torch.int32))
         for name, (_, fresh) in self.state_fields.items():
             self.state[name].view(-1).index_fill_(0, slots, fresh)
-        self.fill += 1
+        return slots
+
+    def appended_one(self) -> None:
+        """Host bookkeeping after :meth:`append_one`."""
+        self.fill = self.fill + 1
         self._room_left -= 1
-        return slots[:, None]
 
     # ------------------------------------------------------------------- evict
     def evict(self, drop: torch.Tensor) -> None:

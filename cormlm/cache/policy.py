@@ -28,6 +28,7 @@ class SlotView:
     query_t: torch.Tensor  # [NB, 1]: 1-indexed position of the owning stream's latest query
     owner: torch.Tensor  # [NB]: stream (row * Hkv + head) owning each block, -1 = free
     stream_t: torch.Tensor  # [S]: 1-indexed position of each stream's latest query (0 = none yet)
+    single_step: bool = False  # one new key per stream since the last eviction (a decode step)
 
 
 class EvictionPolicy(ABC):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..attention_ops import AttentionSpec, attend, visibility_mask, alibi_bias
+from ..attention_ops import AttentionSpec, alibi_bias, attend, upcast, visibility_mask
 from .base import CacheStats, KVCache
 from .paged import BlockPool
 from .paged_attention import compiled_decode_layer_step, decode_layer_step
@@ -28,7 +28,7 @@ def explicit_probs(q: torch.Tensor, k: torch.Tensor, q_pos: torch.Tensor, k_pos:
     b, hq, nq, d = q.shape
     g = spec.group_size
     grouped = q.reshape(b, spec.num_kv_heads, g * nq, d)
-    scores = torch.matmul(grouped, k.transpose(-1, -2)).float() * spec.scale
+    scores = upcast(torch.matmul(grouped, k.transpose(-1, -2))) * spec.scale
     scores = scores.view(b, spec.num_kv_heads, g, nq, -1)
     if spec.alibi_slopes is not None:
         bias = alibi_bias(spec, k_pos)  # [B, Hq, 1, S]
@@ -51,6 +51,7 @@ class RaggedCache(KVCache):
         self.pools = [BlockPool(streams, block_size, self.head_dim, self.dtype, self.device, policy.state_fields())
                       for _ in range(self.num_layers)]
         self._decode_steps = 0
+        self._single = False  # this step appends exactly one token per row (decode)
         self._step_counts: torch.Tensor | None = None  # host, per row: valid tokens of this call
         self._seen_before = 0
         self._stream_t = torch.zeros(self.batch_size * self.num_kv_heads, dtype=torch.long, device=self.device)
@@ -60,6 +61,10 @@ class RaggedCache(KVCache):
         self._step_counts = None if valid is None else valid.sum(dim=1).cpu()
         positions = super().begin_step(valid, num_tokens)
         self._stream_t = self.lengths.repeat_interleave(self.num_kv_heads)  # once per step, not per layer
+        self._single = num_tokens == 1 and valid is None
+        if self._single:  # decode: every stream gets room for its token now, so attend() allocates nothing
+            for pool in self.pools:
+                pool.make_tail_room()
         return positions
 
     def _stream_counts(self) -> torch.Tensor | None:
@@ -69,28 +74,52 @@ class RaggedCache(KVCache):
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                positions: torch.Tensor, spec: AttentionSpec) -> torch.Tensor:
+        """Store, attend, update the policy's state and evict. A decode step (one token per
+        row, no padding) runs tensor operations only, no host sync: it can be compiled whole."""
         b, hq, t, d = q.shape
         hkv, g = self.num_kv_heads, spec.group_size
         pool = self.pools[layer]
         stream_pos = positions[:, None, :].expand(b, hkv, t).reshape(b * hkv, t)
-        slots = pool.append(k.reshape(b * hkv, t, d), v.reshape(b * hkv, t, d), stream_pos, self._stream_counts())
-        for name, value in self.policy.stored(k.reshape(b * hkv, t, d)).items():
-            stored = slots >= 0
-            pool.state[name].view(-1)[slots[stored]] = value[stored].to(pool.state[name].dtype)
+        new_keys = k.reshape(b * hkv, t, d)
+        if self._single:
+            slots = pool.append_one(new_keys[:, 0], v.reshape(b * hkv, d), stream_pos[:, 0])
+            for name, value in self.policy.stored(new_keys[:, 0]).items():
+                pool.state[name].view(-1).index_copy_(0, slots, value.to(pool.state[name].dtype))
+        else:
+            slots = pool.append(new_keys, v.reshape(b * hkv, t, d), stream_pos, self._stream_counts())
+            for name, value in self.policy.stored(new_keys).items():
+                stored = slots >= 0
+                pool.state[name].view(-1)[slots[stored]] = value[stored].to(pool.state[name].dtype)
         # 1-indexed t of the latest query of the stream owning each block: [NB, 1]
         block_t = self._stream_t[pool.owner.clamp(min=0)][:, None]
-        if t == 1 and self._step_counts is None:
+        if self._single:
             out, state = self.decode_step(pool.keys, pool.values, pool.positions, pool.owner, pool.state,
                                           q.reshape(b * hkv, g, d), stream_pos[:, 0], block_t, self._stream_t,
                                           spec, self.policy)
             out = out.view(b, hq, 1, d)
-            pool.state.update(state)
+            for name, value in state.items():
+                if value is not pool.state[name]:
+                    pool.state[name].copy_(value)
         else:
             out = self._attend_many(pool, q, k, v, positions, slots, spec)
         self._evict(pool, block_t, spec)
-        if layer == self.num_layers - 1:
-            self._end_step(t)
         return out
+
+    def end_step(self) -> None:
+        """After the last layer: host bookkeeping, and now and then compaction of pools that
+        holes or free blocks bloat."""
+        if self._single:
+            for pool in self.pools:
+                pool.appended_one()
+        self._decode_steps = self._decode_steps + 1 if self._single else 0
+        if self._decode_steps and self._decode_steps % COMPACT_CHECK_EVERY:
+            return
+        for pool in self.pools:
+            pool.release_empty_blocks()
+        live = torch.stack([pool.live_counts().sum() for pool in self.pools]).tolist()  # one sync
+        for pool, kept in zip(self.pools, live):
+            if pool.capacity * pool.block_size > COMPACT_SLACK * (kept + pool.num_streams * pool.block_size):
+                pool.compact()
 
     def _attend_many(self, pool: BlockPool, q, k, v, positions, slots, spec) -> torch.Tensor:
         """A multi-token call: SDPA for the output, explicit scores for the policy's rows."""
@@ -123,7 +152,7 @@ class RaggedCache(KVCache):
         return out
 
     def _evict(self, pool: BlockPool, qt: torch.Tensor, spec: AttentionSpec) -> None:
-        view = SlotView(pool.positions, pool.state, qt, pool.owner, self._stream_t)
+        view = SlotView(pool.positions, pool.state, qt, pool.owner, self._stream_t, single_step=self._single)
         drop = self.policy.evict(view)
         if spec.sliding_window is not None:
             # no future query (position >= t) can see a key at position <= t - window
@@ -131,18 +160,6 @@ class RaggedCache(KVCache):
             drop = behind if drop is None else drop | behind
         if drop is not None:
             pool.evict(drop)
-
-    def _end_step(self, num_tokens: int) -> None:
-        """After the last layer: now and then, compact pools that holes or free blocks bloat."""
-        self._decode_steps = self._decode_steps + 1 if num_tokens == 1 and self._step_counts is None else 0
-        if self._decode_steps and self._decode_steps % COMPACT_CHECK_EVERY:
-            return
-        for pool in self.pools:
-            pool.release_empty_blocks()
-        live = torch.stack([pool.live_counts().sum() for pool in self.pools]).tolist()  # one sync
-        for pool, kept in zip(self.pools, live):
-            if pool.capacity * pool.block_size > COMPACT_SLACK * (kept + pool.num_streams * pool.block_size):
-                pool.compact()
 
     def storage_tensors(self) -> list[torch.Tensor]:
         return [tensor for pool in self.pools for tensor in pool.storage_tensors()]

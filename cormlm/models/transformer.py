@@ -61,6 +61,7 @@ class CausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.compiled = False  # set by cormlm.compile.compile_model; caches made afterwards compile too
+        self.compiled_decode = None  # compile_model: decode_body as one graph
         self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
         self.final_norm = make_norm(config)
@@ -92,7 +93,7 @@ class CausalLM(nn.Module):
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
-        cache: "KVCache | None" = None,
+        cache: KVCache | None = None,
         last_logits_only: bool = False,
     ) -> torch.Tensor:
         """Logits [B, T, vocab] (or [B, 1, vocab] with ``last_logits_only``).
@@ -107,7 +108,7 @@ class CausalLM(nn.Module):
         return self.forward_unchecked(input_ids, valid, cache, last_logits_only)
 
     def check_inputs(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, cache: "KVCache | None"
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, cache: KVCache | None
     ) -> torch.Tensor | None:
         """Validate a call's inputs; return the padding mask as bool (None when unpadded)."""
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
@@ -157,7 +158,7 @@ class CausalLM(nn.Module):
         self,
         input_ids: torch.Tensor,
         valid: torch.Tensor | None,
-        cache: "KVCache | None" = None,
+        cache: KVCache | None = None,
         last_logits_only: bool = False,
     ) -> torch.Tensor:
         """The forward pass without input checks (decode loops that made their own ids)."""
@@ -173,11 +174,15 @@ class CausalLM(nn.Module):
             return pieces[-1] if last_logits_only else torch.cat(pieces, dim=1)
         return self._forward_once(input_ids, valid, cache, last_logits_only)
 
-    def _forward_once(self, input_ids: torch.Tensor, valid: torch.Tensor | None, cache: "KVCache | None",
+    def _forward_once(self, input_ids: torch.Tensor, valid: torch.Tensor | None, cache: KVCache | None,
                       last_logits_only: bool) -> torch.Tensor:
         b, t = input_ids.shape
         if cache is not None:
             positions, max_position = cache.begin_step(valid, t)
+            if self.compiled_decode is not None and t == 1 and valid is None:
+                logits = self.compiled_decode(input_ids, positions, max_position, cache)
+                cache.end_step()
+                return logits
         elif valid is None:
             positions = torch.arange(t, device=input_ids.device).expand(b, t)
             max_position = t - 1
@@ -190,8 +195,22 @@ class CausalLM(nn.Module):
         x = self.embed(input_ids)
         for block in self.blocks:
             x = block(x, step)
+        if cache is not None:
+            cache.end_step()
         if last_logits_only:
             x = x[:, -1:]
+        return self.head(x)
+
+    def decode_body(self, input_ids: torch.Tensor, positions: torch.Tensor, max_position: int,
+                    cache: KVCache) -> torch.Tensor:
+        """One decode step between the cache's begin_step and end_step: every layer, cache
+        appends, attention, policy updates and evictions included. Tensor operations only,
+        so that ``cormlm.compile_model`` compiles it as one graph."""
+        rotary = self.rotary(positions, max_position) if self.rotary is not None else None
+        step = StepContext(positions, rotary, cache, plain_causal=False)
+        x = self.embed(input_ids)
+        for block in self.blocks:
+            x = block(x, step)
         return self.head(x)
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
