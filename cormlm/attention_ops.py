@@ -37,6 +37,11 @@ class AttentionSpec:
         return self.num_heads // self.num_kv_heads
 
 
+def upcast(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in at least float32 (float64 stays float64: exactness checks run in float64)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 def visibility_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
     """Boolean [B, Hk, T, S]: which keys each query may attend to.
 

@@ -15,6 +15,7 @@ from .models.transformer import CausalLM
 from .weights import ProgressCallback, SafetensorsSource, TensorSource, load_weights
 
 DTYPE_NAMES = {
+    "float64": torch.float64, "fp64": torch.float64, "double": torch.float64,
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
     "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
@@ -37,14 +38,14 @@ def resolve_dtype(dtype: str | torch.dtype | None, stored: str | None, device: t
     """None/"auto": float32 on CPU (fast and exact there), else the checkpoint's own dtype."""
     if isinstance(dtype, torch.dtype):
         if dtype not in DTYPE_NAMES.values():
-            raise ConfigError(f"dtype {dtype} is not supported; use float32, bfloat16 or float16")
+            raise ConfigError(f"dtype {dtype} is not supported; use float32, bfloat16, float16 or float64")
         return dtype
     if dtype is None or dtype == "auto":
         if device.type == "cpu":
             return torch.float32
         return DTYPE_NAMES.get(str(stored), torch.bfloat16)
     if dtype not in DTYPE_NAMES:
-        raise ConfigError(f"unknown dtype {dtype!r}; use auto, float32, bfloat16 or float16")
+        raise ConfigError(f"unknown dtype {dtype!r}; use auto, float32, bfloat16, float16 or float64")
     return DTYPE_NAMES[dtype]
 
 

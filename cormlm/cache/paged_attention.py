@@ -11,14 +11,13 @@ as one ``torch.compile`` graph with a symbolic block count.
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
-from ..attention_ops import AttentionSpec
+from ..attention_ops import AttentionSpec, upcast
 from .paged import stream_live_counts
 from .policy import EvictionPolicy
-
 
 DENSE_SEGMENTS_MAX = 2**22  # streams x blocks up to which the compiled CPU step avoids scatters
 
@@ -44,7 +43,7 @@ def _segment_max(x: torch.Tensor, owner: torch.Tensor, num_streams: int) -> torc
         member = owner[None, :, None] == torch.arange(num_streams, device=owner.device)[:, None, None]
         return torch.where(member, x[None], float("-inf")).amax(dim=1)
     index = owner[:, None].expand_as(x)
-    return torch.full((num_streams, x.shape[1]), float("-inf"), device=x.device).scatter_reduce(
+    return torch.full((num_streams, x.shape[1]), float("-inf"), dtype=x.dtype, device=x.device).scatter_reduce(
         0, index, x, reduce="amax", include_self=True)
 
 
@@ -66,7 +65,7 @@ def paged_decode_attention(keys: torch.Tensor, values: torch.Tensor, positions: 
     s, g, d = q.shape
     owner = owner.clamp(min=0)
     block_q = q[owner]  # [NB, G, D]: a few rows per block, not a copy of the cache
-    scores = torch.bmm(block_q, keys.transpose(1, 2)).float() * spec.scale  # [NB, G, bs]
+    scores = upcast(torch.bmm(block_q, keys.transpose(1, 2))) * spec.scale  # [NB, G, bs]
     pos = positions
     # Every stored key precedes the query (it was appended first) and free or empty slots
     # hold position -1, so "stored" is the whole causal mask.
@@ -82,7 +81,7 @@ def paged_decode_attention(keys: torch.Tensor, values: torch.Tensor, positions: 
     weights = torch.exp(scores - peak[owner][:, :, None])  # invisible slots: exp(-inf) = 0
     denom = _segment_sum(weights.sum(dim=-1), owner, s)
     partial = torch.bmm(weights.to(values.dtype), values)  # [NB, G, D]
-    out = _segment_sum(partial.float(), owner, s) / denom[:, :, None]
+    out = _segment_sum(upcast(partial), owner, s) / denom[:, :, None]
     probs = weights / denom[owner][:, :, None]
     return out.to(q.dtype), probs
 
