@@ -1,4 +1,4 @@
-"""A naive, independent reference of CORM (see CORM.md), written only from that contract.
+"""A naive, independent reference of CORM (docs/corm.md), written only from that contract.
 
 Nothing here is shared with ``cormlm``: the model is a float64 Llama-family or Falcon
 forward pass that reads the checkpoint's ``model.safetensors`` by its Hugging Face tensor
@@ -8,7 +8,7 @@ the eviction rule is the literal one of the paper: a dense boolean message matri
 ``last_important`` shortcut is used; the tests compare cormlm against this.
 
 Conventions: query steps ``t`` and key positions ``i`` are 1-indexed inside the CORM
-functions (as in CORM.md); what ``reference_generate`` returns is 0-indexed, like
+functions (as in docs/corm.md); what ``reference_generate`` returns is 0-indexed, like
 ``cormlm``'s ``cache.positions()``.
 """
 
@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import torch
 from safetensors import safe_open
@@ -39,7 +39,7 @@ def _imp(important, query: int, key: int) -> bool:
 
 
 def long_term_minor(important, t: int, window: int, key: int) -> bool:
-    """CORM.md rule 4: key ``key`` was unimportant to every one of queries t-w+1..t, and t >= w.
+    """docs/corm.md rule 4: key ``key`` was unimportant to every one of queries t-w+1..t, and t >= w.
 
     ``important`` is a dense boolean matrix (nested lists or a 2-D tensor) with one row per
     query 1..T and one column per key 1..T: ``important[j-1][i-1]`` iff a_j[i] >= 1/j.
@@ -53,13 +53,13 @@ def long_term_minor(important, t: int, window: int, key: int) -> bool:
 
 
 def corm_step(important, t: int, window: int, recent: int, kept: Iterable[int]) -> list[int]:
-    """CORM.md rule 5 at step ``t``: the 1-indexed keys still held after evicting every
+    """docs/corm.md rule 5 at step ``t``: the 1-indexed keys still held after evicting every
     long-term-minor key whose position is <= t - r."""
     return sorted(i for i in kept if not (i <= t - recent and long_term_minor(important, t, window, i)))
 
 
 def corm_step_last_important(last_important: dict[int, int | None], t: int, window: int, recent: int) -> list[int]:
-    """CORM.md's O(n) restatement, for checking the equivalence it claims: ``last_important``
+    """docs/corm.md's O(n) restatement, for checking the equivalence it claims: ``last_important``
     maps each kept key to the last step that marked it (None: never)."""
     def minor(i: int) -> bool:
         last = last_important[i]
@@ -69,7 +69,7 @@ def corm_step_last_important(last_important: dict[int, int | None], t: int, wind
 
 
 def worked_example() -> tuple[list[int], list[int]]:
-    """CORM.md's worked example (one head, w = 3, r = 2, prompt of 5).
+    """docs/corm.md's worked example (one head, w = 3, r = 2, prompt of 5).
 
     Returns (kept after prefill, kept after step 6 when query 6 marks keys 1, 4 and 6 but
     not 3), both 1-indexed.
@@ -360,7 +360,7 @@ def greedy_decode(model, x: torch.Tensor, pos: torch.Tensor, n: int, max_new_tok
     between the two best logits (how robust the greedy choices are to rounding)."""
     L = model.n_layers
     for layer in range(L):
-        x = model.block(x, layer, pos, lambda q, k, v: prefill_attend(layer, q, k, v))
+        x = model.block(x, layer, pos, lambda q, k, v, layer=layer: prefill_attend(layer, q, k, v))
     logits = model.final(x[-1])
     new_tokens: list[int] = []
     step_logits: list[torch.Tensor] = []
@@ -376,7 +376,7 @@ def greedy_decode(model, x: torch.Tensor, pos: torch.Tensor, n: int, max_new_tok
         x = model.embed[token][None]
         p = torch.tensor([t - 1])
         for layer in range(L):
-            x = model.block(x, layer, p, lambda q, k, v: decode_attend(layer, t, q, k, v))
+            x = model.block(x, layer, p, lambda q, k, v, layer=layer, t=t: decode_attend(layer, t, q, k, v))
         logits = model.final(x[0])
     return new_tokens, step_logits, gap
 

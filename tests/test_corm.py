@@ -1,7 +1,7 @@
 """cormlm's CORM cache against an independent naive reference (tests/corm_reference.py).
 
-The reference is written from CORM.md alone: a float64 Llama forward pass and the literal
-message-matrix rule. It is first checked against transformers and against CORM.md's
+The reference is written from docs/corm.md alone: a float64 Llama forward pass and the literal
+message-matrix rule. It is first checked against transformers and against docs/corm.md's
 worked example; then cormlm must give the same greedy tokens and keep exactly the same
 positions in every layer and KV head, alone and in a left-padded ragged batch.
 
@@ -19,14 +19,21 @@ from pathlib import Path
 
 import pytest
 import torch
+from cache_cases import cached_model, kept_positions, left_pad, random_prompt, robust_corm_case
+from checkpoints import load_hf_model, make_peaky_checkpoint, save_hf_model
+from corm_reference import (
+    corm_step,
+    corm_step_last_important,
+    long_term_minor,
+    reference_generate,
+    reference_logits,
+    reference_run,
+    worked_example,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import cormlm
-from cache_cases import robust_corm_case, cached_model, kept_positions, left_pad, random_prompt
-from checkpoints import load_hf_model, make_peaky_checkpoint, save_hf_model
-from corm_reference import (corm_step, corm_step_last_important, long_term_minor, reference_generate,
-                            reference_logits, reference_run, worked_example)
 
 VOCAB = 160
 KV_HEADS = {"mha": 4, "gqa": 2, "mqa": 1}
@@ -79,7 +86,7 @@ def test_worked_example_key_3_survives_step_6_if_marked():
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.data())
 def test_literal_matrix_rule_equals_last_important(data):
-    """CORM.md's O(n) restatement decides exactly as the literal w x n message matrix."""
+    """docs/corm.md's O(n) restatement decides exactly as the literal w x n message matrix."""
     steps = data.draw(st.integers(1, 14))
     window = data.draw(st.integers(1, 8))
     recent = data.draw(st.integers(0, 6))

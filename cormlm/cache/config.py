@@ -19,7 +19,7 @@ class CacheConfig:
     """Cache policy and parameters.
 
     - ``full``: keeps every key.
-    - ``corm``: CORM.md; ``window`` and ``recent`` are its w and r (default 256 each).
+    - ``corm``: docs/corm.md; ``window`` and ``recent`` are its w and r (default 256 each).
     - ``streaming``: the first ``sink`` positions plus the most recent ones: ``recent``
       tokens, or ``budget`` in all (sinks included).
     - ``h2o``, ``scissorhands``, ``knorm``: a fixed ``budget`` per KV head; the last

@@ -1,4 +1,4 @@
-"""CORM (Dai et al., arXiv 2404.15949) exactly as ../shared/CORM.md defines it.
+"""CORM (Dai et al., arXiv 2404.15949) exactly as docs/corm.md defines it.
 
 The paper's w x n message matrix is kept as one integer per key, ``last_important``: the
 last (1-indexed) step at which any query head of the group gave the key at least the
