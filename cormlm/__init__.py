@@ -13,8 +13,16 @@ import os
 from .cache import CacheConfig, CacheStats, KVCache, available_policies
 from .compile import compile_model
 from .config import ModelConfig, supported_model_types
-from .errors import (CacheConfigError, CheckpointError, CheckpointNotFoundError, ConfigError, CormlmError,
-                     HubError, InputError, UnsupportedModelError)
+from .errors import (
+    CacheConfigError,
+    CheckpointError,
+    CheckpointNotFoundError,
+    ConfigError,
+    CormlmError,
+    HubError,
+    InputError,
+    UnsupportedModelError,
+)
 from .generate import GenerationOutput, generate, make_cache
 from .gguf_model import is_gguf, open_gguf
 from .hub import resolve_checkpoint

@@ -8,8 +8,8 @@ a missing tensor or a shape mismatch is reported by name with the shape expected
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 

@@ -35,7 +35,7 @@ def _budget(text: str) -> int | float:
     try:
         return float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is neither a number of tokens (512) nor a fraction (0.3)")
+        raise argparse.ArgumentTypeError(f"'{text}' is neither a number of tokens (512) nor a fraction (0.3)") from None
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -65,7 +65,7 @@ def _parser() -> argparse.ArgumentParser:
     sampling.add_argument("--top-p", type=float, default=None)
     sampling.add_argument("--seed", type=int, default=None)
     run = gen.add_argument_group("runtime")
-    run.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto")
+    run.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16", "float64"), default="auto")
     run.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     run.add_argument("--compile", action="store_true", help="torch.compile the decode step")
     run.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from .errors import CheckpointNotFoundError, ConfigError, UnsupportedModelError
 from .jsonfiles import read_json, read_optional_json
@@ -93,7 +94,7 @@ class ModelConfig:
         """Bytes one token's keys and values take across all layers in a full cache."""
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * element_size
 
-    def replace(self, **changes: Any) -> "ModelConfig":
+    def replace(self, **changes: Any) -> ModelConfig:
         return dataclasses.replace(self, **changes)
 
 

@@ -7,8 +7,9 @@ size plus one tensor, never twice the model.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Callable, Iterable, Protocol
+from typing import Protocol
 
 import torch
 from safetensors import SafetensorError, safe_open

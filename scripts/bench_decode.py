@@ -52,9 +52,10 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -492,4 +493,4 @@ if __name__ == "__main__":
     try:
         main()
     except CormlmError as error:  # bad device, dtype or model: one line, not a traceback
-        raise SystemExit(f"bench_decode: {error}")
+        raise SystemExit(f"bench_decode: {error}") from None

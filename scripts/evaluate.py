@@ -280,4 +280,4 @@ if __name__ == "__main__":
     try:
         main()
     except cormlm.CormlmError as exc:  # a missing or broken --model: one line, not a traceback
-        raise SystemExit(f"evaluate: error: {exc}")
+        raise SystemExit(f"evaluate: error: {exc}") from None

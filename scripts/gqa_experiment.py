@@ -30,14 +30,21 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-import torch
 from safetensors.torch import load_file, save_file
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import cormlm  # noqa: E402
-from scripts.evaluate import (DEFAULT, QUICK, Row, completion_samples, held_out_texts,  # noqa: E402
-                              perplexity_windows, run_completion, run_perplexity)
+from scripts.evaluate import (  # noqa: E402
+    DEFAULT,
+    QUICK,
+    Row,
+    completion_samples,
+    held_out_texts,
+    perplexity_windows,
+    run_completion,
+    run_perplexity,
+)
 
 
 def write_mha_copy(folder: Path, out: Path) -> Path:
@@ -132,4 +139,4 @@ if __name__ == "__main__":
     try:
         main()
     except cormlm.CormlmError as exc:  # a missing or broken --model: one line, not a traceback
-        raise SystemExit(f"gqa_experiment: error: {exc}")
+        raise SystemExit(f"gqa_experiment: error: {exc}") from None

@@ -27,12 +27,11 @@ attention of every call (the prefill, at ``t = n``, and every decoding step), ea
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import torch
-
 from corm_reference import greedy_decode, load_reference
 
 POLICIES = ("streaming", "h2o", "scissorhands", "knorm")

@@ -4,14 +4,15 @@ fp32 rounding, left padding, and kept positions compared with a readable first m
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import cache
 from pathlib import Path
-from functools import lru_cache
-from typing import Any, Callable
+from typing import Any
 
 import torch
+from corm_reference import reference_run
 
 import cormlm
-from corm_reference import reference_run
 
 _MODELS: dict[Path, torch.nn.Module] = {}
 
@@ -37,7 +38,7 @@ def first_robust(run_for: Callable[[list[int]], Any], length: int, seed: int, vo
     raise AssertionError(f"no robust prompt found: {what}")
 
 
-@lru_cache(maxsize=None)
+@cache
 def robust_corm_case(folder: Path, length: int, new: int, window: int, recent: int, vocab: int, seed: int = 0):
     """(prompt, CORM reference run) for the first seed from ``seed`` whose run is robust to fp32."""
     return first_robust(lambda prompt: reference_run(folder, prompt, new, window, recent), length, seed, vocab,

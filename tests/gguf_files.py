@@ -11,8 +11,8 @@ ggml's block layouts, so the expected weights do not come from the code under te
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import gguf
 import numpy as np

@@ -6,10 +6,10 @@ import json
 
 import pytest
 import torch
+from checkpoints import rewrite_config, save_hf_model
 from safetensors.torch import load_file, save_file
 
 import cormlm
-from checkpoints import rewrite_config, save_hf_model
 
 
 @pytest.fixture(scope="module")

@@ -18,18 +18,24 @@ or key norm, a scissorhands probability vs. its 1/len threshold, a greedy logit 
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import pytest
 import torch
-
-import cormlm
-from baseline_reference import (budget_at, baseline_run, expected_held_counts, full_attention, protected_at,
-                                streaming_recent_at)
+from baseline_reference import (
+    baseline_run,
+    budget_at,
+    expected_held_counts,
+    full_attention,
+    protected_at,
+    streaming_recent_at,
+)
 from cache_cases import cached_model, first_mismatch, first_robust, kept_positions, left_pad, random_prompt
 from checkpoints import make_peaky_checkpoint
 from corm_reference import reference_generate, reference_logits
+
+import cormlm
 from cormlm.errors import CacheConfigError
 
 VOCAB, LAYERS = 160, 2
@@ -70,7 +76,7 @@ def falcon_rw(tmp_path_factory) -> Path:
     return make_falcon_checkpoint(tmp_path_factory.mktemp("bl_falcon_rw"), "rw")
 
 
-@lru_cache(maxsize=None)
+@cache
 def _robust_case(folder: Path, length: int, new: int, policy: str, params: tuple, seed: int = 0):
     """(prompt, reference run) for the first seed from ``seed`` whose run is robust to fp32."""
     return first_robust(lambda prompt: baseline_run(folder, prompt, new, policy, **dict(params)), length, seed,

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from checkpoints import save_hf_model
 from safetensors.torch import load_file, save_file
 
 import cormlm
-from checkpoints import save_hf_model
 from cormlm.cache.paged import BlockPool
 
 CORM_PARAMS = {"corm": {"window": 8, "recent": 4}}
@@ -138,8 +138,7 @@ def test_chunked_prefill_bounds_the_pool(gqa, monkeypatch):
 
     monkeypatch.setattr(BlockPool, "_grow", spy)
     ids = _ids(1, 600, seed=6)
-    one_shot = cormlm.generate(gqa, ids, max_new_tokens=4, eos_token_id=[],
-                               cache=cormlm.CacheConfig("corm", window=16, recent=16))
+    cormlm.generate(gqa, ids, max_new_tokens=4, eos_token_id=[], cache=cormlm.CacheConfig("corm", window=16, recent=16))
     one_shot_peak, peak["blocks"] = peak["blocks"], 0
     chunked = cormlm.generate(gqa, ids, max_new_tokens=4, eos_token_id=[],
                               cache=cormlm.CacheConfig("corm", window=16, recent=16, prefill_chunk=64))

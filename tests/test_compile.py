@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from cache_cases import kept_positions, random_prompt
+from checkpoints import make_peaky_checkpoint
 from torch._dynamo.utils import counters
 
 import cormlm
 from cormlm.cache import paged_attention
-from cache_cases import kept_positions, random_prompt
-from checkpoints import make_peaky_checkpoint
 
 VOCAB = 160
 STEPS = 120  # long enough for the pools to grow across capacity buckets and to compact

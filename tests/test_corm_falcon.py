@@ -22,12 +22,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from cache_cases import cached_model, first_mismatch, kept_positions, left_pad, random_prompt, robust_corm_case
+from checkpoints import load_hf_model, save_hf_model
+from corm_reference import long_term_minor, reference_generate, reference_logits, reference_run
 from safetensors.torch import load_file, save_file
 
 import cormlm
-from cache_cases import robust_corm_case, cached_model, first_mismatch, kept_positions, left_pad, random_prompt
-from checkpoints import load_hf_model, save_hf_model
-from corm_reference import long_term_minor, reference_generate, reference_logits, reference_run
 
 VOCAB, HIDDEN, LAYERS = 160, 64, 2
 PEAKY = 3.0  # scale of the q and k rows of query_key_value

@@ -3,7 +3,6 @@ tokenizer agreement, and that it really learned the held-out half of its data.""
 
 from __future__ import annotations
 
-import hashlib
 import math
 import sysconfig
 from pathlib import Path

@@ -53,9 +53,9 @@ def test_gqa_experiment_mha_copy_is_the_same_model(tmp_path):
     """(a) and (d) of scripts/gqa_experiment.py run on an MHA rewrite of the GQA model: same
     logits, four times the KV heads."""
     import torch
+    from checkpoints import save_hf_model
 
     import cormlm
-    from checkpoints import save_hf_model
     from scripts.gqa_experiment import write_mha_copy
 
     gqa_folder = save_hf_model(tmp_path / "gqa", model_type="llama", num_attention_heads=4, num_key_value_heads=1)

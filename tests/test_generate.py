@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from checkpoints import save_hf_model
 
 import cormlm
-from checkpoints import save_hf_model
 from cormlm.sampling import SamplingConfig, filter_logits, next_tokens
 
 

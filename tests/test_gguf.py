@@ -8,12 +8,23 @@ import gguf
 import numpy as np
 import pytest
 import torch
+from checkpoints import save_hf_model
+from gguf_files import (
+    Q,
+    f16,
+    f32,
+    gguf_tensors,
+    naive_q4_k,
+    naive_q8_0,
+    permute_qk,
+    random_q4_k,
+    save_reference,
+    unpermute_qk,
+    write_gguf,
+)
 from safetensors.torch import load_file
 
 import cormlm
-from checkpoints import save_hf_model
-from gguf_files import (Q, f16, f32, gguf_tensors, naive_q4_k, naive_q8_0, permute_qk, random_q4_k,
-                        save_reference, unpermute_qk, write_gguf)
 from cormlm.errors import CheckpointError, CheckpointNotFoundError, CormlmError, UnsupportedModelError
 
 FAMILIES = {

@@ -7,9 +7,9 @@ import shutil
 
 import pytest
 import torch
+from checkpoints import load_hf_model, save_hf_model
 
 import cormlm
-from checkpoints import load_hf_model, save_hf_model
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,15 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from scripts.png_plot import (  # noqa: E402
-    FONT, PALETTE, UNKNOWN_GLYPH, Series, encode_png, format_ticks, nice_ticks, plot_png, render,
+    FONT,
+    PALETTE,
+    UNKNOWN_GLYPH,
+    Series,
+    encode_png,
+    format_ticks,
+    nice_ticks,
+    plot_png,
+    render,
 )
 
 REQUIRED_CHARS = ("0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
@@ -249,7 +257,6 @@ def test_nice_ticks_steps_and_coverage():
         # float resolution at this magnitude (e.g. ticks near 182204.534 one 5e-6 step apart)
         eps = 1e-13 * max(abs(lo), abs(hi))
         assert _is_nice(step, 1e-6 + 10 * eps / step), (lo, hi, step)
-        k = math.floor(math.log10(step) + 1e-9)
         step = float(f"{step:.1g}")   # the exact nice step, free of subtraction error
         for a, b in zip(ticks, ticks[1:]):
             assert math.isclose(b - a, step, rel_tol=1e-6, abs_tol=10 * eps)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from .base import KVCache
 from .config import CORM_DEFAULT, SCISSORHANDS_WINDOW, STREAMING_SINK
@@ -20,7 +21,7 @@ if TYPE_CHECKING:
 POLICY_CLASSES: dict[str, type[EvictionPolicy]] = {
     cls.name: cls for cls in (EvictionPolicy, CormPolicy, StreamingPolicy, H2OPolicy, ScissorhandsPolicy, KNormPolicy)}
 
-_POLICIES: dict[str, Callable[["CacheConfig"], EvictionPolicy]] = {
+_POLICIES: dict[str, Callable[[CacheConfig], EvictionPolicy]] = {
     "full": lambda cfg: EvictionPolicy(),
     "corm": lambda cfg: CormPolicy(window=cfg.window or CORM_DEFAULT,
                                    recent=CORM_DEFAULT if cfg.recent is None else cfg.recent),
@@ -42,7 +43,7 @@ def policy_parameters(name: str) -> tuple[str, ...]:
     return POLICY_CLASSES[name].parameters
 
 
-def build_cache(cfg: "CacheConfig", *, batch_size: int, num_layers: int, num_kv_heads: int,
+def build_cache(cfg: CacheConfig, *, batch_size: int, num_layers: int, num_kv_heads: int,
                 head_dim: int, dtype, device, compiled: bool = False) -> KVCache:
     return RaggedCache(_POLICIES[cfg.policy](cfg), block_size=cfg.block_size, prefill_chunk=cfg.prefill_chunk,
                        compiled=compiled, batch_size=batch_size, num_layers=num_layers, num_kv_heads=num_kv_heads,

@@ -29,7 +29,7 @@ class StepContext:
 
     positions: torch.Tensor  # [B, T] absolute 0-indexed positions, -1 for padding
     rotary: tuple[torch.Tensor, torch.Tensor] | None  # (cos, sin) [B, T, rotary_dim]
-    cache: "KVCache | None"
+    cache: KVCache | None
     plain_causal: bool  # one unpadded sequence, no cache: SDPA's causal kernel suffices
 
 
