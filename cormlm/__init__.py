@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 
-from .cache import CacheConfig, CacheStats, KVCache, available_policies
+from .cache import CacheConfig, CacheStats, KVCache, available_policies, make_cache
 from .compile import compile_model
 from .config import ModelConfig, supported_model_types
 from .errors import (
@@ -23,7 +23,7 @@ from .errors import (
     InputError,
     UnsupportedModelError,
 )
-from .generate import GenerationOutput, generate, make_cache
+from .generate import GenerationOutput, generate
 from .gguf_model import is_gguf, open_gguf
 from .hub import resolve_checkpoint
 from .loading import load_model

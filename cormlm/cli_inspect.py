@@ -28,7 +28,7 @@ def describe(source) -> dict:
     stored = str(dtype).removeprefix("torch.")
     if getattr(tensors, "file_type", None):  # a quantized GGUF: runs dequantized (float32 on CPU)
         stored = f"{tensors.file_type} (GGUF; KV bytes below for float32)"
-    per_token = 2 * config.num_layers * config.num_kv_heads * config.head_dim * itemsize
+    per_token = config.kv_bytes_per_token(itemsize)
     attention = ("MHA" if config.num_kv_heads == config.num_heads else
                  "MQA" if config.num_kv_heads == 1 else f"GQA ({config.group_size} query heads per KV head)")
     return {

@@ -4,12 +4,12 @@ Each block is compiled as two graphs, everything before attention (norm, QKV pro
 rotary) and everything after it (output projection, MLP, residuals), plus one for the
 final norm and LM head: few graph calls per step, and elementwise work fused around the
 GEMMs. ``dynamic=True`` keeps batch and length symbolic, so a graph serves every token
-count of its kind (decode-sized inputs and prefill-sized ones take one graph each, since
-``Linear`` picks its product by row count). Caches made for a compiled model run each
-layer's decode attention and policy update as one compiled graph with a symbolic block
-count (``cache.paged_attention``), so caches that grow and shrink reuse it; appends,
-evictions and compaction (storage changes) stay eager. Compiled functions use the
-modules' parameters: nothing is copied.
+count of its kind. A decode step (one token per row) runs as one graph: every layer,
+the cache appends, decode attention, the policy's state update and evictions
+(``CausalLM.decode_body``); the pools' block counts are symbolic, so caches that grow,
+evict and compact reuse it. Allocation of blocks and compaction run eagerly between steps.
+Compiled functions use the modules' parameters: nothing is copied. Inductor keeps its
+compiled kernels in its on-disk cache, so only a machine's first run pays for compiling.
 """
 
 from __future__ import annotations

@@ -41,6 +41,11 @@ class RopeConfig:
     truncate: bool = True
 
 
+def kv_bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, element_size: int) -> int:
+    """Keys + values of one token in every layer and KV head: what a full cache stores per token."""
+    return 2 * num_layers * num_kv_heads * head_dim * element_size
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Everything the shared model code needs to build any supported family."""
@@ -92,7 +97,7 @@ class ModelConfig:
 
     def kv_bytes_per_token(self, element_size: int) -> int:
         """Bytes one token's keys and values take across all layers in a full cache."""
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * element_size
+        return kv_bytes_per_token(self.num_layers, self.num_kv_heads, self.head_dim, element_size)
 
     def replace(self, **changes: Any) -> ModelConfig:
         return dataclasses.replace(self, **changes)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .cache import CacheConfig, KVCache, build_cache
+from .cache import CacheConfig, KVCache, make_cache
 from .errors import InputError
 from .sampling import SamplingConfig, next_tokens
 
@@ -34,18 +34,6 @@ class GenerationOutput:
         return steps * len(self.new_tokens) / self.decode_seconds if self.decode_seconds > 0 and steps > 0 else 0.0
 
 
-def make_cache(model: torch.nn.Module, cfg: CacheConfig | None = None, batch_size: int = 1) -> KVCache:
-    """An empty cache for ``model`` and ``batch_size`` rows, ruled by ``cfg``'s policy.
-
-    A model passed through :func:`cormlm.compile_model` gets a cache whose decode
-    attention is compiled too.
-    """
-    config = model.config
-    return build_cache(cfg or CacheConfig(), batch_size=batch_size, num_layers=config.num_layers,
-                       num_kv_heads=config.num_kv_heads, head_dim=config.head_dim,
-                       dtype=model.dtype, device=model.device, compiled=getattr(model, "compiled", False))
-
-
 def _stop_ids(model: torch.nn.Module, eos_token_id: int | Sequence[int] | None) -> list[int]:
     if eos_token_id is None:
         return list(model.config.eos_token_ids)
@@ -63,6 +51,19 @@ def pad_prompts(prompts: Sequence[int] | Sequence[Sequence[int]]) -> tuple[torch
         return ids, None
     mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in rows])
     return ids, mask
+
+
+def prefill(model: torch.nn.Module, input_ids: torch.Tensor, valid: torch.Tensor | None, cache: KVCache) -> torch.Tensor:
+    """Last-position logits of the prompt, fed in one call, or in chunks of ``cache.prefill_chunk``
+    tokens (each chunk a step of its own: the policy evicts between chunks)."""
+    chunk = cache.prefill_chunk or input_ids.shape[1]
+    logits = None
+    for start in range(0, input_ids.shape[1], chunk):
+        part = None if valid is None else valid[:, start:start + chunk]
+        if part is not None and bool(part.all()):
+            part = None
+        logits = model.forward_unchecked(input_ids[:, start:start + chunk], part, cache, last_logits_only=True)
+    return logits
 
 
 @torch.inference_mode()
@@ -119,7 +120,7 @@ def generate(
         generator = torch.Generator(device=model.device).manual_seed(seed)
 
     start = time.perf_counter()
-    logits = model.forward_unchecked(input_ids, valid, cache, last_logits_only=True)
+    logits = prefill(model, input_ids, valid, cache)
     steps: list[torch.Tensor] = []
     finished = torch.zeros(batch, dtype=torch.bool, device=model.device)
     prefill_done = time.perf_counter()

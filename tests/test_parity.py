@@ -154,3 +154,18 @@ def test_float64_end_to_end(tmp_path, family, overrides):
         assert all(piece.dtype == torch.float64 for piece in pieces)
         if cfg.policy == "full":
             assert (torch.cat(pieces, dim=1) - full).abs().max().item() <= 1e-10
+
+
+@torch.inference_mode()
+def test_alibi_slopes_follow_model_to(tmp_path):
+    """ALiBi slopes are a buffer: model.to() converts them with the weights, and the layers'
+    attention uses the converted ones."""
+    folder = save_hf_model(tmp_path, "falcon", alibi=True, multi_query=False, parallel_attn=False,
+                           new_decoder_architecture=False, bias=True)
+    moved = cormlm.load_model(folder).to(torch.float64)
+    loaded = cormlm.load_model(folder, dtype=torch.float64)
+    for block in moved.blocks:
+        assert block.attn.spec.alibi_slopes is block.attn.alibi_slopes
+        assert block.attn.alibi_slopes.dtype == torch.float64
+    ids = _prompt(16, batch=2, seed=6)
+    assert (moved(ids) - loaded(ids)).abs().max().item() <= 1e-12

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..attention_ops import AttentionSpec
+from ..config import kv_bytes_per_token
+from ..models.attention_ops import AttentionSpec
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,8 @@ class KVCache(ABC):
         self.device = torch.device(device)
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=self.device)
         self.max_length = 0  # host copy of lengths.max(): checks without device syncs
+        self.prefill_chunk: int | None = None  # generate() feeds longer prompts in chunks of this
+        self.kv_bytes_per_token = kv_bytes_per_token(num_layers, num_kv_heads, head_dim, self.dtype.itemsize)
 
     def begin_step(self, valid: torch.Tensor | None, num_tokens: int) -> tuple[torch.Tensor, int]:
         """Assign absolute positions to the step's new tokens; padding gets -1.
@@ -100,5 +103,4 @@ class KVCache(ABC):
         """Retained tokens, bytes held (real storage) and bytes a full cache would hold."""
 
     def bytes_full(self) -> int:
-        per_token = 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.dtype.itemsize
-        return int(self.lengths.sum()) * per_token
+        return int(self.lengths.sum()) * self.kv_bytes_per_token

@@ -30,7 +30,7 @@ class CacheConfig:
     (float in (0, 1]), per batch row, layer and KV head. A parameter the policy does not
     read is an error (``CacheConfig("corm", budget=512)`` would otherwise do nothing).
 
-    ``prefill_chunk`` (off by default) feeds a long prompt in chunks of that many tokens,
+    ``prefill_chunk`` (off by default): ``generate`` feeds a long prompt in chunks of that many tokens,
     evicting after each, so the keys a prompt holds at once stay bounded. Decisions then
     differ from one-shot prefill: queries of later chunks attend only to the keys earlier
     chunks kept (their hidden states are no longer exact), and each chunk's eviction is

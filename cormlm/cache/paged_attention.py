@@ -4,18 +4,16 @@ Each block is scored against the queries of the stream that owns it (one bmm ove
 blocks); the softmax is a segmented one over each stream's blocks (scatter max, exp,
 index_add). The normalised probabilities fall out of the same computation, so a policy
 that needs them (CORM) costs no second pass: they are the ones the output is made from.
-``decode_layer_step`` adds the policy's state update; caches of a compiled model run it
-as one ``torch.compile`` graph with a symbolic block count.
+``decode_layer_step`` adds the policy's state update; a compiled model runs it inside its
+one-graph decode step (``cormlm.compile_model``).
 """
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable
-
 import torch
 
-from ..attention_ops import AttentionSpec, upcast
+from ..models.alibi import alibi_bias
+from ..models.attention_ops import AttentionSpec, upcast
 from .paged import stream_live_counts
 from .policy import EvictionPolicy
 
@@ -72,10 +70,9 @@ def paged_decode_attention(keys: torch.Tensor, values: torch.Tensor, positions: 
     visible = pos >= 0
     if spec.sliding_window is not None:
         visible &= (q_pos[owner][:, None] - pos) < spec.sliding_window
-    if spec.alibi_slopes is not None:  # the same bias as attention_ops.alibi_bias, per block
-        slopes = spec.alibi_slopes.view(-1, g).repeat(s // (spec.alibi_slopes.numel() // g), 1)
-        block_slopes = slopes[owner].to(torch.bfloat16)[:, :, None]
-        scores = scores + (block_slopes * pos.clamp(min=0).to(torch.bfloat16)[:, None, :]).float() * spec.scale
+    if spec.alibi_slopes is not None:
+        slopes = spec.alibi_slopes.view(-1, g).repeat(s // (spec.alibi_slopes.numel() // g), 1)  # [S, G]
+        scores = scores + alibi_bias(slopes[owner][:, :, None], pos[:, None, :], spec.scale)
     scores = scores.masked_fill(~visible[:, None, :], float("-inf"))
     peak = _segment_max(scores.amax(dim=-1), owner, s)  # [S, G]
     weights = torch.exp(scores - peak[owner][:, :, None])  # invisible slots: exp(-inf) = 0
@@ -103,14 +100,3 @@ def decode_layer_step(keys: torch.Tensor, values: torch.Tensor, positions: torch
         attended = stream_live_counts(positions, owner, stream_t.shape[0])[owner.clamp(min=0)][:, None]
     observed = policy.observe(probs[:, :, None, :], block_t, attended, None)
     return out, policy.merge(state, observed)
-
-
-@functools.cache
-def compiled_decode_layer_step() -> Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]:
-    """:func:`decode_layer_step` under ``torch.compile``, built once per process.
-
-    ``dynamic=True``: the pool's block count and the stream count are symbolic, so a cache
-    that grows, compacts or shrinks reuses one graph per (policy, attention kind) instead
-    of compiling one per pool size.
-    """
-    return torch.compile(decode_layer_step, dynamic=True)

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import torch
 
-from ..attention_ops import AttentionSpec, alibi_bias, attend, upcast, visibility_mask
+from ..models.attention_ops import AttentionSpec, attend, key_alibi_bias, upcast, visibility_mask
 from .base import CacheStats, KVCache
 from .paged import BlockPool
-from .paged_attention import compiled_decode_layer_step, decode_layer_step
+from .paged_attention import decode_layer_step
 from .policy import EvictionPolicy, SlotView
 
 COMPACT_CHECK_EVERY = 16  # decode steps between (synchronising) fragmentation checks
@@ -31,7 +31,7 @@ def explicit_probs(q: torch.Tensor, k: torch.Tensor, q_pos: torch.Tensor, k_pos:
     scores = upcast(torch.matmul(grouped, k.transpose(-1, -2))) * spec.scale
     scores = scores.view(b, spec.num_kv_heads, g, nq, -1)
     if spec.alibi_slopes is not None:
-        bias = alibi_bias(spec, k_pos)  # [B, Hq, 1, S]
+        bias = key_alibi_bias(spec, k_pos)  # [B, Hq, 1, S]
         scores = scores + bias.view(b, spec.num_kv_heads, g, 1, -1)
     mask = visibility_mask(q_pos, k_pos, spec.sliding_window)  # [B, Hk, Q, S]
     scores.masked_fill_(~mask[:, :, None], float("-inf"))
@@ -40,11 +40,9 @@ def explicit_probs(q: torch.Tensor, k: torch.Tensor, q_pos: torch.Tensor, k_pos:
 
 class RaggedCache(KVCache):
     def __init__(self, policy: EvictionPolicy, *, block_size: int = 16, prefill_chunk: int | None = None,
-                 compiled: bool = False, **kwargs) -> None:
+                 **kwargs) -> None:
         super().__init__(**kwargs)
         self.policy = policy
-        # decode attention + policy update per layer: compiled (one fused graph) or eager
-        self.decode_step = compiled_decode_layer_step() if compiled else decode_layer_step
         self.block_size = block_size
         self.prefill_chunk = prefill_chunk
         streams = self.batch_size * self.num_kv_heads
@@ -93,7 +91,7 @@ class RaggedCache(KVCache):
         # 1-indexed t of the latest query of the stream owning each block: [NB, 1]
         block_t = self._stream_t[pool.owner.clamp(min=0)][:, None]
         if self._single:
-            out, state = self.decode_step(pool.keys, pool.values, pool.positions, pool.owner, pool.state,
+            out, state = decode_layer_step(pool.keys, pool.values, pool.positions, pool.owner, pool.state,
                                           q.reshape(b * hkv, g, d), stream_pos[:, 0], block_t, self._stream_t,
                                           spec, self.policy)
             out = out.view(b, hq, 1, d)

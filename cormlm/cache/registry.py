@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 from .base import KVCache
-from .config import CORM_DEFAULT, SCISSORHANDS_WINDOW, STREAMING_SINK
+from .config import CORM_DEFAULT, SCISSORHANDS_WINDOW, STREAMING_SINK, CacheConfig
 from .corm import CormPolicy
 from .h2o import H2OPolicy
 from .knorm import KNormPolicy
@@ -14,9 +13,6 @@ from .policy import EvictionPolicy
 from .ragged import RaggedCache
 from .scissorhands import ScissorhandsPolicy
 from .streaming import StreamingPolicy
-
-if TYPE_CHECKING:
-    from .config import CacheConfig
 
 POLICY_CLASSES: dict[str, type[EvictionPolicy]] = {
     cls.name: cls for cls in (EvictionPolicy, CormPolicy, StreamingPolicy, H2OPolicy, ScissorhandsPolicy, KNormPolicy)}
@@ -43,8 +39,17 @@ def policy_parameters(name: str) -> tuple[str, ...]:
     return POLICY_CLASSES[name].parameters
 
 
+def make_cache(model, cfg: CacheConfig | None = None, batch_size: int = 1) -> KVCache:
+    """An empty cache for ``model`` (a cormlm model: its config, dtype and device) and
+    ``batch_size`` rows, ruled by ``cfg``'s policy (default: full)."""
+    config = model.config
+    return build_cache(cfg or CacheConfig(), batch_size=batch_size, num_layers=config.num_layers,
+                       num_kv_heads=config.num_kv_heads, head_dim=config.head_dim,
+                       dtype=model.dtype, device=model.device)
+
+
 def build_cache(cfg: CacheConfig, *, batch_size: int, num_layers: int, num_kv_heads: int,
-                head_dim: int, dtype, device, compiled: bool = False) -> KVCache:
+                head_dim: int, dtype, device) -> KVCache:
     return RaggedCache(_POLICIES[cfg.policy](cfg), block_size=cfg.block_size, prefill_chunk=cfg.prefill_chunk,
-                       compiled=compiled, batch_size=batch_size, num_layers=num_layers, num_kv_heads=num_kv_heads,
+                       batch_size=batch_size, num_layers=num_layers, num_kv_heads=num_kv_heads,
                        head_dim=head_dim, dtype=dtype, device=device)

@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from ..attention_ops import AttentionSpec, attend, default_scale
 from ..config import ModelConfig
+from .attention_ops import AttentionSpec, attend, default_scale
 from .linear import Linear
 from .rope import apply_rotary
 
@@ -48,7 +48,9 @@ class Attention(nn.Module):
         self.split_sizes = (q_size, kv_size, kv_size)
         self.qkv = Linear(config.hidden_size, q_size + 2 * kv_size, bias=config.attention_bias)
         self.o_proj = Linear(q_size, config.hidden_size, bias=config.attention_out_bias)
-        self.spec = AttentionSpec(
+        # ALiBi slopes [Hq] (set by the model): a buffer, so that model.to() moves them too
+        self.register_buffer("alibi_slopes", None, persistent=False)
+        self._spec = AttentionSpec(
             num_heads=config.num_heads,
             num_kv_heads=config.num_kv_heads,
             head_dim=config.head_dim,
@@ -56,8 +58,12 @@ class Attention(nn.Module):
             sliding_window=config.sliding_window,
         )
 
-    def set_alibi_slopes(self, slopes: torch.Tensor) -> None:
-        self.spec = dataclasses.replace(self.spec, alibi_slopes=slopes)
+    @property
+    def spec(self) -> AttentionSpec:
+        """How this layer's attention turns positions into masks and biases (current slopes)."""
+        if self._spec.alibi_slopes is not self.alibi_slopes:
+            self._spec = dataclasses.replace(self._spec, alibi_slopes=self.alibi_slopes)
+        return self._spec
 
     def project(self, h: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

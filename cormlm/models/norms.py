@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..attention_ops import upcast
 from ..config import ModelConfig
+from .attention_ops import upcast
 
 
 class RMSNorm(nn.Module):

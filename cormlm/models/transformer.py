@@ -87,7 +87,7 @@ class CausalLM(nn.Module):
         if self.config.position == "alibi":
             slopes = alibi_slopes(self.config.num_heads, self.device)
             for block in self.blocks:
-                block.attn.set_alibi_slopes(slopes)
+                block.attn.alibi_slopes = slopes
 
     def forward(
         self,
@@ -161,21 +161,8 @@ class CausalLM(nn.Module):
         cache: KVCache | None = None,
         last_logits_only: bool = False,
     ) -> torch.Tensor:
-        """The forward pass without input checks (decode loops that made their own ids)."""
-        chunk = getattr(cache, "prefill_chunk", None)
-        if chunk and input_ids.shape[1] > chunk:
-            pieces = []
-            for start in range(0, input_ids.shape[1], chunk):
-                part_valid = None if valid is None else valid[:, start:start + chunk]
-                if part_valid is not None and bool(part_valid.all()):
-                    part_valid = None
-                pieces.append(self._forward_once(input_ids[:, start:start + chunk], part_valid, cache,
-                                                 last_logits_only))
-            return pieces[-1] if last_logits_only else torch.cat(pieces, dim=1)
-        return self._forward_once(input_ids, valid, cache, last_logits_only)
-
-    def _forward_once(self, input_ids: torch.Tensor, valid: torch.Tensor | None, cache: KVCache | None,
-                      last_logits_only: bool) -> torch.Tensor:
+        """The forward pass without input checks (decode loops that made their own ids): one
+        step of the cache protocol, ``begin_step``, every layer's ``attend``, ``end_step``."""
         b, t = input_ids.shape
         if cache is not None:
             positions, max_position = cache.begin_step(valid, t)

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .alibi import alibi_bias
+
 
 @dataclass(frozen=True)
 class AttentionSpec:
@@ -78,20 +80,13 @@ def _group_mask(mask: torch.Tensor, group: int) -> torch.Tensor:
     return mask[:, :, None].expand(b, hk, group, t, s).reshape(b, hk, group * t, s)
 
 
-def alibi_bias(spec: AttentionSpec, k_pos: torch.Tensor) -> torch.Tensor:
-    """Float32 [B, Hq, 1, S] ALiBi bias of each key, added to the scaled scores.
-
-    ``scale * bf16(bf16(slope) * bf16(key_pos))``: Falcon's published computation, rounding
-    included. It uses the key's absolute position only; the query's share of
-    ``slope * (key - query)`` is the same for every key of a row, and softmax ignores it.
-    """
+def key_alibi_bias(spec: AttentionSpec, k_pos: torch.Tensor) -> torch.Tensor:
+    """Float32 [B, Hq, 1, S] ALiBi bias of each key (``k_pos`` [B, S] or [B, Hkv, S])."""
     if k_pos.dim() == 2:
         k_pos = k_pos[:, None]
     if k_pos.shape[1] != 1:
         k_pos = k_pos[:, torch.arange(spec.num_heads, device=k_pos.device) // spec.group_size]
-    slopes = spec.alibi_slopes.to(device=k_pos.device, dtype=torch.bfloat16)[None, :, None]
-    bias = (slopes * k_pos.clamp(min=0).to(torch.bfloat16)).float() * spec.scale
-    return bias[:, :, None, :]
+    return alibi_bias(spec.alibi_slopes.to(k_pos.device)[None, :, None], k_pos, spec.scale)[:, :, None, :]
 
 
 def attend(
@@ -120,7 +115,7 @@ def attend(
         raise ValueError("attend needs q_pos and k_pos unless causal=True on an unpadded sequence")
     mask = visibility_mask(q_pos, k_pos, spec.sliding_window)
     if spec.alibi_slopes is not None:
-        bias = alibi_bias(spec, k_pos)
+        bias = key_alibi_bias(spec, k_pos)
         hq_mask = mask if mask.shape[1] == 1 else mask.repeat_interleave(group, dim=1)
         bias = bias.masked_fill(~hq_mask, float("-inf")).to(q.dtype)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=spec.scale, enable_gqa=gqa)
