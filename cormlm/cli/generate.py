@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from .cli import UsageError
-from .cli_inspect import human_bytes
+from ..cache import available_policies
+from .common import UsageError, budget, human_bytes
 
 
 def read_prompt(args: argparse.Namespace) -> str:
@@ -25,7 +25,7 @@ def read_prompt(args: argparse.Namespace) -> str:
             raise UsageError("give the prompt as an argument or with --prompt-file, not both")
         path = Path(args.prompt_file)
         if not path.is_file():
-            from .errors import InputError
+            from ..errors import InputError
             raise InputError(f"prompt file not found: {path}")
         return path.read_text(encoding="utf-8")
     if args.prompt == "-" or (args.prompt is None and not sys.stdin.isatty()):
@@ -36,7 +36,7 @@ def read_prompt(args: argparse.Namespace) -> str:
 
 
 def cache_config(args: argparse.Namespace):
-    from .cache import CacheConfig
+    from ..cache import CacheConfig
 
     return CacheConfig(args.policy, window=args.window, recent=args.recent, budget=args.budget, sink=args.sink,
                        block_size=args.block_size, prefill_chunk=args.prefill_chunk)
@@ -48,9 +48,9 @@ def _status(args: argparse.Namespace, message: str, end: str = "\n") -> None:
 
 
 def load(args: argparse.Namespace):
-    from . import load_model, load_tokenizer
-    from .embedded import embedded_model_path
-    from .hub import resolve_checkpoint
+    from .. import load_model, load_tokenizer
+    from ..embedded import embedded_model_path
+    from ..hub import resolve_checkpoint
 
     source = args.model if args.model is not None else embedded_model_path()
     folder = resolve_checkpoint(source)
@@ -91,9 +91,41 @@ class Streamer:
             self.shown = text
 
 
-def run_generate(args: argparse.Namespace) -> None:
-    from . import generate
-    from .chat import render_chat
+def add_parser(sub) -> None:
+    gen = sub.add_parser("generate", help="complete a prompt, streaming tokens to stdout",
+                         description="Complete a prompt; tokens stream to stdout, a summary goes to stderr.")
+    gen.add_argument("prompt", nargs="?", default=None, help="the prompt; '-' (or a pipe) reads stdin")
+    gen.add_argument("--prompt-file", default=None, help="read the prompt from this file")
+    gen.add_argument("--model", default=None, help="checkpoint folder, .gguf file or hub id (default: the embedded model)")
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt in the checkpoint's chat template")
+    cache = gen.add_argument_group("cache policy")
+    cache.add_argument("--policy", choices=available_policies(), default="corm", help="eviction policy (default corm)")
+    cache.add_argument("--window", type=int, default=None, help="corm: w (256); scissorhands: history (32)")
+    cache.add_argument("--recent", type=int, default=None,
+                       help="positions never evicted (corm 256; budget policies: half the budget)")
+    cache.add_argument("--budget", type=budget, default=None,
+                       help="h2o/scissorhands/knorm/streaming: tokens kept per KV head (int) or fraction (float)")
+    cache.add_argument("--sink", type=int, default=None, help="streaming: first positions always kept (4)")
+    cache.add_argument("--block-size", type=int, default=16, help="cache slots per storage block")
+    cache.add_argument("--prefill-chunk", type=int, default=None, help="prefill long prompts in chunks, evicting")
+    sampling = gen.add_argument_group("sampling")
+    sampling.add_argument("--max-new-tokens", type=int, default=128)
+    sampling.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    sampling.add_argument("--top-k", type=int, default=None)
+    sampling.add_argument("--top-p", type=float, default=None)
+    sampling.add_argument("--seed", type=int, default=None)
+    runtime = gen.add_argument_group("runtime")
+    runtime.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16", "float64"), default="auto")
+    runtime.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    runtime.add_argument("--compile", action="store_true", help="torch.compile the decode step")
+    runtime.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
+    runtime.add_argument("--quiet", action="store_true", help="no progress or summary on stderr")
+
+
+
+def run(args: argparse.Namespace) -> None:
+    from .. import generate
+    from ..chat import render_chat
 
     cfg = cache_config(args)  # bad policy flags fail before anything loads
     prompt = read_prompt(args)
@@ -104,7 +136,7 @@ def run_generate(args: argparse.Namespace) -> None:
     else:
         ids = tokenizer.encode(prompt)
     if args.compile:
-        from .compile import compile_model
+        from ..compile import compile_model
         compile_model(model)
     streamer = None if args.json else Streamer(tokenizer)
     out = generate(model, [ids], max_new_tokens=args.max_new_tokens, cache=cfg, temperature=args.temperature,

@@ -12,10 +12,12 @@ import math
 
 import torch
 
+from .common import human_bytes
+
 
 def describe(source) -> dict:
-    from .hub import resolve_checkpoint
-    from .loading import open_checkpoint
+    from ..hub import resolve_checkpoint
+    from ..loading import open_checkpoint
 
     folder = resolve_checkpoint(source)
     config, tensors = open_checkpoint(folder)
@@ -41,16 +43,15 @@ def describe(source) -> dict:
     }
 
 
-def human_bytes(nbytes: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if nbytes < 1024 or unit == "TiB":
-            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
-        nbytes /= 1024
-    return ""
+def add_parser(sub) -> None:
+    ins = sub.add_parser("inspect", help="family, size, heads and KV bytes per token of a checkpoint",
+                         description="What a checkpoint costs, read from its config and tensor headers.")
+    ins.add_argument("model", nargs="?", default=None, help="checkpoint folder, .gguf file or hub id (default: embedded)")
+    ins.add_argument("--json", action="store_true", help="print one JSON object")
 
 
-def run_inspect(args: argparse.Namespace) -> None:
-    from .embedded import embedded_model_path
+def run(args: argparse.Namespace) -> None:
+    from ..embedded import embedded_model_path
 
     info = describe(args.model if args.model is not None else embedded_model_path())
     if args.json:
