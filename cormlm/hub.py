@@ -8,12 +8,10 @@ an error (never silently sent to the hub); anything else is a hub id fetched wit
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 
 from .errors import CheckpointNotFoundError, HubError
 
-REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 CHECKPOINT_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja"]
 
 
@@ -22,8 +20,14 @@ def _looks_like_path(text: str) -> bool:
             or text in (".", ".."))
 
 
-def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+def _is_repo_id(text: str) -> bool:
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(text)
+    except HFValidationError:
+        return False
+    return True
 
 
 def _gguf_in_folder(folder: Path) -> Path | None:
@@ -50,11 +54,11 @@ def resolve_checkpoint(model: str | os.PathLike, revision: str | None = None,
             return path
         raise CheckpointNotFoundError(f"{path} is a file; pass the folder that holds config.json, or a .gguf file")
     text = str(model)
-    if _looks_like_path(text) or not REPO_ID.match(text):
+    if _looks_like_path(text) or not _is_repo_id(text):
         raise CheckpointNotFoundError(f"no such folder: {text}; pass a checkpoint folder or a hub id like 'org/name'")
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import constants, snapshot_download
 
-    offline = _offline()
+    offline = constants.HF_HUB_OFFLINE
     try:
         folder = snapshot_download(text, revision=revision, cache_dir=cache_dir,
                                    allow_patterns=CHECKPOINT_PATTERNS, local_files_only=offline)

@@ -39,7 +39,6 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import cormlm  # noqa: E402
 from cormlm.real_model import REAL_MODEL, resolve_model_argument  # noqa: E402
-from scripts.png_plot import Series, plot_png  # noqa: E402
 from scripts.train_tiny import is_held_out, stdlib_files  # noqa: E402
 
 BASELINES = ("streaming", "h2o", "scissorhands", "knorm")
@@ -132,16 +131,11 @@ def completion_samples(tok, texts, sizes: Sizes, limit: int | None) -> list[dict
 
 # ------------------------------------------------------------------------------ metrics
 def edit_similarity(a: str, b: str) -> float:
-    """2 x LCS(a, b) / (len a + len b): 1.0 for equal strings (fuzz.ratio / 100)."""
-    if not a and not b:
-        return 1.0
-    previous = [0] * (len(b) + 1)
-    for ca in a:
-        current = [0]
-        for j, cb in enumerate(b):
-            current.append(previous[j] + 1 if ca == cb else max(previous[j + 1], current[j]))
-        previous = current
-    return 2 * previous[-1] / (len(a) + len(b))
+    """2 x LCS(a, b) / (len a + len b), 1.0 for equal strings: rapidfuzz's normalised Indel
+    similarity (``fuzz.ratio`` / 100), LongBench's code-completion measure."""
+    from rapidfuzz import fuzz
+
+    return fuzz.ratio(a, b) / 100
 
 
 def first_line(generated: str) -> str:
@@ -212,16 +206,26 @@ def markdown_table(rows: list[Row]) -> str:
 
 
 def plots(rows: list[Row], out: Path, title: str) -> list[Path]:
+    """Quality against retained KV fraction, one line per policy (matplotlib: the eval extra)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     paths = []
     for metric, label in (("perplexity", "perplexity (lower is better)"),
                           ("edit_similarity", "next-line edit similarity (higher is better)")):
-        series = []
-        for policy in ("full", "corm", *BASELINES):
+        fig, ax = plt.subplots(figsize=(8, 5), layout="constrained")
+        for policy, marker in zip(("full", "corm", *BASELINES), "o*sD^v"):
             points = sorted((r.retained_fraction, getattr(r, metric)) for r in rows if r.policy == policy)
             if points:
-                series.append(Series(policy, [100 * x for x, _ in points], [y for _, y in points], connect=True))
+                ax.plot([100 * x for x, _ in points], [y for _, y in points], marker=marker, label=policy)
+        ax.set(title=title, xlabel="mean retained KV fraction (%)", ylabel=label)
+        ax.grid(alpha=0.3)
+        ax.legend()
         path = out / f"{metric}_vs_retained.png"
-        plot_png(path, series, title=title, x_label="mean retained KV fraction (%)", y_label=label)
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
         paths.append(path)
     return paths
 

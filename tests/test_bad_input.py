@@ -156,13 +156,15 @@ def test_bad_cache_config():
     with pytest.raises(cormlm.CacheConfigError, match="unknown cache policy 'lru'; available policies: full"):
         cormlm.CacheConfig(policy="lru")
     with pytest.raises(cormlm.CacheConfigError, match="window must be >= 1"):
-        cormlm.CacheConfig(window=0)
+        cormlm.CacheConfig("corm", window=0)
     with pytest.raises(cormlm.CacheConfigError, match="recent must be an integer"):
-        cormlm.CacheConfig(recent=1.5)
+        cormlm.CacheConfig("corm", recent=1.5)
 
 
 def test_hub_offline_error_says_pass_a_folder(monkeypatch, tmp_path):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # what HF_HUB_OFFLINE=1 sets at import
     with pytest.raises(cormlm.HubError, match="pass a local folder"):
         cormlm.load_model("some-org/not-cached-model", cache_dir=tmp_path)
 
