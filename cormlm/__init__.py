@@ -11,8 +11,13 @@ from __future__ import annotations
 import os
 
 from .cache import CacheConfig, CacheStats, KVCache, available_policies, make_cache
+from .checkpoint.gguf_file import is_gguf, open_gguf
+from .checkpoint.hf_config import supported_model_types
+from .checkpoint.hub import resolve_checkpoint
+from .checkpoint.load import load_model
+from .checkpoint.tokenizer import Tokenizer, load_tokenizer_from_folder
 from .compile import compile_model
-from .config import ModelConfig, supported_model_types
+from .config import ModelConfig
 from .errors import (
     CacheConfigError,
     CheckpointError,
@@ -24,10 +29,6 @@ from .errors import (
     UnsupportedModelError,
 )
 from .generate import GenerationOutput, generate
-from .gguf_model import is_gguf, open_gguf
-from .hub import resolve_checkpoint
-from .loading import load_model
-from .tokenizer import Tokenizer, load_tokenizer_from_folder
 
 
 def load_tokenizer(model: str | os.PathLike, *, revision: str | None = None,
@@ -36,7 +37,7 @@ def load_tokenizer(model: str | os.PathLike, *, revision: str | None = None,
     (its tokenizer metadata)."""
     path = resolve_checkpoint(model, revision=revision, cache_dir=cache_dir)
     if is_gguf(path):
-        from .gguf_tokenizer import tokenizer_from_gguf
+        from .checkpoint.gguf_tokenizer import tokenizer_from_gguf
         return tokenizer_from_gguf(open_gguf(path), path)
     return load_tokenizer_from_folder(path)
 

@@ -4,8 +4,8 @@ environment (jinja2 ships with torch), ``add_generation_prompt`` on."""
 
 from __future__ import annotations
 
+from .checkpoint.tokenizer import Tokenizer
 from .errors import InputError
-from .tokenizer import Tokenizer
 
 
 class TemplateError(InputError):

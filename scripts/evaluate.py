@@ -38,7 +38,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import cormlm  # noqa: E402
-from cormlm.real_model import REAL_MODEL, resolve_model_argument  # noqa: E402
+from cormlm.checkpoint.real_model import REAL_MODEL, resolve_model_argument  # noqa: E402
 from scripts.train_tiny import is_held_out, stdlib_files  # noqa: E402
 
 BASELINES = ("streaming", "h2o", "scissorhands", "knorm")

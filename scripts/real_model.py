@@ -4,7 +4,7 @@
     cormlm generate --chat --model "$(python scripts/real_model.py)" "What is the capital of France?"
 """
 
-from cormlm.real_model import main
+from cormlm.checkpoint.real_model import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

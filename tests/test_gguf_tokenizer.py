@@ -1,4 +1,4 @@
-"""Tests of cormlm.gguf_tokenizer: tokenizers rebuilt from GGUF metadata.
+"""Tests of cormlm.checkpoint.gguf_tokenizer: tokenizers rebuilt from GGUF metadata.
 
 GGUF files are written here with ``gguf.GGUFWriter`` (tokenizer metadata plus one tiny
 tensor) from tokenizers trained here, and read back with ``gguf.GGUFReader``:
@@ -22,9 +22,9 @@ from pathlib import Path
 
 import pytest
 
+from cormlm.checkpoint.gguf_tokenizer import SUPPORTED_PRE_TOKENIZERS, tokenizer_from_gguf
+from cormlm.checkpoint.tokenizer import Tokenizer
 from cormlm.errors import CheckpointError
-from cormlm.gguf_tokenizer import SUPPORTED_PRE_TOKENIZERS, tokenizer_from_gguf
-from cormlm.tokenizer import Tokenizer
 
 ENDOFTEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 TOOL = "<tool>"  # a user-defined (non-special) token

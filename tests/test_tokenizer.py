@@ -1,4 +1,4 @@
-"""Tests of cormlm.tokenizer on tokenizers trained here (nothing is downloaded).
+"""Tests of cormlm.checkpoint.tokenizer on tokenizers trained here (nothing is downloaded).
 
 Three checkpoint shapes are built in temporary folders:
 
@@ -25,8 +25,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from cormlm.checkpoint.tokenizer import Tokenizer, load_tokenizer_from_folder
 from cormlm.errors import CheckpointError, CheckpointNotFoundError, ConfigError, InputError
-from cormlm.tokenizer import Tokenizer, load_tokenizer_from_folder
 
 BOT, EOT_TEXT, EOT_ID = "<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"
 FALCON_EOS = "<|endoftext|>"

@@ -49,8 +49,8 @@ def _status(args: argparse.Namespace, message: str, end: str = "\n") -> None:
 
 def load(args: argparse.Namespace):
     from .. import load_model, load_tokenizer
-    from ..embedded import embedded_model_path
-    from ..hub import resolve_checkpoint
+    from ..checkpoint.embedded import embedded_model_path
+    from ..checkpoint.hub import resolve_checkpoint
 
     source = args.model if args.model is not None else embedded_model_path()
     folder = resolve_checkpoint(source)

@@ -16,8 +16,8 @@ from .common import human_bytes
 
 
 def describe(source) -> dict:
-    from ..hub import resolve_checkpoint
-    from ..loading import open_checkpoint
+    from ..checkpoint.hub import resolve_checkpoint
+    from ..checkpoint.load import open_checkpoint
 
     folder = resolve_checkpoint(source)
     config, tensors = open_checkpoint(folder)
@@ -51,7 +51,7 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from ..embedded import embedded_model_path
+    from ..checkpoint.embedded import embedded_model_path
 
     info = describe(args.model if args.model is not None else embedded_model_path())
     if args.json:

@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .checkpoint_layout import checkpoint_layout
-from .config import ModelConfig
+from ..config import ModelConfig
+from .layout import checkpoint_layout
 
 
 def hf_config(config: ModelConfig, dtype: torch.dtype) -> dict:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import ModelConfig
+from ..config import ModelConfig
 
 Combine = Callable[[list[torch.Tensor]], torch.Tensor]
 

@@ -7,12 +7,13 @@ from pathlib import Path
 
 import torch
 
-from .config import ModelConfig, load_config
-from .errors import ConfigError
-from .gguf_model import gguf_checkpoint, is_gguf
+from ..config import ModelConfig
+from ..errors import ConfigError
+from ..models.transformer import CausalLM
+from .gguf_file import gguf_checkpoint, is_gguf
+from .hf_config import load_config
 from .hub import resolve_checkpoint
-from .models.transformer import CausalLM
-from .weights import ProgressCallback, SafetensorsSource, TensorSource, load_weights
+from .tensors import ProgressCallback, SafetensorsSource, TensorSource, load_weights
 
 DTYPE_NAMES = {
     "float64": torch.float64, "fp64": torch.float64, "double": torch.float64,

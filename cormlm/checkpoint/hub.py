@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .errors import CheckpointNotFoundError, HubError
+from ..errors import CheckpointNotFoundError, HubError
 
 CHECKPOINT_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja"]
 

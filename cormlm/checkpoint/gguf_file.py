@@ -1,7 +1,7 @@
 """GGUF files (llama.cpp's format) as checkpoints: config from the metadata, tensors dequantized one at a time.
 
 A GGUF file is turned into what a Hugging Face folder would give: a config dict for
-:func:`cormlm.config.from_hf_config` and a :class:`~cormlm.weights.TensorSource` that
+:func:`cormlm.checkpoint.hf_config.from_hf_config` and a :class:`~cormlm.checkpoint.tensors.TensorSource` that
 answers in Hugging Face tensor names and layout. So the loader, its name/shape checks and
 the model code are the same for both formats. What llama.cpp's converter changed is undone
 here: the q/k row permutation of Llama (interleaved RoPE pairs) and Falcon's regrouped
@@ -20,8 +20,9 @@ from typing import Any
 
 import torch
 
-from .config import ModelConfig, from_hf_config
-from .errors import CheckpointError, CormlmError, UnsupportedModelError
+from ..config import ModelConfig
+from ..errors import CheckpointError, CormlmError, UnsupportedModelError
+from .hf_config import from_hf_config
 
 SUPPORTED_ARCHITECTURES = ("llama", "falcon")
 SUPPORTED_TENSOR_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
@@ -119,8 +120,8 @@ def _rope_scaling(reader, arch: str, path: Path, tensors: dict[str, Any]) -> dic
 
 def _llama3_rope(tensor, reader, arch: str, path: Path) -> dict[str, Any]:
     """Which published Llama 3 scaling produced this rope_freqs tensor (divisors per frequency)."""
-    from .config import RopeConfig
-    from .models.rope import base_inv_freq, llama3_inv_freq
+    from ..config import RopeConfig
+    from ..models.rope import base_inv_freq, llama3_inv_freq
 
     stored = torch.from_numpy(_dequantize(tensor).reshape(-1).copy()).double()
     theta = float(field(reader, f"{arch}.rope.freq_base", 10000.0))

@@ -21,7 +21,7 @@ Choices where the metadata leaves room:
   whole wherever their strings appear in text, as llama.cpp does when it parses specials.
   For ``llama`` vocabularies the text between them is encoded piece by piece, each piece
   with its own dummy-prefix space (llama.cpp's and Meta's reference behaviour, and what
-  :mod:`cormlm.tokenizer` does for tokenizer.model checkpoints).
+  :mod:`cormlm.checkpoint.tokenizer` does for tokenizer.model checkpoints).
 * ``add_bos`` without ``tokenizer.ggml.add_bos_token``: llama.cpp's default, i.e. True for
   ``llama`` vocabularies and for the Llama 3 family of pre-tokenizers, False otherwise.
 * Stop ids: ``eos_token_id``, then ``eot_token_id`` and ``eom_token_id`` when present.
@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import CheckpointError
+from ..errors import CheckpointError
 from .tokenizer import Tokenizer, _HFTokenizer, _SentencePieceTokenizer
 
 if TYPE_CHECKING:  # pragma: no cover

@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 
-from .errors import CheckpointError, CheckpointNotFoundError, ConfigError, InputError
+from ..errors import CheckpointError, CheckpointNotFoundError, ConfigError, InputError
 from .jsonfiles import read_optional_json
 
 __all__ = ["Tokenizer", "load_tokenizer_from_folder"]
