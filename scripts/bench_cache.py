@@ -23,10 +23,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import cormlm  # noqa: E402
-from cormlm.checkpoint.real_model import REAL_MODEL, resolve_model_argument  # noqa: E402
-from scripts.random_checkpoint import write_random_llama  # noqa: E402
+import cormlm
+from cormlm.checkpoint.random_weights import write_random_llama
+from cormlm.checkpoint.real_model import REAL_MODEL, resolve_model_argument
 
 
 def decode_step_seconds(model, cache, token: torch.Tensor, steps: int) -> list[float]:

@@ -59,9 +59,9 @@ from typing import Any
 
 import torch
 
+from cormlm.checkpoint.random_weights import write_random_llama
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-from scripts.random_checkpoint import write_random_llama  # noqa: E402
 
 IMPLEMENTATIONS = ("transformers", "cormlm-full", "cormlm-corm")
 MODELS = ("smollm2", "random")  # named models; anything else is a path or hub id

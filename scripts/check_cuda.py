@@ -13,9 +13,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import cormlm  # noqa: E402
-from scripts.random_checkpoint import write_random_llama  # noqa: E402
+import cormlm
+from cormlm.checkpoint.random_weights import write_random_llama
 
 
 def run(model, ids, mask, policy):

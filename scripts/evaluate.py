@@ -27,19 +27,18 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 import sysconfig
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from train_tiny import is_held_out, stdlib_files
+
+import cormlm
+from cormlm.checkpoint.real_model import REAL_MODEL, resolve_model_argument
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-import cormlm  # noqa: E402
-from cormlm.checkpoint.real_model import REAL_MODEL, resolve_model_argument  # noqa: E402
-from scripts.train_tiny import is_held_out, stdlib_files  # noqa: E402
 
 BASELINES = ("streaming", "h2o", "scissorhands", "knorm")
 SAMPLE_EVERY = 64  # decode steps between cache-stat samples

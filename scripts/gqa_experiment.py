@@ -23,19 +23,13 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 import sysconfig
 import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
 
-from safetensors.torch import load_file, save_file
-
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-import cormlm  # noqa: E402
-from scripts.evaluate import (  # noqa: E402
+from evaluate import (
     DEFAULT,
     QUICK,
     Row,
@@ -45,6 +39,11 @@ from scripts.evaluate import (  # noqa: E402
     run_completion,
     run_perplexity,
 )
+from safetensors.torch import load_file, save_file
+
+import cormlm
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def write_mha_copy(folder: Path, out: Path) -> Path:

@@ -21,17 +21,15 @@ import hashlib
 import json
 import math
 import os
-import sys
 import sysconfig
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from cormlm.checkpoint.save import save_pretrained  # noqa: E402
-from cormlm.config import ModelConfig, RopeConfig  # noqa: E402
-from cormlm.models.transformer import CausalLM  # noqa: E402
+from cormlm.checkpoint.save import save_pretrained
+from cormlm.config import ModelConfig, RopeConfig
+from cormlm.models.transformer import CausalLM
 
 BOS, EOS = "<|begin_of_text|>", "<|end_of_text|>"
 EXCLUDED_DIRS = {"test", "tests", "idle_test", "site-packages", "__pycache__"}

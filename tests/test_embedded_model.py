@@ -67,9 +67,7 @@ def test_tokenizer_matches_transformers():
 
 def _held_out_file() -> Path:
     """A held-out stdlib file (same split rule as scripts/train_tiny.py) of some length."""
-    import sys
-    sys.path.insert(0, str(WEIGHTS.parent))
-    from scripts.train_tiny import is_held_out, stdlib_files
+    from train_tiny import is_held_out, stdlib_files
 
     root = Path(sysconfig.get_paths()["stdlib"])
     held = [p for p in stdlib_files(root) if is_held_out(p.relative_to(root).as_posix())]

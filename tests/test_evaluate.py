@@ -8,10 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from evaluate import edit_similarity, first_line
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-from scripts.evaluate import edit_similarity, first_line  # noqa: E402
 
 
 def test_edit_similarity():
@@ -54,9 +53,9 @@ def test_gqa_experiment_mha_copy_is_the_same_model(tmp_path):
     logits, four times the KV heads."""
     import torch
     from checkpoints import save_hf_model
+    from gqa_experiment import write_mha_copy
 
     import cormlm
-    from scripts.gqa_experiment import write_mha_copy
 
     gqa_folder = save_hf_model(tmp_path / "gqa", model_type="llama", num_attention_heads=4, num_key_value_heads=1)
     gqa = cormlm.load_model(gqa_folder)

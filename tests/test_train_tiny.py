@@ -10,11 +10,11 @@ import sys
 import sysconfig
 from pathlib import Path
 
+from train_tiny import is_held_out, stdlib_files
+
 import cormlm
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-from scripts.train_tiny import is_held_out, stdlib_files  # noqa: E402
 
 TOY = ["--hidden", "32", "--layers", "1", "--heads", "2", "--kv-heads", "1", "--intermediate", "64",
        "--context", "64", "--seq", "32", "--long-seq-steps", "2", "--batch", "2", "--vocab", "300",
