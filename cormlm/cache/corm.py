@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import torch
 
+from .config import CORM_DEFAULT
 from .policy import EvictionPolicy, SlotView
 
 
 class CormPolicy(EvictionPolicy):
     name = "corm"
     parameters = ("window", "recent")
+    defaults = {"window": CORM_DEFAULT, "recent": CORM_DEFAULT}
     needs_probs = True
 
     def __init__(self, window: int, recent: int) -> None:

@@ -8,15 +8,21 @@ query-group dimension at -3, the query dimension at -2 and keys last.
 
 Budget policies (h2o, scissorhands, knorm) rank keys and drop the lowest-ranked beyond a
 budget; ``budget.py`` does that ranking per stream for all of them.
+
+A policy class registers itself under its ``name`` when it is defined; ``parameters`` and
+``defaults`` say which CacheConfig fields it reads, so adding a policy is one new file (a
+module in this package, or any module named by a ``cormlm.policies`` entry point).
 """
 
 from __future__ import annotations
 
 from abc import ABC
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
+
+POLICIES: dict[str, type[EvictionPolicy]] = {}  # name -> class, filled as policy classes are defined
 
 
 @dataclass
@@ -37,8 +43,20 @@ class EvictionPolicy(ABC):
     name: ClassVar[str] = "full"
     # CacheConfig fields the policy reads; setting any other is an error, never a silent no-op
     parameters: ClassVar[tuple[str, ...]] = ()
+    defaults: ClassVar[dict[str, Any]] = {}  # values of parameters the user left unset
     needs_probs: ClassVar[bool] = False
     needs_attended: ClassVar[bool] = False  # observe() reads ``attended`` (costs a count per decode step)
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if "name" in cls.__dict__:
+            POLICIES[cls.name] = cls
+
+    @classmethod
+    def from_config(cls, cfg) -> EvictionPolicy:
+        """The policy a CacheConfig asks for: its ``parameters``, unset ones from ``defaults``."""
+        values = {name: getattr(cfg, name) for name in cls.parameters}
+        return cls(**{name: cls.defaults.get(name) if value is None else value for name, value in values.items()})
 
     def state_fields(self) -> dict[str, tuple[torch.dtype, float]]:
         """Per-slot state: name -> (dtype, value of a freshly stored key)."""
@@ -70,3 +88,6 @@ class EvictionPolicy(ABC):
     def evict(self, view: SlotView) -> torch.Tensor | None:
         """Bool [NB, block]: slots to drop now (None = nothing)."""
         return None
+
+
+POLICIES[EvictionPolicy.name] = EvictionPolicy

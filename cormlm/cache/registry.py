@@ -1,42 +1,48 @@
-"""Which policy a CacheConfig names, and how to build the cache for a model."""
+"""Which policy a CacheConfig names, and how to build the cache for a model.
+
+Policies register themselves (``EvictionPolicy.__init_subclass__``); this module makes sure
+every module of the cache package was imported, and those that ``cormlm.policies`` entry
+points name, so a policy defined in one new file is found with nothing else to edit.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import importlib
+import pkgutil
+from functools import cache
+from importlib.metadata import entry_points
 
 from .base import KVCache
-from .config import CORM_DEFAULT, SCISSORHANDS_WINDOW, STREAMING_SINK, CacheConfig
-from .corm import CormPolicy
-from .h2o import H2OPolicy
-from .knorm import KNormPolicy
-from .policy import EvictionPolicy
+from .config import CacheConfig
+from .policy import POLICIES, EvictionPolicy
 from .ragged import RaggedCache
-from .scissorhands import ScissorhandsPolicy
-from .streaming import StreamingPolicy
 
-POLICY_CLASSES: dict[str, type[EvictionPolicy]] = {
-    cls.name: cls for cls in (EvictionPolicy, CormPolicy, StreamingPolicy, H2OPolicy, ScissorhandsPolicy, KNormPolicy)}
+ENTRY_POINT_GROUP = "cormlm.policies"
 
-_POLICIES: dict[str, Callable[[CacheConfig], EvictionPolicy]] = {
-    "full": lambda cfg: EvictionPolicy(),
-    "corm": lambda cfg: CormPolicy(window=cfg.window or CORM_DEFAULT,
-                                   recent=CORM_DEFAULT if cfg.recent is None else cfg.recent),
-    "streaming": lambda cfg: StreamingPolicy(sink=STREAMING_SINK if cfg.sink is None else cfg.sink,
-                                             recent=cfg.recent, budget=cfg.budget),
-    "h2o": lambda cfg: H2OPolicy(budget=cfg.budget, recent=cfg.recent),
-    "scissorhands": lambda cfg: ScissorhandsPolicy(budget=cfg.budget, recent=cfg.recent,
-                                                   window=cfg.window or SCISSORHANDS_WINDOW),
-    "knorm": lambda cfg: KNormPolicy(budget=cfg.budget, recent=cfg.recent),
-}
+
+@cache
+def _discover() -> None:
+    package = __name__.rpartition(".")[0]
+    for module in pkgutil.iter_modules(importlib.import_module(package).__path__):
+        importlib.import_module(f"{package}.{module.name}")
+    for entry in entry_points(group=ENTRY_POINT_GROUP):
+        entry.load()
+
+
+def policy_class(name: str) -> type[EvictionPolicy]:
+    _discover()
+    return POLICIES[name]
 
 
 def available_policies() -> list[str]:
-    return list(_POLICIES)
+    """Every registered policy name: the built-in ones first, then plugins in definition order."""
+    _discover()
+    return list(POLICIES)
 
 
 def policy_parameters(name: str) -> tuple[str, ...]:
     """The CacheConfig fields policy ``name`` reads."""
-    return POLICY_CLASSES[name].parameters
+    return policy_class(name).parameters
 
 
 def make_cache(model, cfg: CacheConfig | None = None, batch_size: int = 1) -> KVCache:
@@ -50,6 +56,6 @@ def make_cache(model, cfg: CacheConfig | None = None, batch_size: int = 1) -> KV
 
 def build_cache(cfg: CacheConfig, *, batch_size: int, num_layers: int, num_kv_heads: int,
                 head_dim: int, dtype, device) -> KVCache:
-    return RaggedCache(_POLICIES[cfg.policy](cfg), block_size=cfg.block_size, prefill_chunk=cfg.prefill_chunk,
-                       batch_size=batch_size, num_layers=num_layers, num_kv_heads=num_kv_heads,
-                       head_dim=head_dim, dtype=dtype, device=device)
+    return RaggedCache(policy_class(cfg.policy).from_config(cfg), block_size=cfg.block_size,
+                       prefill_chunk=cfg.prefill_chunk, batch_size=batch_size, num_layers=num_layers,
+                       num_kv_heads=num_kv_heads, head_dim=head_dim, dtype=dtype, device=device)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from .budget import drop_over_budget
+from .config import SCISSORHANDS_WINDOW
 from .policy import EvictionPolicy, SlotView
 
 RING = 64
@@ -37,6 +38,7 @@ def query_bits(query_t: torch.Tensor) -> torch.Tensor:
 class ScissorhandsPolicy(EvictionPolicy):
     name = "scissorhands"
     parameters = ("budget", "recent", "window")
+    defaults = {"window": SCISSORHANDS_WINDOW}
     needs_probs = True
     needs_attended = True
 

@@ -9,12 +9,14 @@ from __future__ import annotations
 import torch
 
 from .budget import budget_tokens
+from .config import STREAMING_SINK
 from .policy import EvictionPolicy, SlotView
 
 
 class StreamingPolicy(EvictionPolicy):
     name = "streaming"
     parameters = ("sink", "recent", "budget")
+    defaults = {"sink": STREAMING_SINK}
 
     def __init__(self, sink: int, recent: int | None, budget: int | float | None) -> None:
         self.sink = sink
