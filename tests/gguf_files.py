@@ -138,44 +138,48 @@ def _identity(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+LLAMA_TOP = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+             "lm_head.weight": "output.weight"}
+FALCON_TOP = {"transformer.word_embeddings.weight": "token_embd.weight", "transformer.ln_f.weight": "output_norm.weight",
+              "transformer.ln_f.bias": "output_norm.bias", "lm_head.weight": "output.weight"}
+
+
+def _llama_tensor(config: dict, gname: str, tensor: torch.Tensor) -> tuple[torch.Tensor, Callable]:
+    """A Llama block tensor in GGUF's row order, and the way back."""
+    if ".attn_q." not in gname and ".attn_k." not in gname:
+        return tensor, _identity
+    heads = config["num_attention_heads"]
+    n = heads if ".attn_q." in gname else (config.get("num_key_value_heads") or heads)
+    return permute_qk(tensor, n), (lambda t: unpermute_qk(t, n))
+
+
+def _falcon_tensor(config: dict, gname: str, tensor: torch.Tensor) -> tuple[torch.Tensor, Callable | None]:
+    """A Falcon block tensor in GGUF's layout (no quantized Falcon references: no way back)."""
+    if ".attn_qkv." in gname:
+        new_arch = config.get("new_decoder_architecture", False)
+        kv = config.get("num_kv_heads") if new_arch else 1
+        tensor = falcon_to_gguf_qkv(tensor, config["num_attention_heads"], kv, new_arch)
+    return tensor, None
+
+
 def gguf_tensors(folder: Path) -> tuple[dict, dict[str, torch.Tensor], dict[str, tuple[str, Callable]]]:
     """(config.json, tensors under GGUF names in GGUF's row layout, GGUF name -> (HF name, back to
     HF layout)) of an HF checkpoint folder."""
     config = json.loads((folder / "config.json").read_text())
-    weights = load_file(folder / "model.safetensors")
+    llama = config["model_type"] == "llama"
+    top, names, convert = (LLAMA_TOP, _llama_names, _llama_tensor) if llama else \
+        (FALCON_TOP, _falcon_names, _falcon_tensor)
     out: dict[str, torch.Tensor] = {}
     back: dict[str, tuple[str, Callable]] = {}
-    if config["model_type"] == "llama":
-        heads, kv = config["num_attention_heads"], config.get("num_key_value_heads") or config["num_attention_heads"]
-        top = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-               "lm_head.weight": "output.weight"}
-        for name, tensor in weights.items():
-            if name in top:
-                out[top[name]], back[top[name]] = tensor, (name, _identity)
-                continue
-            _, _, i, leaf = name.split(".", 3)
-            gname = _llama_names(i, leaf)
-            inverse = _identity
-            if ".attn_q." in gname or ".attn_k." in gname:
-                n = heads if ".attn_q." in gname else kv
-                tensor, inverse = permute_qk(tensor, n), (lambda t, n=n: unpermute_qk(t, n))
-            out[gname], back[gname] = tensor, (name, inverse)
-    else:
-        heads = config["num_attention_heads"]
-        new_arch = config.get("new_decoder_architecture", False)
-        kv = config.get("num_kv_heads") if new_arch else 1
-        top = {"transformer.word_embeddings.weight": "token_embd.weight", "transformer.ln_f.weight": "output_norm.weight",
-               "transformer.ln_f.bias": "output_norm.bias", "lm_head.weight": "output.weight"}
-        for name, tensor in weights.items():
-            if name in top:
-                out[top[name]], back[top[name]] = tensor, (name, _identity)
-                continue
-            _, _, i, leaf = name.split(".", 3)
-            gname = _falcon_names(i, leaf)
-            if ".attn_qkv." in gname:
-                tensor = falcon_to_gguf_qkv(tensor, heads, kv, new_arch)
-            out[gname], back[gname] = tensor, (name, None)  # (no quantized Falcon references)
-    if config.get("tie_word_embeddings", config["model_type"] == "falcon"):
+    for name, tensor in load_file(folder / "model.safetensors").items():
+        if name in top:
+            out[top[name]], back[top[name]] = tensor, (name, _identity)
+            continue
+        _, _, i, leaf = name.split(".", 3)
+        gname = names(i, leaf)
+        out[gname], inverse = convert(config, gname, tensor)
+        back[gname] = (name, inverse)
+    if config.get("tie_word_embeddings", not llama):
         out.pop("output.weight", None)
     return config, out, back
 

@@ -101,6 +101,25 @@ def _heads(cfg: dict[str, Any], source: str, heads_key: str, kv_heads: Any) -> t
     return heads, kv_heads, _positive_int(head_dim, "head_dim", source)
 
 
+def _shared_fields(cfg: dict[str, Any], source: str, family: str, hidden: int,
+                   heads: tuple[int, int, int]) -> dict[str, Any]:
+    """The fields every family reads the same way: sizes, special token ids, stored dtype."""
+    num_heads, kv_heads, head_dim = heads
+    return dict(
+        family=family,
+        vocab_size=_positive_int(_require(cfg, "vocab_size", source), "vocab_size", source),
+        hidden_size=hidden,
+        num_layers=_positive_int(_require(cfg, "num_hidden_layers", source), "num_hidden_layers", source),
+        num_heads=num_heads,
+        num_kv_heads=kv_heads,
+        head_dim=head_dim,
+        bos_token_id=cfg.get("bos_token_id"),
+        eos_token_ids=_eos_ids(cfg.get("eos_token_id")),
+        pad_token_id=cfg.get("pad_token_id"),
+        stored_dtype=cfg.get("dtype") or cfg.get("torch_dtype"),
+    )
+
+
 def _llama_like(cfg: dict[str, Any], source: str, family: str) -> ModelConfig:
     hidden = _positive_int(_require(cfg, "hidden_size", source), "hidden_size", source)
     heads, kv_heads, head_dim = _heads(cfg, source, "num_attention_heads", cfg.get("num_key_value_heads"))
@@ -111,13 +130,7 @@ def _llama_like(cfg: dict[str, Any], source: str, family: str) -> ModelConfig:
     act = _activation(cfg.get("hidden_act", "silu"), source)
     attention_bias = bool(cfg.get("attention_bias", False))
     return ModelConfig(
-        family=family,
-        vocab_size=_positive_int(_require(cfg, "vocab_size", source), "vocab_size", source),
-        hidden_size=hidden,
-        num_layers=_positive_int(_require(cfg, "num_hidden_layers", source), "num_hidden_layers", source),
-        num_heads=heads,
-        num_kv_heads=kv_heads,
-        head_dim=head_dim,
+        **_shared_fields(cfg, source, family, hidden, (heads, kv_heads, head_dim)),
         intermediate_size=_positive_int(_require(cfg, "intermediate_size", source), "intermediate_size", source),
         max_position_embeddings=max_pos,
         norm="rms",
@@ -132,10 +145,6 @@ def _llama_like(cfg: dict[str, Any], source: str, family: str) -> ModelConfig:
         mlp_bias=bool(cfg.get("mlp_bias", False)),
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         sliding_window=None if sliding is None else _positive_int(sliding, "sliding_window", source),
-        bos_token_id=cfg.get("bos_token_id"),
-        eos_token_ids=_eos_ids(cfg.get("eos_token_id")),
-        pad_token_id=cfg.get("pad_token_id"),
-        stored_dtype=cfg.get("dtype") or cfg.get("torch_dtype"),
     )
 
 
@@ -196,13 +205,7 @@ def _falcon(cfg: dict[str, Any], source: str, model_type: str) -> ModelConfig:
     max_pos = _positive_int(cfg.get("max_position_embeddings", 2048), "max_position_embeddings", source)
     bias = bool(cfg.get("bias", False))
     return ModelConfig(
-        family="falcon",
-        vocab_size=_positive_int(_require(cfg, "vocab_size", source), "vocab_size", source),
-        hidden_size=hidden,
-        num_layers=_positive_int(_require(cfg, "num_hidden_layers", source), "num_hidden_layers", source),
-        num_heads=heads,
-        num_kv_heads=kv_heads,
-        head_dim=head_dim,
+        **_shared_fields(cfg, source, "falcon", hidden, (heads, kv_heads, head_dim)),
         intermediate_size=_positive_int(cfg.get("ffn_hidden_size") or 4 * hidden, "ffn_hidden_size", source),
         max_position_embeddings=max_pos,
         norm="layer",
@@ -218,10 +221,6 @@ def _falcon(cfg: dict[str, Any], source: str, model_type: str) -> ModelConfig:
         attention_out_bias=bias,
         mlp_bias=bias,
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", True)),
-        bos_token_id=cfg.get("bos_token_id"),
-        eos_token_ids=_eos_ids(cfg.get("eos_token_id")),
-        pad_token_id=cfg.get("pad_token_id"),
-        stored_dtype=cfg.get("dtype") or cfg.get("torch_dtype"),
     )
 
 
