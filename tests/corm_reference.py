@@ -58,6 +58,20 @@ def corm_step(important, t: int, window: int, recent: int, kept: Iterable[int]) 
     return sorted(i for i in kept if not (i <= t - recent and long_term_minor(important, t, window, i)))
 
 
+def bounded_corm_step(important, t: int, recent: int, kept: Iterable[int], budget_t: int) -> list[int]:
+    """Bounded CORM at step ``t``, after the rule of :func:`corm_step`: while more than
+    ``budget_t`` keys are held, drop among the keys older than the ``recent`` newest the one
+    whose last marking query is oldest (never marked: 0), the older key among equals."""
+    held = sorted(kept)
+
+    def last_marked(key: int) -> int:
+        return max((j for j in range(key, t + 1) if _imp(important, j, key)), default=0)
+
+    candidates = sorted((i for i in held if i <= t - recent), key=lambda i: (last_marked(i), i))
+    drop = set(candidates[:max(len(held) - budget_t, 0)])
+    return [i for i in held if i not in drop]
+
+
 def corm_step_last_important(last_important: dict[int, int | None], t: int, window: int, recent: int) -> list[int]:
     """docs/corm.md's O(n) restatement, for checking the equivalence it claims: ``last_important``
     maps each kept key to the last step that marked it (None: never)."""
@@ -382,11 +396,12 @@ def greedy_decode(model, x: torch.Tensor, pos: torch.Tensor, n: int, max_new_tok
 
 
 def reference_run(folder: str | Path, prompt_ids: Sequence[int], max_new_tokens: int, window: int | None,
-                  recent: int | None, corm_policy: bool = True) -> ReferenceRun:
+                  recent: int | None, corm_policy: bool = True, budget: int | float | None = None) -> ReferenceRun:
     """Greedy generation of ``max_new_tokens`` tokens (never stopping early) with CORM.
 
     The last generated token is sampled but not fed back, like a generation loop does.
-    ``corm_policy=False`` (or ``window=None``) keeps every key.
+    ``corm_policy=False`` (or ``window=None``) keeps every key; ``budget`` bounds it
+    (:func:`bounded_corm_step`, tokens or a fraction of the tokens seen).
     """
     model = load_reference(folder)
     corm = corm_policy and window is not None
@@ -416,6 +431,9 @@ def reference_run(folder: str | Path, prompt_ids: Sequence[int], max_new_tokens:
             return
         before = kept[layer][head]
         after = corm_step(important[layer][head], t, window, recent, before)
+        if budget is not None:
+            budget_t = budget if isinstance(budget, int) else max(1, math.floor(float(budget) * t + 0.5))
+            after = bounded_corm_step(important[layer][head], t, recent, after, budget_t)
         evictions[layer][head] += [(t, i) for i in before if i not in after]
         kept[layer][head] = after
 

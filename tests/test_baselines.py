@@ -377,7 +377,7 @@ def test_negative_sink_or_recent(policy, params):
 
 
 @pytest.mark.parametrize("policy,params,ignored", [
-    ("full", dict(window=8), "window"), ("full", dict(budget=0.5), "budget"), ("corm", dict(budget=512), "budget"),
+    ("full", dict(window=8), "window"), ("full", dict(budget=0.5), "budget"), ("corm", dict(block_size=8, sink=1), "sink"),
     ("corm", dict(sink=2), "sink"), ("h2o", dict(budget=8, window=4), "window"), ("knorm", dict(budget=8, sink=1), "sink"),
     ("streaming", dict(recent=4, window=8), "window"), ("scissorhands", dict(budget=8, sink=4), "sink")])
 def test_a_parameter_the_policy_ignores_is_an_error(policy, params, ignored):

@@ -19,11 +19,20 @@ reference only on such robust examples.
 
 from __future__ import annotations
 
+from functools import cache
 from pathlib import Path
 
 import pytest
 import torch
-from cache_cases import cached_model, first_mismatch, kept_positions, left_pad, random_prompt, robust_corm_case
+from cache_cases import (
+    cached_model,
+    first_mismatch,
+    first_robust,
+    kept_positions,
+    left_pad,
+    random_prompt,
+    robust_corm_case,
+)
 from checkpoints import FALCON_LAYOUTS, load_hf_model, make_falcon_checkpoint, make_peaky_checkpoint, save_hf_model
 from corm_reference import (
     corm_step,
@@ -402,3 +411,67 @@ def test_full_cache_alibi_beyond_256_matches_reference(folders):
     out = cormlm.generate(model, torch.tensor([prompt]), max_new_tokens=12, cache=cormlm.CacheConfig("full"),
                           eos_token_id=[])
     assert out.new_tokens[0] == run.new_tokens
+
+
+# ----------------------------------------------------------------------------------------
+# Bounded CORM: CORM's decisions, then a memory bound
+# ----------------------------------------------------------------------------------------
+
+
+@cache
+def _bounded_case(folder: Path, length: int, new: int, window: int, recent: int, budget, seed: int = 0):
+    return first_robust(lambda prompt: reference_run(folder, prompt, new, window, recent, budget=budget), length,
+                        seed, VOCAB, "the checkpoint puts attention too close to 1/t")
+
+
+@pytest.mark.parametrize("budget", [12, 0.4])
+@pytest.mark.parametrize("name", ["gqa", "mqa", "falcon-7b"])
+def test_bounded_corm_matches_reference(name, budget, folders):
+    folder = folders[name]
+    window, recent = 8, 4
+    prompt, run = _bounded_case(folder, 28, 20, window, recent, budget)
+    unbounded = reference_run(folder, prompt, 20, window, recent)
+    # the bound really bit: some stream keeps less than CORM alone would
+    assert any(len(b) < len(u) for lb, lu in zip(run.kept, unbounded.kept) for b, u in zip(lb, lu))
+    cfg = cormlm.CacheConfig("corm", window=window, recent=recent, budget=budget)
+    out = cormlm.generate(cached_model(folder), torch.tensor([prompt]), max_new_tokens=20, cache=cfg, eos_token_id=[])
+    assert out.new_tokens[0] == run.new_tokens
+    got = kept_positions(out.cache, LAYERS)
+    assert got == run.kept, first_mismatch(got, run.kept)
+
+
+def test_bounded_corm_ragged_batch_rows_equal_reference_alone(folders):
+    folder = folders["gqa"]
+    window, recent, budget, new = 6, 3, 10, 14
+    cases = [_bounded_case(folder, length, new, window, recent, budget, seed=7) for length in (30, 21, 12)]
+    ids, mask = left_pad([prompt for prompt, _ in cases])
+    cfg = cormlm.CacheConfig("corm", window=window, recent=recent, budget=budget)
+    out = cormlm.generate(cached_model(folder), ids, attention_mask=mask, max_new_tokens=new, cache=cfg,
+                          eos_token_id=[])
+    for row, (_, run) in enumerate(cases):
+        assert out.new_tokens[row] == run.new_tokens, f"row {row}"
+        got = kept_positions(out.cache, LAYERS, row)
+        assert got == run.kept, f"row {row}: {first_mismatch(got, run.kept)}"
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(prompt=st.lists(st.integers(0, VOCAB - 1), min_size=1, max_size=40), new=st.integers(1, 16),
+       window=st.integers(1, 12), recent=st.integers(0, 6), extra=st.integers(1, 12))
+def test_bounded_corm_never_exceeds_its_budget(folders, prompt, new, window, recent, extra):
+    """Whatever the text, after every step no (layer, KV head) holds more than the budget."""
+    budget = recent + extra
+    model = cached_model(folders["gqa"])
+    cache = cormlm.make_cache(model, cormlm.CacheConfig("corm", window=window, recent=recent, budget=budget))
+    with torch.inference_mode():
+        token = model(torch.tensor([prompt]), cache=cache)[:, -1:].argmax(-1)
+        for _ in range(new):
+            held = [n for layer in cache.stats().retained_tokens for row in layer for n in row]
+            assert max(held) <= budget
+            token = model(token, cache=cache)[:, -1:].argmax(-1)
+    assert max(n for layer in cache.stats().retained_tokens for row in layer for n in row) <= budget
+
+
+def test_bounded_corm_parameters():
+    with pytest.raises(cormlm.CacheConfigError, match=r"recent \(256, the default\) must be smaller than corm's budget"):
+        cormlm.CacheConfig("corm", budget=128)
+    assert cormlm.CacheConfig("corm", window=32, recent=16, budget=0.25).budget == 0.25

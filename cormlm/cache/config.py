@@ -20,6 +20,8 @@ class CacheConfig:
 
     - ``full``: keeps every key.
     - ``corm``: docs/corm.md; ``window`` and ``recent`` are its w and r (default 256 each).
+      With a ``budget`` (bounded CORM), a stream still over it after CORM's rule drops the
+      keys whose last importance is oldest, the ``recent`` ones protected.
     - ``streaming``: the first ``sink`` positions plus the most recent ones: ``recent``
       tokens, or ``budget`` in all (sinks included).
     - ``h2o``, ``scissorhands``, ``knorm``: a fixed ``budget`` per KV head; the last
@@ -81,6 +83,12 @@ class CacheConfig:
                 and self.recent >= self.budget:
             raise CacheConfigError(f"CacheConfig.recent ({self.recent}) must be smaller than the budget "
                                    f"({self.budget}): the recent positions are part of the budget")
+        if isinstance(self.budget, int) and self.policy == "corm":
+            recent = CORM_DEFAULT if self.recent is None else self.recent
+            if recent >= self.budget:
+                raise CacheConfigError(f"CacheConfig.recent ({recent}{', the default' if self.recent is None else ''}) "
+                                       f"must be smaller than corm's budget ({self.budget}): the recent positions "
+                                       "are part of the budget")
 
     def _check_budget(self) -> None:
         budget = self.budget

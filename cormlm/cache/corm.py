@@ -5,25 +5,34 @@ last (1-indexed) step at which any query head of the group gave the key at least
 uniform share 1/t of its attention (0 = never). A key is long-term minor at step t iff
 t >= w and last_important <= t - w, which is exactly "unimportant to each of the last w
 queries", in O(n) memory whatever w is.
+
+With a ``budget`` (tokens or a fraction, as for the budget policies) CORM's decisions are
+kept and memory is bounded whatever the text: a stream still over its budget drops the keys
+whose ``last_important`` is oldest first, the recent ones protected (what a server needs to
+admit requests). Without one, ``policy="corm"`` is exactly docs/corm.md.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
+from .budget import drop_over_budget
 from .config import CORM_DEFAULT
 from .policy import EvictionPolicy, SlotView
 
 
 class CormPolicy(EvictionPolicy):
     name = "corm"
-    parameters = ("window", "recent")
+    parameters = ("window", "recent", "budget")
     defaults = {"window": CORM_DEFAULT, "recent": CORM_DEFAULT}
     needs_probs = True
 
-    def __init__(self, window: int, recent: int) -> None:
+    def __init__(self, window: int, recent: int, budget: int | float | None = None) -> None:
         self.window = window
         self.recent = recent
+        self.budget = budget  # optional memory bound: see evict
 
     def state_fields(self) -> dict[str, tuple[torch.dtype, float]]:
         return {"last_important": (torch.int32, 0)}
@@ -46,4 +55,11 @@ class CormPolicy(EvictionPolicy):
         # empty slots hold position -1 and are dropped again harmlessly
         minor = view.state["last_important"] <= t - self.window  # t < w: t - w < 0 <= any mark
         old_enough = view.positions <= t - (self.recent + 1)
-        return minor & old_enough
+        drop = minor & old_enough
+        if self.budget is None:
+            return drop
+        # Bounded CORM: of what the rule keeps, a stream over its budget drops the keys whose
+        # last importance is oldest (never marked first; the older key among equals), the
+        # recent ones protected.
+        kept = dataclasses.replace(view, positions=view.positions.masked_fill(drop, -1))
+        return drop | drop_over_budget(kept, -view.state["last_important"], self.budget, self.recent)

@@ -104,7 +104,7 @@ def add_parser(sub) -> None:
     cache.add_argument("--recent", type=int, default=None,
                        help="positions never evicted (corm 256; budget policies: half the budget)")
     cache.add_argument("--budget", type=budget, default=None,
-                       help="h2o/scissorhands/knorm/streaming: tokens kept per KV head (int) or fraction (float)")
+                       help="h2o/scissorhands/knorm/streaming, and corm as a bound: tokens kept per KV head (int) or fraction (float)")
     cache.add_argument("--sink", type=int, default=None, help="streaming: first positions always kept (4)")
     cache.add_argument("--block-size", type=int, default=16, help="cache slots per storage block")
     cache.add_argument("--prefill-chunk", type=int, default=None, help="prefill long prompts in chunks, evicting")
