@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .policy import SlotView
+from .policy import EvictionPolicy, SlotView
 
 
 def budget_tokens(budget: int | float, t: torch.Tensor) -> torch.Tensor:
@@ -79,3 +79,22 @@ def _drop_one(stream, safe, priority, position, candidate, excess) -> torch.Tens
     oldest = torch.full((streams + 1,), big, dtype=torch.long, device=prio.device).scatter_reduce(
         0, stream, torch.where(best, position, big), reduce="amin", include_self=True)
     return best & (position == oldest[stream]) & (excess[safe] > 0) & (stream < streams)
+
+
+class BudgetPolicy(EvictionPolicy):
+    """A fixed budget per stream (tokens or a fraction of the tokens seen), the ``recent``
+    newest positions protected (default: half the budget): subclasses only say which keys
+    go first, through :meth:`priority`."""
+
+    parameters = ("budget", "recent")
+
+    def __init__(self, budget: int | float, recent: int | None) -> None:
+        self.budget = budget
+        self.recent = recent
+
+    def priority(self, view: SlotView) -> torch.Tensor:
+        """[NB, block]: higher goes first."""
+        raise NotImplementedError
+
+    def evict(self, view: SlotView) -> torch.Tensor:
+        return drop_over_budget(view, self.priority(view), self.budget, self.recent)

@@ -10,18 +10,13 @@ from __future__ import annotations
 
 import torch
 
-from .budget import drop_over_budget
-from .policy import EvictionPolicy, SlotView
+from .budget import BudgetPolicy
+from .policy import SlotView
 
 
-class H2OPolicy(EvictionPolicy):
+class H2OPolicy(BudgetPolicy):
     name = "h2o"
-    parameters = ("budget", "recent")
     needs_probs = True
-
-    def __init__(self, budget: int | float, recent: int | None) -> None:
-        self.budget = budget
-        self.recent = recent
 
     def state_fields(self) -> dict[str, tuple[torch.dtype, float]]:
         return {"score": (torch.float32, 0.0)}
@@ -37,5 +32,5 @@ class H2OPolicy(EvictionPolicy):
     def merge(self, state: dict[str, torch.Tensor], observed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {"score": state["score"] + observed["score"]}
 
-    def evict(self, view: SlotView) -> torch.Tensor:
-        return drop_over_budget(view, -view.state["score"], self.budget, self.recent)
+    def priority(self, view: SlotView) -> torch.Tensor:
+        return -view.state["score"]

@@ -7,17 +7,12 @@ from __future__ import annotations
 
 import torch
 
-from .budget import drop_over_budget
-from .policy import EvictionPolicy, SlotView
+from .budget import BudgetPolicy
+from .policy import SlotView
 
 
-class KNormPolicy(EvictionPolicy):
+class KNormPolicy(BudgetPolicy):
     name = "knorm"
-    parameters = ("budget", "recent")
-
-    def __init__(self, budget: int | float, recent: int | None) -> None:
-        self.budget = budget
-        self.recent = recent
 
     def state_fields(self) -> dict[str, tuple[torch.dtype, float]]:
         return {"norm": (torch.float32, 0.0)}
@@ -25,5 +20,5 @@ class KNormPolicy(EvictionPolicy):
     def stored(self, keys: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"norm": torch.linalg.vector_norm(keys.float(), dim=-1)}
 
-    def evict(self, view: SlotView) -> torch.Tensor:
-        return drop_over_budget(view, view.state["norm"], self.budget, self.recent)
+    def priority(self, view: SlotView) -> torch.Tensor:
+        return view.state["norm"]

@@ -7,7 +7,8 @@ to drop (``evict``). The cache calls ``observe`` on whatever layout it has at ha
 query-group dimension at -3, the query dimension at -2 and keys last.
 
 Budget policies (h2o, scissorhands, knorm) rank keys and drop the lowest-ranked beyond a
-budget; ``budget.py`` does that ranking per stream for all of them.
+budget: ``budget.BudgetPolicy`` owns ``budget`` and ``recent`` and ranks each stream once for
+all of them; a budget policy only says which keys go first (``priority``).
 
 A policy class registers itself under its ``name`` when it is defined; ``parameters`` and
 ``defaults`` say which CacheConfig fields it reads, so adding a policy is one new file (a

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import torch
 
-from .budget import drop_over_budget
+from .budget import BudgetPolicy
 from .config import SCISSORHANDS_WINDOW
-from .policy import EvictionPolicy, SlotView
+from .policy import SlotView
 
 RING = 64
 
@@ -35,7 +35,7 @@ def query_bits(query_t: torch.Tensor) -> torch.Tensor:
     return torch.where(query_t > 0, torch.ones_like(query_t, dtype=torch.long) << (query_t.long() % RING), 0)
 
 
-class ScissorhandsPolicy(EvictionPolicy):
+class ScissorhandsPolicy(BudgetPolicy):
     name = "scissorhands"
     parameters = ("budget", "recent", "window")
     defaults = {"window": SCISSORHANDS_WINDOW}
@@ -43,8 +43,7 @@ class ScissorhandsPolicy(EvictionPolicy):
     needs_attended = True
 
     def __init__(self, budget: int | float, recent: int | None, window: int) -> None:
-        self.budget = budget
-        self.recent = recent
+        super().__init__(budget, recent)
         self.window = window
 
     def state_fields(self) -> dict[str, tuple[torch.dtype, float]]:
@@ -68,9 +67,9 @@ class ScissorhandsPolicy(EvictionPolicy):
     def merge(self, state: dict[str, torch.Tensor], observed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {"unimportant": (state["unimportant"] & ~observed["written"]) | observed["unimportant"]}
 
-    def evict(self, view: SlotView) -> torch.Tensor:
+    def priority(self, view: SlotView) -> torch.Tensor:
+        """How many of the last ``window`` queries found the key unimportant."""
         t = view.query_t.long()  # [NB, 1]: window = queries t - w + 1 .. t
         offsets = torch.arange(self.window, device=t.device)
         window_bits = query_bits(t - offsets).sum(dim=-1, keepdim=True)  # distinct ring slots (w <= 64)
-        count = popcount(view.state["unimportant"] & window_bits)
-        return drop_over_budget(view, count, self.budget, self.recent)
+        return popcount(view.state["unimportant"] & window_bits)
