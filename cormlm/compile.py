@@ -6,7 +6,7 @@ final norm and LM head: few graph calls per step, and elementwise work fused aro
 GEMMs. ``dynamic=True`` keeps batch and length symbolic, so a graph serves every token
 count of its kind. A decode step (one token per row) runs as one graph: every layer,
 the cache appends, decode attention, the policy's state update and evictions
-(``CausalLM.decode_body``); the pools' block counts are symbolic, so caches that grow,
+(``CausalLM.body``); the pools' block counts are symbolic, so caches that grow,
 evict and compact reuse it. Allocation of blocks and compaction run eagerly between steps.
 Compiled functions use the modules' parameters: nothing is copied. Inductor keeps its
 compiled kernels in its on-disk cache, so only a machine's first run pays for compiling.
@@ -33,7 +33,7 @@ def compile_model(model: torch.nn.Module) -> torch.nn.Module:
         block.post_attention = torch.compile(block.post_attention, dynamic=True)
     model.head = torch.compile(model.head, dynamic=True)
     # dynamic=None: sizes stay static but the pools' block counts, which the pool marks dynamic
-    model.compiled_decode = _without_duck_sizing(torch.compile(model.decode_body, dynamic=None))
+    model.compiled_decode = _without_duck_sizing(torch.compile(model.body, dynamic=None))
     model.compiled = True
     return model
 

@@ -60,6 +60,7 @@ from typing import Any
 import torch
 
 from cormlm.checkpoint.random_weights import write_random_llama
+from cormlm.checkpoint.real_model import resolve_model_argument
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -360,19 +361,20 @@ def load_pair(spec: str, args, dtype: torch.dtype, scratch: Path) -> Loaded:
     """cormlm's and (when asked for) transformers' model for ``spec``: smollm2, random or a path/hub id."""
     import cormlm
 
-    if spec == "smollm2":
-        from cormlm.checkpoint.real_model import smollm2_gguf
-        source: Path | str = smollm2_gguf(log=lambda message: print(f"cormlm: {message}", file=sys.stderr))
-        label = f"SmolLM2-135M-Instruct ({source.name}, dequantized to {args.dtype})"
-    elif spec == "random":
-        source = write_random_llama(scratch / "random", hidden=args.hidden, layers=args.layers, heads=args.heads,
-                                    kv_heads=args.kv_heads, intermediate=args.intermediate, vocab=args.vocab,
-                                    max_positions=max(args.contexts) + args.steps + 64, qk_scale=args.peaky)
+    if spec == "random":
+        source: Path | str = write_random_llama(
+            scratch / "random", hidden=args.hidden, layers=args.layers, heads=args.heads, kv_heads=args.kv_heads,
+            intermediate=args.intermediate, vocab=args.vocab, max_positions=max(args.contexts) + args.steps + 64,
+            qk_scale=args.peaky)
         label = f"random Llama-3-shaped checkpoint (q/k x{args.peaky:g})"
-    else:
-        source = Path(spec).expanduser() if Path(spec).expanduser().exists() else spec
-        label = ("hub id" if isinstance(source, str) else "GGUF file" if source.is_file() else "checkpoint folder") \
-            + f", {args.dtype}"
+    else:  # smollm2 (the real model), weights (the embedded toy), a folder, a .gguf file or a hub id
+        source = resolve_model_argument(spec)
+        source = Path(source).expanduser() if Path(source).expanduser().exists() else source
+        if spec == "smollm2":
+            label = f"SmolLM2-135M-Instruct ({source.name}, dequantized to {args.dtype})"
+        else:
+            kind = "hub id" if isinstance(source, str) else "GGUF file" if source.is_file() else "checkpoint folder"
+            label = f"{kind}, {args.dtype}"
     model = cormlm.load_model(source, dtype=dtype, device=args.device)
     hf_model = None
     if "transformers" in args.impls:

@@ -83,25 +83,27 @@ class RaggedCache(KVCache):
             slots = pool.append_one(new_keys[:, 0], v.reshape(b * hkv, d), stream_pos[:, 0])
             for name, value in self.policy.stored(new_keys[:, 0]).items():
                 pool.state[name].view(-1).index_copy_(0, slots, value.to(pool.state[name].dtype))
-        else:
-            slots = pool.append(new_keys, v.reshape(b * hkv, t, d), stream_pos, self._stream_counts())
-            for name, value in self.policy.stored(new_keys).items():
-                stored = slots >= 0
-                pool.state[name].view(-1)[slots[stored]] = value[stored].to(pool.state[name].dtype)
-        # 1-indexed t of the latest query of the stream owning each block: [NB, 1]
-        block_t = self._stream_t[pool.owner.clamp(min=0)][:, None]
-        if self._single:
+            block_t = self._block_t(pool)
             out, state = decode_layer_step(pool.keys, pool.values, pool.positions, pool.owner, pool.state,
-                                          q.reshape(b * hkv, g, d), stream_pos[:, 0], block_t, self._stream_t,
-                                          spec, self.policy)
+                                           q.reshape(b * hkv, g, d), stream_pos[:, 0], block_t, self._stream_t,
+                                           spec, self.policy)
             out = out.view(b, hq, 1, d)
             for name, value in state.items():
                 if value is not pool.state[name]:
                     pool.state[name].copy_(value)
         else:
+            slots = pool.append(new_keys, v.reshape(b * hkv, t, d), stream_pos, self._stream_counts())
+            for name, value in self.policy.stored(new_keys).items():
+                stored = slots >= 0
+                pool.state[name].view(-1)[slots[stored]] = value[stored].to(pool.state[name].dtype)
+            block_t = self._block_t(pool)
             out = self._attend_many(pool, q, k, v, positions, slots, spec)
         self._evict(pool, block_t, spec)
         return out
+
+    def _block_t(self, pool: BlockPool) -> torch.Tensor:
+        """[NB, 1]: the 1-indexed position of the latest query of the stream owning each block."""
+        return self._stream_t[pool.owner.clamp(min=0)][:, None]
 
     def end_step(self) -> None:
         """After the last layer: host bookkeeping, and now and then compaction of pools that

@@ -61,7 +61,7 @@ class CausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.compiled = False  # set by cormlm.compile.compile_model; caches made afterwards compile too
-        self.compiled_decode = None  # compile_model: decode_body as one graph
+        self.compiled_decode = None  # compile_model: body as one graph for decode steps
         self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
         self.final_norm = make_norm(config)
@@ -166,10 +166,6 @@ class CausalLM(nn.Module):
         b, t = input_ids.shape
         if cache is not None:
             positions, max_position = cache.begin_step(valid, t)
-            if self.compiled_decode is not None and t == 1 and valid is None:
-                logits = self.compiled_decode(input_ids, positions, max_position, cache)
-                cache.end_step()
-                return logits
         elif valid is None:
             positions = torch.arange(t, device=input_ids.device).expand(b, t)
             max_position = t - 1
@@ -177,27 +173,25 @@ class CausalLM(nn.Module):
             positions = valid.long().cumsum(dim=1) - 1
             positions = positions.masked_fill(~valid, -1)
             max_position = int(positions.max())
-        rotary = self.rotary(positions, max_position) if self.rotary is not None else None
-        step = StepContext(positions, rotary, cache, plain_causal=cache is None and valid is None)
-        x = self.embed(input_ids)
-        for block in self.blocks:
-            x = block(x, step)
+        decode = cache is not None and t == 1 and valid is None
+        body = self.compiled_decode if decode and self.compiled_decode is not None else self.body
+        logits = body(input_ids, positions, max_position, cache, cache is None and valid is None, last_logits_only)
         if cache is not None:
             cache.end_step()
-        if last_logits_only:
-            x = x[:, -1:]
-        return self.head(x)
+        return logits
 
-    def decode_body(self, input_ids: torch.Tensor, positions: torch.Tensor, max_position: int,
-                    cache: KVCache) -> torch.Tensor:
-        """One decode step between the cache's begin_step and end_step: every layer, cache
-        appends, attention, policy updates and evictions included. Tensor operations only,
-        so that ``cormlm.compile_model`` compiles it as one graph."""
+    def body(self, input_ids: torch.Tensor, positions: torch.Tensor, max_position: int, cache: KVCache | None,
+             plain_causal: bool = False, last_logits_only: bool = False) -> torch.Tensor:
+        """Every layer between the cache's begin_step and end_step: cache appends, attention,
+        policy updates and evictions included. A decode step is tensor operations only, so
+        that ``cormlm.compile_model`` compiles it as one graph."""
         rotary = self.rotary(positions, max_position) if self.rotary is not None else None
-        step = StepContext(positions, rotary, cache, plain_causal=False)
+        step = StepContext(positions, rotary, cache, plain_causal=plain_causal)
         x = self.embed(input_ids)
         for block in self.blocks:
             x = block(x, step)
+        if last_logits_only:
+            x = x[:, -1:]
         return self.head(x)
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
