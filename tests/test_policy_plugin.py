@@ -53,3 +53,22 @@ def test_toy_policy_runs_through_the_command_line(tmp_path):
     wrong = subprocess.run([CORMLM, "generate", "--policy", "keep-even", "--budget", "8", "x"], capture_output=True,
                            text=True, env=env, timeout=120)
     assert wrong.returncode == 2 and "policy 'keep-even' does not use --budget; it takes --recent" in wrong.stderr
+
+
+def test_a_policy_name_cannot_be_taken_twice():
+    from cormlm.cache.policy import EvictionPolicy
+
+    with pytest.raises(cormlm.CacheConfigError, match="policy name 'corm' of .* is taken by cormlm.cache.corm.CormPolicy"):
+        type("ImpostorPolicy", (EvictionPolicy,), {"name": "corm"})
+
+
+def test_a_broken_plugin_is_one_clear_line(tmp_path):
+    info = tmp_path / "broken_policy-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: broken-policy\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[cormlm.policies]\nbroken = no_such_module_anywhere\n")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(tmp_path)}
+    done = subprocess.run([CORMLM, "generate", "--policy", "corm", "x"], capture_output=True, text=True, env=env,
+                          timeout=120)
+    assert done.returncode in (1, 2) and "Traceback" not in done.stderr
+    assert "entry point 'broken' (no_such_module_anywhere) failed to load" in done.stderr

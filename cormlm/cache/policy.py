@@ -51,6 +51,12 @@ class EvictionPolicy(ABC):
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
         if "name" in cls.__dict__:
+            taken = POLICIES.get(cls.name)
+            if taken is not None and (taken.__module__, taken.__qualname__) != (cls.__module__, cls.__qualname__):
+                from ..errors import CacheConfigError
+
+                raise CacheConfigError(f"policy name '{cls.name}' of {cls.__module__}.{cls.__qualname__} is taken by "
+                                       f"{taken.__module__}.{taken.__qualname__}; give the new policy another name")
             POLICIES[cls.name] = cls
 
     @classmethod

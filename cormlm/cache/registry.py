@@ -12,6 +12,7 @@ import pkgutil
 from functools import cache
 from importlib.metadata import entry_points
 
+from ..errors import CacheConfigError
 from .base import KVCache
 from .config import CacheConfig
 from .policy import POLICIES, EvictionPolicy
@@ -26,7 +27,12 @@ def _discover() -> None:
     for module in pkgutil.iter_modules(importlib.import_module(package).__path__):
         importlib.import_module(f"{package}.{module.name}")
     for entry in entry_points(group=ENTRY_POINT_GROUP):
-        entry.load()
+        try:
+            entry.load()
+        except Exception as exc:  # a third party's module: say which one, not a traceback
+            raise CacheConfigError(f"the {ENTRY_POINT_GROUP} entry point '{entry.name}' ({entry.value}) failed to "
+                                   f"load: {type(exc).__name__}: {exc}; fix or uninstall the package that provides "
+                                   "it") from None
 
 
 def policy_class(name: str) -> type[EvictionPolicy]:
