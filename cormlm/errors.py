@@ -8,6 +8,8 @@ handlers keep working.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 
 class CormlmError(Exception):
     """Base class of every error cormlm raises on bad input."""
@@ -38,4 +40,20 @@ class InputError(CormlmError, ValueError):
 
 
 class CacheConfigError(CormlmError, ValueError):
-    """Invalid cache policy or policy parameters."""
+    """Invalid cache policy or policy parameters.
+
+    The message is a template in which ``{name}`` stands for each CacheConfig field at
+    fault (``parameters``), so every front end names a field its own way: Python callers
+    read ``CacheConfig.window``, the command line ``--window`` (:meth:`render`).
+    """
+
+    def __init__(self, template: str, *parameters: str) -> None:
+        self.template = template
+        self.parameters = parameters
+        super().__init__(self.render(lambda name: f"CacheConfig.{name}"))
+
+    def render(self, spell: Callable[[str], str]) -> str:
+        message = self.template
+        for name in self.parameters:  # plain replacement: user values in the message need no escaping
+            message = message.replace("{" + name + "}", spell(name))
+        return message

@@ -48,11 +48,23 @@ def test_toy_policy_runs_through_the_command_line(tmp_path):
     assert done.returncode == 0, done.stderr
     cache = json.loads(done.stdout)["cache"]
     assert cache["policy"] == "keep-even" and 0.4 < cache["retained_fraction"] < 0.75
-    assert "keep-even" in subprocess.run([CORMLM, "generate", "--help"], capture_output=True, text=True, env=env,
-                                         timeout=120).stdout
+    shown = subprocess.run([CORMLM, "generate", "--help"], capture_output=True, text=True, env=env, timeout=120)
+    assert "keep-even" in shown.stdout
+    assert "keep-even: newest positions kept whatever their parity" in " ".join(shown.stdout.split())
     wrong = subprocess.run([CORMLM, "generate", "--policy", "keep-even", "--budget", "8", "x"], capture_output=True,
                            text=True, env=env, timeout=120)
     assert wrong.returncode == 2 and "policy 'keep-even' does not use --budget; it takes --recent" in wrong.stderr
+
+
+def test_cache_config_errors_name_the_parameter_for_each_front_end():
+    with pytest.raises(cormlm.CacheConfigError) as caught:
+        cormlm.CacheConfig("streaming", budget=8, recent=4)
+    assert caught.value.parameters == ("budget", "recent")
+    assert "exactly one of CacheConfig.budget (tokens in all) or CacheConfig.recent" in str(caught.value)
+    assert "exactly one of --budget (tokens in all) or --recent" in caught.value.render(lambda n: "--" + n)
+    with pytest.raises(cormlm.CacheConfigError) as caught:  # the user's value is shown as given, braces and all
+        cormlm.CacheConfig("corm", window={"w": 1})
+    assert caught.value.parameters == ("window",) and "{'w': 1}" in str(caught.value)
 
 
 def test_a_policy_name_cannot_be_taken_twice():

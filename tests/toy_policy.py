@@ -10,6 +10,7 @@ class KeepEvenPolicy(EvictionPolicy):
     name = "keep-even"
     parameters = ("recent",)
     defaults = {"recent": 4}
+    help = {"recent": "newest positions kept whatever their parity (4)"}
 
     def __init__(self, recent: int) -> None:
         self.recent = recent

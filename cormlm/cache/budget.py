@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import CacheConfigError
 from .policy import EvictionPolicy, SlotView
 
 
@@ -24,6 +25,14 @@ def budget_tokens(budget: int | float, t: torch.Tensor) -> torch.Tensor:
 def protected_tokens(recent: int | None, budget_t: torch.Tensor) -> torch.Tensor:
     """Recent positions never dropped: ``recent``, or half the budget when not given."""
     return budget_t // 2 if recent is None else torch.full_like(budget_t, recent)
+
+
+def check_recent_within_budget(policy: str, budget: int | float | None, recent: int | None, default: bool) -> None:
+    """An integer budget must leave room beyond the protected recent positions."""
+    if isinstance(budget, int) and recent is not None and recent >= budget:
+        raise CacheConfigError(f"{{recent}} ({recent}{', the default' if default else ''}) must be smaller than "
+                               f"{policy}'s budget ({{budget}} = {budget}): the recent positions are part of the budget",
+                               "recent", "budget")
 
 
 def drop_over_budget(view: SlotView, priority: torch.Tensor, budget: int | float,
@@ -87,6 +96,15 @@ class BudgetPolicy(EvictionPolicy):
     go first, through :meth:`priority`."""
 
     parameters = ("budget", "recent")
+    help = {"budget": "keys kept per KV head: tokens (int) or a fraction of those seen (float)",
+            "recent": "newest positions never evicted (default: half the budget)"}
+
+    @classmethod
+    def check(cls, given: dict) -> None:
+        if given["budget"] is None:
+            raise CacheConfigError(f"policy '{cls.name}' keeps a fixed number of keys: give {{budget}} (tokens, e.g. "
+                                   "512, or a fraction of the sequence, e.g. 0.3)", "budget")
+        check_recent_within_budget(cls.name, given["budget"], given["recent"], given["recent"] is None)
 
     def __init__(self, budget: int | float, recent: int | None) -> None:
         self.budget = budget

@@ -6,11 +6,6 @@ from dataclasses import dataclass
 
 from ..errors import CacheConfigError
 
-BUDGET_POLICIES = ("h2o", "scissorhands", "knorm")  # fixed budget; streaming takes budget or recent
-CORM_DEFAULT = 256  # CORM's w and r when not given
-SCISSORHANDS_WINDOW = 32  # scissorhands' history window when not given
-SCISSORHANDS_MAX_WINDOW = 64  # its per-key verdict history is one 64-bit ring
-STREAMING_SINK = 4  # streaming's first positions always kept when not given
 POLICY_FIELDS = ("window", "recent", "budget", "sink")  # fields only some policies read
 
 
@@ -48,17 +43,18 @@ class CacheConfig:
     prefill_chunk: int | None = None  # split long prompts into chunks, evicting between them
 
     def __post_init__(self) -> None:
-        from .registry import available_policies, policy_parameters
+        from .registry import available_policies, policy_class
 
         if self.policy not in available_policies():
             raise CacheConfigError(
                 f"unknown cache policy '{self.policy}'; available policies: {', '.join(available_policies())}"
             )
-        takes = policy_parameters(self.policy)
-        ignored = [name for name in POLICY_FIELDS if getattr(self, name) is not None and name not in takes]
+        cls = policy_class(self.policy)
+        ignored = [name for name in POLICY_FIELDS if getattr(self, name) is not None and name not in cls.parameters]
         if ignored:
-            uses = ", ".join(f"CacheConfig.{name}" for name in takes) or "none of window, recent, budget, sink"
-            raise CacheConfigError(f"policy '{self.policy}' does not use CacheConfig.{ignored[0]}; it takes {uses}")
+            uses = ", ".join(f"{{{name}}}" for name in cls.parameters) or "none of window, recent, budget, sink"
+            raise CacheConfigError(f"policy '{self.policy}' does not use {{{ignored[0]}}}; it takes {uses}",
+                                   ignored[0], *cls.parameters)
         for name, low, meaning in (("window", 1, "queries remembered"), ("recent", 0, "protected positions"),
                                    ("sink", 0, "first positions kept"), ("block_size", 1, "slots per block"),
                                    ("prefill_chunk", 1, "tokens per prefill chunk")):
@@ -66,38 +62,20 @@ class CacheConfig:
             if value is None and name in ("window", "recent", "sink", "prefill_chunk"):
                 continue
             if isinstance(value, bool) or not isinstance(value, int):
-                raise CacheConfigError(f"CacheConfig.{name} must be an integer, got {value!r}")
+                raise CacheConfigError(f"{{{name}}} must be an integer, got {value!r}", name)
             if value < low:
-                raise CacheConfigError(f"CacheConfig.{name} must be >= {low} ({meaning}), got {value}")
+                raise CacheConfigError(f"{{{name}}} must be >= {low} ({meaning}), got {value}", name)
         self._check_budget()
-        if self.policy in BUDGET_POLICIES and self.budget is None:
-            raise CacheConfigError(f"policy '{self.policy}' keeps a fixed number of keys: give CacheConfig.budget "
-                                   f"(tokens, e.g. 512, or a fraction of the sequence, e.g. 0.3)")
-        if self.policy == "streaming" and (self.budget is None) == (self.recent is None):
-            raise CacheConfigError("policy 'streaming' keeps the sinks plus a recent window: give exactly one of "
-                                   "CacheConfig.budget (tokens in all) or CacheConfig.recent (window length)")
-        if self.policy == "scissorhands" and self.window is not None and self.window > SCISSORHANDS_MAX_WINDOW:
-            raise CacheConfigError(f"CacheConfig.window must be <= {SCISSORHANDS_MAX_WINDOW} for scissorhands "
-                                   f"(its history window of queries), got {self.window}")
-        if isinstance(self.budget, int) and self.policy in BUDGET_POLICIES and self.recent is not None \
-                and self.recent >= self.budget:
-            raise CacheConfigError(f"CacheConfig.recent ({self.recent}) must be smaller than the budget "
-                                   f"({self.budget}): the recent positions are part of the budget")
-        if isinstance(self.budget, int) and self.policy == "corm":
-            recent = CORM_DEFAULT if self.recent is None else self.recent
-            if recent >= self.budget:
-                raise CacheConfigError(f"CacheConfig.recent ({recent}{', the default' if self.recent is None else ''}) "
-                                       f"must be smaller than corm's budget ({self.budget}): the recent positions "
-                                       "are part of the budget")
+        cls.check({name: getattr(self, name) for name in cls.parameters})
 
     def _check_budget(self) -> None:
         budget = self.budget
         if budget is None:
             return
         if isinstance(budget, bool) or not isinstance(budget, (int, float)):
-            raise CacheConfigError(f"CacheConfig.budget must be a number of tokens (int) or a fraction (float), "
-                                   f"got {budget!r}")
+            raise CacheConfigError(f"{{budget}} must be a number of tokens (int) or a fraction (float), "
+                                   f"got {budget!r}", "budget")
         if isinstance(budget, int) and budget < 1:
-            raise CacheConfigError(f"CacheConfig.budget must be >= 1 token, got {budget}")
+            raise CacheConfigError(f"{{budget}} must be >= 1 token, got {budget}", "budget")
         if isinstance(budget, float) and not 0.0 < budget <= 1.0:
-            raise CacheConfigError(f"CacheConfig.budget as a fraction must be in (0, 1], got {budget}")
+            raise CacheConfigError(f"{{budget}} as a fraction must be in (0, 1], got {budget}", "budget")

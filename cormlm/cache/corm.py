@@ -18,15 +18,24 @@ import dataclasses
 
 import torch
 
-from .budget import drop_over_budget
-from .config import CORM_DEFAULT
+from .budget import check_recent_within_budget, drop_over_budget
 from .policy import EvictionPolicy, SlotView
+
+DEFAULT_WINDOW_AND_RECENT = 256
 
 
 class CormPolicy(EvictionPolicy):
     name = "corm"
     parameters = ("window", "recent", "budget")
-    defaults = {"window": CORM_DEFAULT, "recent": CORM_DEFAULT}
+    defaults = {"window": DEFAULT_WINDOW_AND_RECENT, "recent": DEFAULT_WINDOW_AND_RECENT}
+    help = {"window": f"w, the queries whose opinion of a key is remembered ({DEFAULT_WINDOW_AND_RECENT})",
+            "recent": f"r, the newest positions never evicted ({DEFAULT_WINDOW_AND_RECENT})",
+            "budget": "optional bound per KV head (tokens or fraction): drops the keys important longest ago"}
+
+    @classmethod
+    def check(cls, given: dict) -> None:
+        recent = cls.defaults["recent"] if given["recent"] is None else given["recent"]
+        check_recent_within_budget(cls.name, given["budget"], recent, given["recent"] is None)
     needs_probs = True
 
     def __init__(self, window: int, recent: int, budget: int | float | None = None) -> None:

@@ -10,9 +10,11 @@ Budget policies (h2o, scissorhands, knorm) rank keys and drop the lowest-ranked 
 budget: ``budget.BudgetPolicy`` owns ``budget`` and ``recent`` and ranks each stream once for
 all of them; a budget policy only says which keys go first (``priority``).
 
-A policy class registers itself under its ``name`` when it is defined; ``parameters`` and
-``defaults`` say which CacheConfig fields it reads, so adding a policy is one new file (a
-module in this package, or any module named by a ``cormlm.policies`` entry point).
+A policy class registers itself under its ``name`` when it is defined; ``parameters``,
+``defaults`` and ``help`` say which CacheConfig fields it reads, what they mean to it and
+their values when unset, and ``check`` rejects combinations it cannot run with, so adding
+a policy is one new file (a module in this package, or any module named by a
+``cormlm.policies`` entry point) and the command line's flags describe it.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ class EvictionPolicy(ABC):
     # CacheConfig fields the policy reads; setting any other is an error, never a silent no-op
     parameters: ClassVar[tuple[str, ...]] = ()
     defaults: ClassVar[dict[str, Any]] = {}  # values of parameters the user left unset
+    help: ClassVar[dict[str, str]] = {}  # parameter -> what it means to this policy (CLI help)
     needs_probs: ClassVar[bool] = False
     needs_attended: ClassVar[bool] = False  # observe() reads ``attended`` (costs a count per decode step)
 
@@ -58,6 +61,12 @@ class EvictionPolicy(ABC):
                 raise CacheConfigError(f"policy name '{cls.name}' of {cls.__module__}.{cls.__qualname__} is taken by "
                                        f"{taken.__module__}.{taken.__qualname__}; give the new policy another name")
             POLICIES[cls.name] = cls
+
+    @classmethod
+    def check(cls, given: dict[str, Any]) -> None:
+        """Raise CacheConfigError for parameter values this policy cannot run with; ``given``
+        holds the parameters as the user set them (None = unset). Types and ranges common to
+        every policy are checked by CacheConfig first."""
 
     @classmethod
     def from_config(cls, cfg) -> EvictionPolicy:

@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import CacheConfigError
 from .budget import BudgetPolicy
-from .config import SCISSORHANDS_WINDOW
 from .policy import SlotView
 
-RING = 64
+RING = 64  # verdicts remembered per key: the history window's upper bound
 
 
 def popcount(x: torch.Tensor) -> torch.Tensor:
@@ -38,7 +38,15 @@ def query_bits(query_t: torch.Tensor) -> torch.Tensor:
 class ScissorhandsPolicy(BudgetPolicy):
     name = "scissorhands"
     parameters = ("budget", "recent", "window")
-    defaults = {"window": SCISSORHANDS_WINDOW}
+    defaults = {"window": 32}
+    help = {**BudgetPolicy.help, "window": f"history: the queries whose verdicts count (32, at most {RING})"}
+
+    @classmethod
+    def check(cls, given: dict) -> None:
+        super().check(given)
+        if given["window"] is not None and given["window"] > RING:
+            raise CacheConfigError(f"{{window}} must be <= {RING} for scissorhands (its history window of queries), "
+                                   f"got {given['window']}", "window")
     needs_probs = True
     needs_attended = True
 

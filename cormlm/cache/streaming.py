@@ -8,15 +8,23 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import CacheConfigError
 from .budget import budget_tokens
-from .config import STREAMING_SINK
 from .policy import EvictionPolicy, SlotView
 
 
 class StreamingPolicy(EvictionPolicy):
     name = "streaming"
     parameters = ("sink", "recent", "budget")
-    defaults = {"sink": STREAMING_SINK}
+    defaults = {"sink": 4}
+    help = {"sink": "first positions always kept (4)", "recent": "the recent window kept after the sinks",
+            "budget": "keys kept in all, sinks included: tokens (int) or fraction (float)"}
+
+    @classmethod
+    def check(cls, given: dict) -> None:
+        if (given["budget"] is None) == (given["recent"] is None):
+            raise CacheConfigError("policy 'streaming' keeps the sinks plus a recent window: give exactly one of "
+                                   "{budget} (tokens in all) or {recent} (window length)", "budget", "recent")
 
     def __init__(self, sink: int, recent: int | None, budget: int | float | None) -> None:
         self.sink = sink

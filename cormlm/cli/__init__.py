@@ -9,12 +9,11 @@ over the context, corrupt checkpoint); 2 usage (bad flags or combinations); 130 
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 
 from ..errors import CacheConfigError, CormlmError
 from . import generate, inspect
-from .common import Parser, UsageError
+from .common import Parser, UsageError, flag
 
 EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 COMMANDS = {"generate": generate, "inspect": inspect}
@@ -32,9 +31,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = _parser().parse_args(argv)
         COMMANDS[args.command].run(args)
-    except (UsageError, CacheConfigError) as exc:  # CacheConfig's fields are flags here
-        message = re.sub(r"CacheConfig\.(\w+)", lambda m: "--" + m.group(1).replace("_", "-"), str(exc))
-        print(f"cormlm: usage error: {message}", file=sys.stderr)
+    except CacheConfigError as exc:  # CacheConfig's fields are flags here
+        print(f"cormlm: usage error: {exc.render(flag)}", file=sys.stderr)
+        return EXIT_USAGE
+    except UsageError as exc:
+        print(f"cormlm: usage error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except CormlmError as exc:
         print(f"cormlm: error: {exc}", file=sys.stderr)

@@ -14,6 +14,24 @@ class Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see '{self.prog} --help')")
 
 
+def flag(field: str) -> str:
+    """The command-line spelling of a CacheConfig field."""
+    return "--" + field.replace("_", "-")
+
+
+def policy_help(parameter: str) -> str:
+    """What ``parameter`` means to each policy that reads it, from the policies themselves."""
+    from ..cache.registry import available_policies, policy_class
+
+    meanings: dict[str, list[str]] = {}  # meaning -> policies (the budget policies share theirs)
+    for name in available_policies():
+        cls = policy_class(name)
+        if parameter in cls.parameters:
+            meanings.setdefault(cls.help.get(parameter, ""), []).append(name)
+    return "; ".join(f"{', '.join(names)}: {meaning}" if meaning else ", ".join(names)
+                     for meaning, names in meanings.items())
+
+
 def budget(text: str) -> int | float:
     """``--budget``: a number of tokens (int) or a fraction of the tokens seen (float)."""
     try:

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from ..cache import available_policies
-from .common import UsageError, budget, human_bytes
+from .common import UsageError, budget, flag, human_bytes, policy_help
 
 
 def read_prompt(args: argparse.Namespace) -> str:
@@ -100,12 +100,8 @@ def add_parser(sub) -> None:
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the checkpoint's chat template")
     cache = gen.add_argument_group("cache policy")
     cache.add_argument("--policy", choices=available_policies(), default="corm", help="eviction policy (default corm)")
-    cache.add_argument("--window", type=int, default=None, help="corm: w (256); scissorhands: history (32)")
-    cache.add_argument("--recent", type=int, default=None,
-                       help="positions never evicted (corm 256; budget policies: half the budget)")
-    cache.add_argument("--budget", type=budget, default=None,
-                       help="h2o/scissorhands/knorm/streaming, and corm as a bound: tokens kept per KV head (int) or fraction (float)")
-    cache.add_argument("--sink", type=int, default=None, help="streaming: first positions always kept (4)")
+    for name, kind in (("window", int), ("recent", int), ("budget", budget), ("sink", int)):
+        cache.add_argument(flag(name), type=kind, default=None, help=policy_help(name))
     cache.add_argument("--block-size", type=int, default=16, help="cache slots per storage block")
     cache.add_argument("--prefill-chunk", type=int, default=None, help="prefill long prompts in chunks, evicting")
     sampling = gen.add_argument_group("sampling")
