@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from cormlm.checkpoint.gguf_tokenizer import SUPPORTED_PRE_TOKENIZERS, tokenizer_from_gguf
-from cormlm.checkpoint.tokenizer import Tokenizer
+from cormlm.checkpoint.tokenizer import SpecialTokens, Tokenizer
 from cormlm.errors import CheckpointError
 
 ENDOFTEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
@@ -335,6 +335,27 @@ def test_byte_bpe_named_ids_and_flags(byte_bpe, tmp_path):
     assert flagged.eos_token_ids == [end, eot, start] and flagged.eos_token_id == end
     assert flagged.chat_template == template
     assert flagged.decode(flagged.encode("hi")) == "hi"
+
+
+def test_byte_bpe_special_tokens_record(byte_bpe, tmp_path):
+    start, end, eot, tool = (byte_bpe.token_to_id(t) for t in (IM_START, IM_END, ENDOFTEXT, TOOL))
+    metadata = _byte_bpe_metadata(byte_bpe, "smollm", **{"tokenizer.ggml.eot_token_id": eot})
+    tok = _load(_write_gguf(tmp_path / "record.gguf", metadata))
+    # The same record the folder loader builds: control tokens and named ids are special,
+    # eos then eot stop, and nothing is left to a post-processor.
+    assert tok.specials == SpecialTokens(
+        bos_id=start,
+        eos_id=end,
+        stop_ids=(end, eot),
+        pad_id=end,
+        unk_id=eot,
+        add_bos=False,
+        add_eos=False,
+        post_processor=False,
+        special_ids=frozenset({start, end, eot}),
+        chat_template=None,
+    )
+    assert tool not in tok.specials.special_ids
 
 
 def test_llama3_pre_adds_bos_by_default_as_llama_cpp(byte_bpe, tmp_path):

@@ -15,6 +15,7 @@ transformers is the oracle for ids and text where it reads the same files.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
 import shutil
@@ -25,7 +26,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cormlm.checkpoint.tokenizer import Tokenizer, load_tokenizer_from_folder
+from cormlm.checkpoint.tokenizer import SpecialTokens, Tokenizer, load_tokenizer_from_folder
 from cormlm.errors import CheckpointError, CheckpointNotFoundError, ConfigError, InputError
 
 BOT, EOT_TEXT, EOT_ID = "<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"
@@ -529,3 +530,75 @@ def test_special_tokens_map_and_chat_template_fallbacks(falcon_dir, tmp_path):
     _write_json(folder / "tokenizer_config.json", {"add_bos_token": True})  # Falcon names no BOS
     with pytest.raises(ConfigError, match="no bos_token"):
         load_tokenizer_from_folder(folder)
+
+
+# ---------------------------------------------------------------- the record
+
+
+def test_special_tokens_record_is_frozen(llama3):
+    specials = llama3.specials
+    assert isinstance(specials, SpecialTokens)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        specials.eos_id = 0  # type: ignore[misc]
+    with pytest.raises(AttributeError):
+        llama3.eos_token_ids = [0]  # type: ignore[misc]
+    with pytest.raises(AttributeError):
+        llama3.specials = SpecialTokens()  # type: ignore[misc]
+    llama3.eos_token_ids.append(0)  # a copy: the record is not touched
+    assert llama3.eos_token_ids == list(specials.stop_ids) == [481, 482]
+    assert hash(specials) == hash(dataclasses.replace(specials))
+
+
+def test_special_tokens_when_configs_disagree_about_eos(llama3_dir, tmp_path):
+    folder = tmp_path / "disagree"
+    shutil.copytree(llama3_dir, folder)
+    bos, eot_text, eot_id = 480, 481, 482
+    # tokenizer_config.json says EOS is <|end_of_text|>; generation_config.json stops on <|eot_id|>
+    # and names a pad id.  Stop ids: generation_config's first, then the tokenizer's own EOS.
+    _write_json(folder / "generation_config.json", {"eos_token_id": eot_id, "pad_token_id": bos})
+    tok = load_tokenizer_from_folder(folder)
+    assert tok.specials == SpecialTokens(
+        bos_id=bos,
+        eos_id=eot_text,  # what add_eos appends stays the tokenizer's own
+        stop_ids=(eot_id, eot_text),
+        pad_id=bos,  # generation_config's pad only because no config names a pad token
+        unk_id=None,
+        add_bos=True,
+        add_eos=False,
+        post_processor=True,  # no add_*_token flag: tokenizer.json's post-processor adds BOS
+        special_ids=frozenset({bos, eot_text, eot_id}),
+        chat_template=tok.chat_template,
+    )
+    assert tok.eos_token_id == eot_id and tok.is_special(eot_id)
+
+    # A pad token the tokenizer config names wins over generation_config.json's; explicit
+    # flags switch the post-processor off and append the tokenizer's own EOS, not the first stop id.
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config.update(pad_token=EOT_ID, add_eos_token=True)
+    _write_json(folder / "tokenizer_config.json", config)
+    tok = load_tokenizer_from_folder(folder)
+    assert (tok.specials.pad_id, tok.specials.stop_ids) == (eot_id, (eot_id, eot_text))
+    assert (tok.add_bos, tok.add_eos, tok.specials.post_processor) == (True, True, False)
+    assert tok.encode("hi") == [bos, *tok.encode("hi", add_special_tokens=False), eot_text]
+
+    # A stop id that only generation_config.json names is special (dropped when decoding) but
+    # stays out of special_ids, the ids the tokenizer files call special.
+    _write_json(folder / "generation_config.json", {"eos_token_id": [5, eot_text]})
+    tok = load_tokenizer_from_folder(folder)
+    assert tok.specials.stop_ids == (5, eot_text) and 5 not in tok.specials.special_ids
+    assert tok.is_special(5) and tok.decode([5, *tok.encode("hi", add_special_tokens=False)]) == "hi"
+
+
+def test_sentencepiece_generation_stop_id_is_not_cut_out_of_text(llama2_sp, llama2_sp_dir, tmp_path):
+    # A plain piece that only generation_config.json lists as a stop id is skipped when
+    # decoding, but text is still encoded as the tokenizer alone would encode it.
+    text = "returning the turnstile"
+    piece = next(i for i in range(3, SP_VOCAB) if len(llama2_sp.decode([i])) >= 3 and llama2_sp.decode([i]) in text[1:])
+    folder = tmp_path / "spgen"
+    shutil.copytree(llama2_sp_dir, folder)
+    _write_json(folder / "generation_config.json", {"eos_token_id": [piece, 2]})
+    tok = load_tokenizer_from_folder(folder)
+    assert tok.eos_token_ids == [piece, 2] and tok.is_special(piece) and piece not in tok.specials.special_ids
+    assert tok.encode(text) == llama2_sp.encode(text)
+    assert tok.decode([piece], skip_special_tokens=False) == llama2_sp.decode([piece], skip_special_tokens=False)
+    assert tok.decode([piece]) == ""

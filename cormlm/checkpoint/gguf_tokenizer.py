@@ -15,6 +15,10 @@ strings, index = id), ``tokenizer.ggml.token_type`` (1 normal, 2 unknown, 3 cont
   when that normalises nothing (Llama 2 and its kin; GGUF keeps no normalisation rules,
   and llama.cpp applies none either).
 
+Either way the result is the :class:`~cormlm.checkpoint.tokenizer.Tokenizer` a checkpoint
+folder gives, over the same backends, with its :class:`SpecialTokens` read from the
+``tokenizer.ggml.*_token_id`` and ``add_*_token`` keys (:func:`special_tokens_from_gguf`).
+
 Choices where the metadata leaves room:
 
 * Control, unknown and user-defined tokens (and the named bos/eos/... tokens) are matched
@@ -38,13 +42,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import sentencepiece
+from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
+from tokenizers import Tokenizer as RustTokenizer
+
 from ..errors import CheckpointError
-from .tokenizer import Tokenizer, _HFTokenizer, _SentencePieceTokenizer
+from .tokenizer import SpecialTokens, Tokenizer, _RustBackend, _SentencePieceBackend
 
 if TYPE_CHECKING:  # pragma: no cover
     import gguf
 
-__all__ = ["SUPPORTED_PRE_TOKENIZERS", "tokenizer_from_gguf"]
+__all__ = ["SUPPORTED_PRE_TOKENIZERS", "special_tokens_from_gguf", "tokenizer_from_gguf"]
 
 # tokenizer.ggml.token_type values (llama.cpp's llama_token_type; sentencepiece uses the same numbers).
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
@@ -87,14 +95,10 @@ class _PreTokenizerStyle:
 
 
 def _split(pattern: str) -> Any:
-    from tokenizers import Regex, pre_tokenizers
-
     return pre_tokenizers.Split(Regex(pattern), behavior="isolated", invert=False)
 
 
 def _byte_level(use_regex: bool) -> Any:
-    from tokenizers import pre_tokenizers
-
     return pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=use_regex)
 
 
@@ -104,27 +108,19 @@ def _gpt2() -> tuple[Any, Any]:
 
 def _digits_then_gpt2() -> tuple[Any, Any]:
     # StarCoder / SmolLM: every digit on its own, then GPT-2's regex.
-    from tokenizers import pre_tokenizers
-
     return None, pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), _byte_level(True)])
 
 
 def _llama3() -> tuple[Any, Any]:
-    from tokenizers import pre_tokenizers
-
     return None, pre_tokenizers.Sequence([_split(_LLAMA3_RE), _byte_level(False)])
 
 
 def _qwen2() -> tuple[Any, Any]:
-    from tokenizers import normalizers, pre_tokenizers
-
     return normalizers.NFC(), pre_tokenizers.Sequence([_split(_QWEN2_RE), _byte_level(False)])
 
 
 def _falcon() -> tuple[Any, Any]:
     # tiiuae/falcon-7b's tokenizer.json (llama.cpp's regexes omit the digit-run split).
-    from tokenizers import pre_tokenizers
-
     return None, pre_tokenizers.Sequence(
         [
             pre_tokenizers.Punctuation(behavior="contiguous"),
@@ -138,8 +134,6 @@ def _falcon() -> tuple[Any, Any]:
 def _llama_cpp_default() -> tuple[Any, Any]:
     # llama.cpp's LLAMA_VOCAB_PRE_TYPE_DEFAULT: its regexes applied in turn, each to the
     # pieces of the previous one, on the raw text; bytes are mapped afterwards.
-    from tokenizers import pre_tokenizers
-
     return None, pre_tokenizers.Sequence(
         [
             _split(r"[\p{P}\$\+<=>\^~\|]+"),
@@ -191,6 +185,18 @@ SUPPORTED_PRE_TOKENIZERS: dict[str, _PreTokenizerStyle] = {
 # ------------------------------------------------------------------ metadata
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _array_of(check: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    return lambda value: isinstance(value, list) and all(map(check, value))
+
+
 class _Metadata:
     """Typed reads of a GGUF reader's key/value fields, with messages naming the file."""
 
@@ -198,64 +204,50 @@ class _Metadata:
         self._fields = reader.fields
         self.source = source
 
-    def _raw(self, key: str) -> Any:
+    def _read(self, key: str, what: str, check: Callable[[Any], bool]) -> Any:
         field = self._fields.get(key)
         if field is None:
             return None
         try:
-            return field.contents()
+            value = field.contents()
         except Exception as exc:  # a corrupt field
             raise CheckpointError(f"{self.source}: metadata key {key} cannot be read ({exc})") from None
-
-    def _bad(self, key: str, what: str, value: Any) -> CheckpointError:
-        shown = repr(value)
-        if len(shown) > 80:
-            shown = shown[:77] + "..."
-        return CheckpointError(f"{self.source}: metadata key {key} must be {what}, got {shown}")
+        if not check(value):
+            shown = repr(value)
+            shown = shown[:77] + "..." if len(shown) > 80 else shown
+            raise CheckpointError(f"{self.source}: metadata key {key} must be {what}, got {shown}")
+        return value
 
     def string(self, key: str) -> str | None:
-        value = self._raw(key)
-        if value is not None and not isinstance(value, str):
-            raise self._bad(key, "a string", value)
-        return value
+        return self._read(key, "a string", lambda value: isinstance(value, str))
 
     def flag(self, key: str) -> bool | None:
-        value = self._raw(key)
-        if value is not None and not isinstance(value, bool):
-            raise self._bad(key, "true or false", value)
-        return value
+        return self._read(key, "true or false", lambda value: isinstance(value, bool))
 
     def integer(self, key: str) -> int | None:
-        value = self._raw(key)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
-            raise self._bad(key, "an integer", value)
-        return value
+        return self._read(key, "an integer", _is_int)
 
     def strings(self, key: str) -> list[str] | None:
-        value = self._raw(key)
-        if value is None:
-            return None
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise self._bad(key, "an array of strings", value)
-        return value
+        return self._read(key, "an array of strings", _array_of(lambda value: isinstance(value, str)))
 
     def integers(self, key: str) -> list[int] | None:
-        value = self._raw(key)
-        if value is None:
-            return None
-        if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
-            raise self._bad(key, "an array of integers", value)
-        return value
+        return self._read(key, "an array of integers", _array_of(_is_int))
 
     def floats(self, key: str) -> list[float] | None:
-        value = self._raw(key)
+        value = self._read(key, "an array of numbers", _array_of(_is_number))
+        return None if value is None else [float(v) for v in value]
+
+    def per_token(self, read: Callable[[str], list[Any] | None], key: str, n: int, default: Any) -> list[Any]:
+        """The array ``read`` finds at ``key``, one entry per token (``default`` each when absent)."""
+        value = read(key)
         if value is None:
-            return None
-        if not isinstance(value, list) or not all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) for v in value
-        ):
-            raise self._bad(key, "an array of numbers", value)
-        return [float(v) for v in value]
+            return [default] * n
+        if len(value) != n:
+            raise CheckpointError(
+                f"{self.source}: {key} has {len(value)} entries for {n} tokens; "
+                "the file is inconsistent, re-convert or re-download it"
+            )
+        return value
 
 
 # ------------------------------------------------------------------- loading
@@ -284,16 +276,18 @@ def tokenizer_from_gguf(reader: gguf.GGUFReader, source: Path) -> Tokenizer:
             f"{source}: tokenizer.ggml.model {model!r} is not supported; supported tokenizer "
             f"models: {', '.join(SUPPORTED_MODELS)}"
         )
+    types = meta.per_token(meta.integers, "tokenizer.ggml.token_type", len(tokens), NORMAL)
+    if model == "gpt2":
+        style = _pre_tokenizer_style(meta)
+        specials = special_tokens_from_gguf(meta, types, default_add_bos=style.add_bos)
+        return Tokenizer(_byte_level_bpe(meta, tokens, types, specials, style), specials)
+    specials = special_tokens_from_gguf(meta, types, default_add_bos=True)
+    return Tokenizer(_sentencepiece_bpe(meta, tokens, types, specials), specials)
 
-    n = len(tokens)
-    types = meta.integers("tokenizer.ggml.token_type")
-    if types is None:
-        types = [NORMAL] * n
-    elif len(types) != n:
-        raise CheckpointError(
-            f"{source}: tokenizer.ggml.token_type has {len(types)} entries for {n} tokens; "
-            "the file is inconsistent, re-convert or re-download it"
-        )
+
+def special_tokens_from_gguf(meta: _Metadata, types: list[int], default_add_bos: bool) -> SpecialTokens:
+    """The named ids and flags of the metadata; ``default_add_bos`` is llama.cpp's for this vocabulary."""
+    n = len(types)
     named: dict[str, int] = {}
     for suffix, name in _NAMED_IDS.items():
         key = f"tokenizer.ggml.{suffix}"
@@ -302,63 +296,45 @@ def tokenizer_from_gguf(reader: gguf.GGUFReader, source: Path) -> Tokenizer:
             continue
         if not 0 <= value < n:
             raise CheckpointError(
-                f"{source}: {key} is {value}, outside the vocabulary of {n} tokens (valid ids 0..{n - 1})"
+                f"{meta.source}: {key} is {value}, outside the vocabulary of {n} tokens (valid ids 0..{n - 1})"
             )
         named[name] = value
-
-    if model == "gpt2":
-        tokenizer, default_add_bos = _byte_level_bpe(meta, tokens, types, named)
-    else:
-        tokenizer, default_add_bos = _sentencepiece_bpe(meta, tokens, types, named)
-
-    tokenizer.vocab_size = n
-    tokenizer.bos_token_id = named.get("bos")
-    tokenizer._tokenizer_eos_id = named.get("eos")
-    stops = [named[k] for k in ("eos", "eot", "eom") if k in named]
-    tokenizer.eos_token_ids = list(dict.fromkeys(stops))
-    tokenizer.pad_token_id = named.get("pad")
-    tokenizer.unk_token_id = named.get("unk")
-
     add_bos = meta.flag("tokenizer.ggml.add_bos_token")
     add_eos = meta.flag("tokenizer.ggml.add_eos_token")
-    for flag, key, token_id in (
-        (add_bos, "bos", tokenizer.bos_token_id),
-        (add_eos, "eos", tokenizer._tokenizer_eos_id),
-    ):
-        if flag and token_id is None:
+    for flag, key in ((add_bos, "bos"), (add_eos, "eos")):
+        if flag and key not in named:
             raise CheckpointError(
-                f"{source}: tokenizer.ggml.add_{key}_token is true but tokenizer.ggml.{key}_token_id is not set"
+                f"{meta.source}: tokenizer.ggml.add_{key}_token is true but tokenizer.ggml.{key}_token_id is not set"
             )
-    if add_bos is None:
-        add_bos = default_add_bos and tokenizer.bos_token_id is not None
-    tokenizer.add_bos = add_bos
-    tokenizer.add_eos = bool(add_eos)
-    tokenizer.chat_template = meta.string("tokenizer.chat_template")
-    return tokenizer
+    return SpecialTokens(
+        bos_id=named.get("bos"),
+        eos_id=named.get("eos"),
+        stop_ids=tuple(dict.fromkeys(named[k] for k in ("eos", "eot", "eom") if k in named)),
+        pad_id=named.get("pad"),
+        unk_id=named.get("unk"),
+        add_bos=add_bos if add_bos is not None else default_add_bos and "bos" in named,
+        add_eos=bool(add_eos),
+        # Control and unknown tokens plus every named id.
+        special_ids=frozenset({i for i, t in enumerate(types) if t in (CONTROL, UNKNOWN)} | set(named.values())),
+        chat_template=meta.string("tokenizer.chat_template"),
+    )
 
 
-def _special_ids(types: list[int], named: dict[str, int]) -> set[int]:
-    """Control and unknown tokens plus every named id."""
-    special = {i for i, t in enumerate(types) if t in (CONTROL, UNKNOWN)}
-    special.update(named.values())
-    return special
-
-
-def _byte_level_bpe(
-    meta: _Metadata, tokens: list[str], types: list[int], named: dict[str, int]
-) -> tuple[Tokenizer, bool]:
-    from tokenizers import AddedToken, decoders, models
-    from tokenizers import Tokenizer as RustTokenizer
-
-    source = meta.source
-    pre = meta.string("tokenizer.ggml.pre")
-    pre = "default" if pre is None or pre == "" else pre
+def _pre_tokenizer_style(meta: _Metadata) -> _PreTokenizerStyle:
+    pre = meta.string("tokenizer.ggml.pre") or "default"
     style = SUPPORTED_PRE_TOKENIZERS.get(pre)
     if style is None:
         raise CheckpointError(
-            f"{source}: tokenizer.ggml.pre {pre!r} (the pre-tokenizer of this gpt2-style "
+            f"{meta.source}: tokenizer.ggml.pre {pre!r} (the pre-tokenizer of this gpt2-style "
             f"vocabulary) is not supported; supported: {', '.join(sorted(SUPPORTED_PRE_TOKENIZERS))}"
         )
+    return style
+
+
+def _byte_level_bpe(
+    meta: _Metadata, tokens: list[str], types: list[int], specials: SpecialTokens, style: _PreTokenizerStyle
+) -> _RustBackend:
+    source = meta.source
     raw_merges = meta.strings("tokenizer.ggml.merges")
     if not raw_merges:
         raise CheckpointError(
@@ -385,49 +361,30 @@ def _byte_level_bpe(
             f"{source}: tokenizer.ggml.merges does not fit tokenizer.ggml.tokens ({exc}); "
             "the file is inconsistent, re-convert or re-download it"
         ) from None
-    backend = RustTokenizer(bpe)
+    rust = RustTokenizer(bpe)
     normalizer, pre_tokenizer = style.build()
     if normalizer is not None:
-        backend.normalizer = normalizer
-    backend.pre_tokenizer = pre_tokenizer
-    backend.decoder = decoders.ByteLevel()
+        rust.normalizer = normalizer
+    rust.pre_tokenizer = pre_tokenizer
+    rust.decoder = decoders.ByteLevel()
 
-    special = _special_ids(types, named)
     # Added tokens that are already in the vocabulary keep their ids.
+    special = specials.special_ids
     kept = [i for i, token in enumerate(tokens) if token and vocab[token] == i]
-    backend.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False) for i in kept if i in special])
-    backend.add_tokens(
-        [
-            AddedToken(tokens[i], special=False, normalized=False)
-            for i in kept
-            if types[i] == USER_DEFINED and i not in special
-        ]
-    )
-
-    tokenizer = _HFTokenizer(source, backend)
-    tokenizer._use_post_processor = False  # BOS/EOS come from the GGUF flags
-    tokenizer._special_ids = frozenset(special)
-    return tokenizer, style.add_bos
+    rust.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False) for i in kept if i in special])
+    user = [i for i in kept if types[i] == USER_DEFINED and i not in special]
+    rust.add_tokens([AddedToken(tokens[i], special=False, normalized=False) for i in user])
+    return _RustBackend(source, rust, vocab_size=len(tokens))
 
 
 # ---------------------------------------------------------- llama (sentencepiece)
 
 
 def _sentencepiece_bpe(
-    meta: _Metadata, tokens: list[str], types: list[int], named: dict[str, int]
-) -> tuple[Tokenizer, bool]:
-    import sentencepiece
-
+    meta: _Metadata, tokens: list[str], types: list[int], specials: SpecialTokens
+) -> _SentencePieceBackend:
     source = meta.source
-    n = len(tokens)
-    scores = meta.floats("tokenizer.ggml.scores")
-    if scores is None:
-        scores = [0.0] * n
-    elif len(scores) != n:
-        raise CheckpointError(
-            f"{source}: tokenizer.ggml.scores has {len(scores)} entries for {n} tokens; "
-            "the file is inconsistent, re-convert or re-download it"
-        )
+    scores = meta.per_token(meta.floats, "tokenizer.ggml.scores", len(tokens), 0.0)
     add_space_prefix = meta.flag("tokenizer.ggml.add_space_prefix")
     if add_space_prefix is None:
         add_space_prefix = True  # llama.cpp's default for this tokenizer model
@@ -435,9 +392,9 @@ def _sentencepiece_bpe(
     # sentencepiece wants one unknown piece, unique non-empty pieces and known piece types.
     proto_types = [t if t in (NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE) else NORMAL for t in types]
     unknown = [i for i, t in enumerate(proto_types) if t == UNKNOWN]
-    if not unknown and "unk" in named:
-        unknown = [named["unk"]]
-        proto_types[named["unk"]] = UNKNOWN
+    if not unknown and specials.unk_id is not None:
+        unknown = [specials.unk_id]
+        proto_types[specials.unk_id] = UNKNOWN
     if not unknown:
         raise CheckpointError(
             f"{source}: this llama-style (sentencepiece) vocabulary has no unknown token (token type 2 "
@@ -472,27 +429,20 @@ def _sentencepiece_bpe(
             "re-convert or re-download the file"
         ) from None
 
-    tokenizer = _SentencePieceTokenizer(source, processor)
-    special = _special_ids(types, named) | set(unknown)
     # User-defined tokens are added tokens: matched whole in text, rendered from their
     # strings when decoding.  A repeated (or empty) string is only rendered; encoding finds
     # its first id, and "▁" reads as a space as in any other piece.
+    special = specials.special_ids
+    added: dict[int, str] = {}
+    added_ids: dict[str, int] = {}
     for token_id, token in enumerate(tokens):
         if types[token_id] == USER_DEFINED and token_id not in stand_in:
-            tokenizer._added[token_id] = token
+            added[token_id] = token
             if token_id not in special:
-                tokenizer._added_ids.setdefault(token, token_id)
+                added_ids.setdefault(token, token_id)
         elif token_id in stand_in:
-            tokenizer._added[token_id] = token if token_id in special else token.replace("\u2581", " ")
-    tokenizer._special_ids = frozenset(special)
-    no_split: dict[str, int] = {}
-    for token_id in sorted(special):
-        if tokens[token_id]:
-            no_split.setdefault(tokens[token_id], token_id)
-    for content, token_id in tokenizer._added_ids.items():
-        no_split.setdefault(content, token_id)
-    tokenizer._set_no_split(no_split)
-    return tokenizer, True
+            added[token_id] = token if token_id in special else token.replace("\u2581", " ")
+    return _SentencePieceBackend(source, processor, added, added_ids, whole=special)
 
 
 def _varint(value: int) -> bytes:

@@ -5,8 +5,10 @@ Mistral, Falcon, converted Llama 2) or only ``tokenizer.model`` (a ``sentencepie
 older Llama 2 conversions).  Neither file alone says everything inference needs: which
 special tokens exist, whether a prompt starts with BOS, and which ids end generation are
 spread over ``tokenizer_config.json``, ``special_tokens_map.json`` and
-``generation_config.json``.  :func:`load_tokenizer_from_folder` reads all of them and
-:class:`Tokenizer` answers with plain ids, so model code never has to know the format.
+``generation_config.json``.  :func:`special_tokens_from_folder` resolves all of that once into
+a frozen :class:`SpecialTokens`, and :class:`Tokenizer` is a thin adapter that answers with
+plain ids, so model code never has to know the format.  GGUF files build the same record and
+the same class (:mod:`cormlm.checkpoint.gguf_tokenizer`).
 
 Choices where the checkpoint files leave room:
 
@@ -16,6 +18,9 @@ Choices where the checkpoint files leave room:
 * Explicit ``add_bos_token`` / ``add_eos_token`` are honoured for tokenizer.json too (as
   transformers 4 did; transformers 5 drops them when tokenizer.json exists); a flag left out
   keeps what the tokenizer.json post-processor does.
+* Stop ids: generation_config.json's ``eos_token_id`` (one id or a list) first, then the
+  tokenizer's own EOS; its ``pad_token_id`` only when the configs name no pad token; its
+  ``bos_token_id`` never (Falcon's names <|endoftext|> although nothing prepends it).
 * A special token a config names but the vocabulary lacks is a :class:`ConfigError`; we never
   invent new ids, because the model has no embedding rows for them.
 * ``clean_up_tokenization_spaces`` is ignored: it rewrites " ." to "." and so breaks
@@ -33,6 +38,7 @@ import operator
 import os
 import re
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +47,7 @@ import torch
 from ..errors import CheckpointError, CheckpointNotFoundError, ConfigError, InputError
 from .jsonfiles import read_optional_json
 
-__all__ = ["Tokenizer", "load_tokenizer_from_folder"]
+__all__ = ["SpecialTokens", "Tokenizer", "load_tokenizer_from_folder"]
 
 TOKENIZER_JSON = "tokenizer.json"
 TOKENIZER_MODEL = "tokenizer.model"
@@ -53,50 +59,79 @@ CHAT_TEMPLATE_JINJA = "chat_template.jinja"
 _NAMED_SPECIALS = ("bos_token", "eos_token", "pad_token", "unk_token")
 
 
-class Tokenizer:
-    """One interface over tokenizer.json (HF `tokenizers`) and tokenizer.model (`sentencepiece`).
+@dataclass(frozen=True)
+class SpecialTokens:
+    """A checkpoint's special tokens, resolved once from its files so nothing changes them later."""
 
-    Build it with :func:`load_tokenizer_from_folder`; the subclasses hold the format-specific
-    parts, this class the special-token bookkeeping and input checks they share.
+    bos_id: int | None = None
+    eos_id: int | None = None  # the tokenizer's own EOS: what add_eos appends
+    stop_ids: tuple[int, ...] = ()  # every id that ends generation, the preferred one first
+    pad_id: int | None = None
+    unk_id: int | None = None
+    add_bos: bool = False
+    add_eos: bool = False
+    # True: tokenizer.json's post-processor adds what it adds (add_bos/add_eos only report it).
+    post_processor: bool = False
+    # What the tokenizer files call special (matched whole in text); stop ids are special too.
+    special_ids: frozenset[int] = frozenset()
+    chat_template: str | None = None
+
+
+def _view(field: str) -> Any:
+    """A read-only Tokenizer attribute that reads its SpecialTokens."""
+    return property(lambda self: getattr(self.specials, field))
+
+
+class Tokenizer:
+    """Plain ids and text over a ``tokenizers`` or ``sentencepiece`` backend and a :class:`SpecialTokens`.
+
+    Build it with :func:`cormlm.load_tokenizer`; the public attributes are read-only views
+    of ``specials``.
     """
 
-    bos_token_id: int | None
-    eos_token_ids: list[int]
-    pad_token_id: int | None
-    unk_token_id: int | None
-    vocab_size: int
-    add_bos: bool
-    add_eos: bool
-    chat_template: str | None
+    bos_token_id: int | None = _view("bos_id")
+    pad_token_id: int | None = _view("pad_id")
+    unk_token_id: int | None = _view("unk_id")
+    add_bos: bool = _view("add_bos")
+    add_eos: bool = _view("add_eos")
+    chat_template: str | None = _view("chat_template")
 
-    def __init__(self, source: Path) -> None:
-        # Filled in by the loader; ``source`` is the file, for messages and repr.
-        self.source = source
-        self.bos_token_id = None
-        self.eos_token_ids = []
-        self.pad_token_id = None
-        self.unk_token_id = None
-        self.vocab_size = 0
-        self.add_bos = False
-        self.add_eos = False
-        self.chat_template = None
-        self._special_ids: frozenset[int] = frozenset()
-        # The tokenizer's own eos (what add_eos appends); eos_token_ids may list more stop ids.
-        self._tokenizer_eos_id: int | None = None
+    def __init__(self, backend: _RustBackend | _SentencePieceBackend, specials: SpecialTokens) -> None:
+        self._backend = backend
+        self._specials = specials
+        self._special = specials.special_ids | frozenset(specials.stop_ids)
 
-    # ----------------------------------------------------------------- public API
+    @property
+    def specials(self) -> SpecialTokens:
+        return self._specials
+
+    @property
+    def source(self) -> Path:
+        """The file the vocabulary came from, for messages and repr."""
+        return self._backend.source
+
+    @property
+    def vocab_size(self) -> int:
+        return self._backend.vocab_size
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        """Every stop id (Llama 3 has several); a copy."""
+        return list(self.specials.stop_ids)
 
     @property
     def eos_token_id(self) -> int | None:
         """The first stop id, for callers that want a single one (e.g. as a pad fallback)."""
-        return self.eos_token_ids[0] if self.eos_token_ids else None
+        return self.specials.stop_ids[0] if self.specials.stop_ids else None
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of ``text``; with ``add_special_tokens`` BOS/EOS as the checkpoint asks."""
         if not isinstance(text, str):
             raise InputError(f"encode() takes a str, got {type(text).__name__}")
         try:
-            return self._encode(text, add_special_tokens)
+            if add_special_tokens and self.specials.post_processor:
+                return self._backend.encode(text, post_process=True)
+            ids = self._backend.encode(text)
         except (TypeError, RuntimeError, UnicodeError):
             # Both libraries reject lone surrogates with obscure messages; say what is wrong.
             # Checked only on failure so that valid text pays nothing for it.
@@ -107,10 +142,16 @@ class Tokenizer:
                     f"text is not valid Unicode: lone surrogate {text[exc.start]!r} at index {exc.start}"
                 ) from None
             raise
+        s = self.specials
+        if add_special_tokens and s.add_bos and s.bos_id is not None:
+            ids = [s.bos_id, *ids]
+        if add_special_tokens and s.add_eos and s.eos_id is not None:
+            ids = [*ids, s.eos_id]
+        return ids
 
     def decode(self, ids: Sequence[int] | torch.Tensor, skip_special_tokens: bool = True) -> str:
         """Text of ``ids``; special tokens are dropped unless ``skip_special_tokens`` is False."""
-        return self._decode(self._check_ids(ids), skip_special_tokens)
+        return self._backend.decode(self._check_ids(ids), self._special, skip_special_tokens)
 
     def encode_batch(
         self, texts: Sequence[str], add_special_tokens: bool = True
@@ -136,12 +177,12 @@ class Tokenizer:
 
     def token_to_id(self, token: str) -> int | None:
         """Id of the token string ``token`` (a vocabulary entry, not text to encode), or None."""
-        raise NotImplementedError
+        return self._backend.token_to_id(token)
 
     def is_special(self, token_id: int) -> bool:
         """Whether ``token_id`` is a special token (BOS, EOS, pad, unk, special added tokens)."""
         try:
-            return operator.index(token_id) in self._special_ids  # also 0-d tensors, numpy ints
+            return operator.index(token_id) in self._special  # also 0-d tensors, numpy ints
         except TypeError:
             return False
 
@@ -154,28 +195,6 @@ class Tokenizer:
             f"bos_token_id={self.bos_token_id}, eos_token_ids={self.eos_token_ids}, "
             f"pad_token_id={self.pad_token_id}, add_bos={self.add_bos}, add_eos={self.add_eos})"
         )
-
-    # ------------------------------------------------------------ subclass hooks
-
-    def _encode(self, text: str, add_special_tokens: bool) -> list[int]:
-        raise NotImplementedError
-
-    def _decode(self, ids: list[int], skip_special_tokens: bool) -> str:
-        raise NotImplementedError
-
-    def _has_id(self, token_id: int) -> bool:
-        """Whether an id below vocab_size is assigned (added-token ids may leave gaps)."""
-        return True
-
-    # ------------------------------------------------------------------- helpers
-
-    def _with_bos_eos(self, ids: list[int]) -> list[int]:
-        """BOS/EOS added by us (sentencepiece, or tokenizer.json with explicit config flags)."""
-        if self.add_bos and self.bos_token_id is not None:
-            ids = [self.bos_token_id, *ids]
-        if self.add_eos and self._tokenizer_eos_id is not None:
-            ids = [*ids, self._tokenizer_eos_id]
-        return ids
 
     def _check_ids(self, ids: Sequence[int] | torch.Tensor) -> list[int]:
         """Plain non-negative in-vocabulary ints, or an InputError saying which id is wrong."""
@@ -198,7 +217,7 @@ class Tokenizer:
                 token_id = operator.index(item)
             except TypeError:
                 raise InputError(f"token ids must be integers, got {item!r} ({type(item).__name__})") from None
-            if not 0 <= token_id < self.vocab_size or not self._has_id(token_id):
+            if not 0 <= token_id < self.vocab_size or not self._backend.has_id(token_id):
                 raise InputError(
                     f"token id {token_id} is outside the vocabulary of {self.source.name} "
                     f"(vocab size {self.vocab_size}, valid ids 0..{self.vocab_size - 1})"
@@ -207,78 +226,110 @@ class Tokenizer:
         return out
 
 
-class _HFTokenizer(Tokenizer):
-    """tokenizer.json through the ``tokenizers`` library."""
+# ---------------------------------------------------------------------- backends
 
-    def __init__(self, source: Path, backend: Any) -> None:
-        super().__init__(source)
-        self._tok = backend
-        # True: the post-processor decides BOS/EOS; False: we add them as configured.
-        self._use_post_processor = True
 
-    def _encode(self, text: str, add_special_tokens: bool) -> list[int]:
-        if add_special_tokens and self._use_post_processor:
-            return list(self._tok.encode(text, add_special_tokens=True).ids)
-        ids = list(self._tok.encode(text, add_special_tokens=False).ids)
-        return self._with_bos_eos(ids) if add_special_tokens else ids
+class _RustBackend:
+    """A ``tokenizers.Tokenizer`` (tokenizer.json, or a GGUF gpt2 vocabulary rebuilt)."""
 
-    def _decode(self, ids: list[int], skip_special_tokens: bool) -> str:
+    def __init__(self, source: Path, rust: Any, vocab_size: int | None = None) -> None:
+        self.source = source
+        self._rust = rust
+        # Added-token ids may lie past get_vocab_size() when they leave gaps.
+        top = max(rust.get_added_tokens_decoder(), default=-1) + 1
+        self.vocab_size = vocab_size if vocab_size is not None else max(rust.get_vocab_size(with_added_tokens=True), top)
+
+    def encode(self, text: str, post_process: bool = False) -> list[int]:
+        return list(self._rust.encode(text, add_special_tokens=post_process).ids)
+
+    def decode(self, ids: list[int], special: frozenset[int], skip_special_tokens: bool) -> str:
         # Filter with our own notion of special (it also covers tokens that only the JSON
         # configs call special), then let the library's decoder join the rest.
         if skip_special_tokens:
-            ids = [i for i in ids if i not in self._special_ids]
-        return self._tok.decode(ids, skip_special_tokens=False)
+            ids = [i for i in ids if i not in special]
+        return self._rust.decode(ids, skip_special_tokens=False)
 
-    def _has_id(self, token_id: int) -> bool:
-        return self._tok.id_to_token(token_id) is not None
+    def has_id(self, token_id: int) -> bool:
+        return self._rust.id_to_token(token_id) is not None
 
     def token_to_id(self, token: str) -> int | None:
-        return self._tok.token_to_id(token)
+        return self._rust.token_to_id(token)
+
+    def default_names(self) -> dict[str, str]:
+        return {}  # tokenizer.json names no bos/eos; the JSON configs do
+
+    def marked_special_ids(self) -> set[int]:
+        return {i for i, token in self._rust.get_added_tokens_decoder().items() if token.special}
+
+    def post_processor_adds(self) -> tuple[bool, bool] | None:
+        """Whether the post-processor puts ids before / after a short text."""
+        plain = self._rust.encode("a", add_special_tokens=False).ids
+        full = self._rust.encode("a", add_special_tokens=True).ids
+        for start in range(len(full) - len(plain) + 1):
+            if full[start : start + len(plain)] == plain:
+                return bool(start), start + len(plain) < len(full)
+        return bool(full), False  # a post-processor that rewrites the ids; assume it prepends
 
 
-class _SentencePieceTokenizer(Tokenizer):
-    """tokenizer.model through ``sentencepiece``, plus the added tokens the JSON configs declare."""
+class _SentencePieceBackend:
+    """A ``sentencepiece`` model plus added tokens, whose strings are matched whole in text.
 
-    def __init__(self, source: Path, processor: Any) -> None:
-        super().__init__(source)
+    ``added`` maps ids to the strings they render as (overriding the model's piece),
+    ``added_ids`` strings to ids for lookups, and the strings of ``whole`` ids and of
+    ``added_ids`` are cut out of text before sentencepiece sees it, longest first.
+    """
+
+    def __init__(
+        self,
+        source: Path,
+        processor: Any,
+        added: dict[int, str],
+        added_ids: dict[str, int],
+        whole: Iterable[int] = (),
+    ) -> None:
+        self.source = source
         self._sp = processor
-        self._piece_count: int = processor.get_piece_size()
-        self._added: dict[int, str] = {}  # id -> content, overrides the model's piece
-        self._added_ids: dict[str, int] = {}  # content -> id
-        self._no_split: dict[str, int] = {}
-        self._split_re: re.Pattern[str] | None = None
+        self._pieces: int = processor.get_piece_size()
+        self._added = added
+        self._added_ids = added_ids
+        self.vocab_size = max(self._pieces, max(added, default=-1) + 1)
+        matched: dict[str, int] = {}
+        for token_id in sorted(whole):
+            matched.setdefault(added[token_id] if token_id in added else processor.id_to_piece(token_id), token_id)
+        for content, token_id in added_ids.items():
+            matched.setdefault(content, token_id)
+        self._whole = {content: token_id for content, token_id in matched.items() if content}
+        alternatives = sorted(self._whole, key=len, reverse=True)
+        self._split = re.compile("(" + "|".join(map(re.escape, alternatives)) + ")") if alternatives else None
 
-    def _set_no_split(self, tokens: dict[str, int]) -> None:
-        """Strings matched literally in text before sentencepiece sees it, longest first."""
-        self._no_split = dict(tokens)
-        if tokens:
-            alternatives = sorted(tokens, key=len, reverse=True)
-            self._split_re = re.compile("(" + "|".join(re.escape(t) for t in alternatives) + ")")
+    def matching(self, whole: Iterable[int]) -> _SentencePieceBackend:
+        """This backend, also cutting out the strings of ``whole`` (known only after lookups)."""
+        return _SentencePieceBackend(self.source, self._sp, self._added, self._added_ids, whole)
 
-    def _encode(self, text: str, add_special_tokens: bool) -> list[int]:
+    def encode(self, text: str, post_process: bool = False) -> list[int]:
+        """Ids without BOS/EOS (sentencepiece has no post-processor; SpecialTokens says what to add)."""
         ids: list[int] = []
-        chunks = self._split_re.split(text) if self._split_re is not None else [text]
+        chunks = self._split.split(text) if self._split is not None else [text]
         # re.split with one capturing group alternates: text, match, text, match, ...
         for index, chunk in enumerate(chunks):
             if index % 2:
-                ids.append(self._no_split[chunk])
+                ids.append(self._whole[chunk])
             elif chunk:
                 ids.extend(self._sp.encode(chunk, out_type=int))
-        return self._with_bos_eos(ids) if add_special_tokens else ids
+        return ids
 
-    def _decode(self, ids: list[int], skip_special_tokens: bool) -> str:
+    def decode(self, ids: list[int], special: frozenset[int], skip_special_tokens: bool) -> str:
         # Runs of ordinary pieces go to sentencepiece (which merges byte-fallback pieces and
-        # strips the dummy-prefix space once per run, mirroring _encode's per-chunk calls);
+        # strips the dummy-prefix space once per run, mirroring encode's per-chunk calls);
         # special and added tokens are rendered from their strings.
         parts: list[str] = []
         run: list[int] = []
         for token_id in ids:
-            special = token_id in self._special_ids
-            if token_id in self._added or special:
+            if token_id in self._added or token_id in special:
                 if run:
                     parts.append(self._sp.decode(run))
                     run = []
-                if not (special and skip_special_tokens):
+                if not (skip_special_tokens and token_id in special):
                     content = self._added.get(token_id)
                     parts.append(self._sp.id_to_piece(token_id) if content is None else content)
             else:
@@ -287,8 +338,8 @@ class _SentencePieceTokenizer(Tokenizer):
             parts.append(self._sp.decode(run))
         return "".join(parts)
 
-    def _has_id(self, token_id: int) -> bool:
-        return token_id < self._piece_count or token_id in self._added
+    def has_id(self, token_id: int) -> bool:
+        return token_id < self._pieces or token_id in self._added
 
     def token_to_id(self, token: str) -> int | None:
         if token in self._added_ids:
@@ -298,6 +349,18 @@ class _SentencePieceTokenizer(Tokenizer):
         if token_id < 0 or self._sp.id_to_piece(token_id) != token:
             return None
         return token_id
+
+    def default_names(self) -> dict[str, str]:
+        """The model's own bos/eos/unk/pad pieces: the defaults the JSON configs may override."""
+        sp = self._sp
+        ids = {"bos_token": sp.bos_id(), "eos_token": sp.eos_id(), "unk_token": sp.unk_id(), "pad_token": sp.pad_id()}
+        return {key: sp.id_to_piece(i) for key, i in ids.items() if 0 <= i < self._pieces}
+
+    def marked_special_ids(self) -> set[int]:
+        return {i for i in range(self._pieces) if self._sp.is_control(i) or self._sp.is_unknown(i)}
+
+    def post_processor_adds(self) -> tuple[bool, bool] | None:
+        return None  # we add BOS/EOS ourselves
 
 
 # ---------------------------------------------------------------------- loading
@@ -314,28 +377,57 @@ def load_tokenizer_from_folder(folder: str | os.PathLike[str]) -> Tokenizer:
         raise CheckpointNotFoundError(f"tokenizer folder {path} does not exist")
     if not path.is_dir():
         raise CheckpointError(f"{path} is a file, not a folder; pass the checkpoint folder that holds it")
-
-    config = read_optional_json(path / TOKENIZER_CONFIG)
-    special_map = read_optional_json(path / SPECIAL_TOKENS_MAP)
-    generation = read_optional_json(path / GENERATION_CONFIG)
-    named = _named_special_tokens(path, config, special_map)
-    added_config = _config_added_tokens(path, config)
-    extra_specials = _extra_special_strings(path, config, special_map)
-
+    files = _FolderFiles.read(path)
+    backend: _RustBackend | _SentencePieceBackend
     if (path / TOKENIZER_JSON).is_file():
-        tokenizer: Tokenizer = _load_tokenizers_json(path / TOKENIZER_JSON, named, added_config, extra_specials)
+        backend = _load_tokenizers_json(path / TOKENIZER_JSON, files)
     elif (path / TOKENIZER_MODEL).is_file():
-        tokenizer = _load_sentencepiece(path / TOKENIZER_MODEL, named, added_config, extra_specials)
+        backend = _load_sentencepiece(path / TOKENIZER_MODEL, files)
     else:
         raise CheckpointError(
             f"{path} holds no tokenizer: expected {TOKENIZER_JSON} or {TOKENIZER_MODEL}; "
             "copy the tokenizer files of the checkpoint into the folder"
         )
+    specials = special_tokens_from_folder(path, files, backend)
+    if isinstance(backend, _SentencePieceBackend):
+        backend = backend.matching(specials.special_ids)
+    return Tokenizer(backend, specials)
 
-    _apply_flags(tokenizer, path, config)
-    _apply_generation_config(tokenizer, path, generation)
-    tokenizer.chat_template = _chat_template(path, config)
-    return tokenizer
+
+@dataclass(frozen=True)
+class _FolderFiles:
+    """The checked JSON configs of a folder: the token names and flags they set."""
+
+    config: dict[str, Any]  # tokenizer_config.json
+    generation: dict[str, Any]  # generation_config.json
+    names: dict[str, str | None]  # bos_token ... unk_token, tokenizer_config.json over special_tokens_map.json
+    added: dict[int, tuple[str, bool]]  # added_tokens_decoder: id -> (content, special)
+    extras: list[str]  # additional_special_tokens (v5: extra_special_tokens)
+
+    @classmethod
+    def read(cls, folder: Path) -> _FolderFiles:
+        config = read_optional_json(folder / TOKENIZER_CONFIG)
+        special_map = read_optional_json(folder / SPECIAL_TOKENS_MAP)
+        generation = read_optional_json(folder / GENERATION_CONFIG)
+        sources = ((folder / TOKENIZER_CONFIG, config), (folder / SPECIAL_TOKENS_MAP, special_map))
+        names: dict[str, str | None] = {}
+        for key in _NAMED_SPECIALS:
+            for file, data in sources:
+                if key in data:
+                    names[key] = _token_string(file, key, data[key])
+                    break
+        extras: list[str] = []
+        for file, data in sources:
+            for key in ("additional_special_tokens", "extra_special_tokens"):
+                values = data.get(key) or []
+                if isinstance(values, dict):  # v5 allows {"name": token}
+                    values = list(values.values())
+                if not isinstance(values, list):
+                    raise ConfigError(f"{file}: {key} must be a list of tokens, got {type(values).__name__}")
+                for content in (_token_string(file, key, value) for value in values):
+                    if content is not None and content not in extras:
+                        extras.append(content)
+        return cls(config, generation, names, _config_added_tokens(folder / TOKENIZER_CONFIG, config), extras)
 
 
 def _token_string(file: Path, key: str, value: Any) -> str | None:
@@ -349,19 +441,8 @@ def _token_string(file: Path, key: str, value: Any) -> str | None:
     raise ConfigError(f"{file}: {key} must be a string or an object with a string \"content\", got {value!r}")
 
 
-def _named_special_tokens(folder: Path, config: dict[str, Any], special_map: dict[str, Any]) -> dict[str, str | None]:
-    named: dict[str, str | None] = {}
-    for key in _NAMED_SPECIALS:
-        if key in config:
-            named[key] = _token_string(folder / TOKENIZER_CONFIG, key, config[key])
-        elif key in special_map:
-            named[key] = _token_string(folder / SPECIAL_TOKENS_MAP, key, special_map[key])
-    return named
-
-
-def _config_added_tokens(folder: Path, config: dict[str, Any]) -> dict[int, tuple[str, bool]]:
+def _config_added_tokens(file: Path, config: dict[str, Any]) -> dict[int, tuple[str, bool]]:
     """tokenizer_config.json "added_tokens_decoder": id -> (content, special)."""
-    file = folder / TOKENIZER_CONFIG
     raw = config.get("added_tokens_decoder") or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{file}: added_tokens_decoder must be an object of id -> token, got {type(raw).__name__}")
@@ -376,109 +457,33 @@ def _config_added_tokens(folder: Path, config: dict[str, Any]) -> dict[int, tupl
         content = _token_string(file, f"added_tokens_decoder[{key}]", value)
         if content is None:
             raise ConfigError(f"{file}: added_tokens_decoder[{key}] has no content")
-        special = bool(value.get("special", False)) if isinstance(value, dict) else False
-        added[token_id] = (content, special)
+        added[token_id] = (content, bool(value.get("special", False)) if isinstance(value, dict) else False)
     return added
 
 
-def _extra_special_strings(folder: Path, config: dict[str, Any], special_map: dict[str, Any]) -> list[str]:
-    """additional_special_tokens (or v5's extra_special_tokens) as plain strings."""
-    out: list[str] = []
-    for file, data in ((folder / TOKENIZER_CONFIG, config), (folder / SPECIAL_TOKENS_MAP, special_map)):
-        for key in ("additional_special_tokens", "extra_special_tokens"):
-            values = data.get(key) or []
-            if isinstance(values, dict):  # v5 allows {"name": token}
-                values = list(values.values())
-            if not isinstance(values, list):
-                raise ConfigError(f"{file}: {key} must be a list of tokens, got {type(values).__name__}")
-            for value in values:
-                content = _token_string(file, key, value)
-                if content is not None and content not in out:
-                    out.append(content)
-    return out
-
-
-def _resolve_named(tokenizer: Tokenizer, folder: Path, named: dict[str, str | None]) -> dict[str, int | None]:
-    ids: dict[str, int | None] = {}
-    for key, content in named.items():
-        if content is None:
-            ids[key] = None
-            continue
-        token_id = tokenizer.token_to_id(content)
-        if token_id is None:
-            raise ConfigError(
-                f"{folder / TOKENIZER_CONFIG} (or {SPECIAL_TOKENS_MAP}) names {key} {content!r}, "
-                f"which is not in the vocabulary of {tokenizer.source.name}"
-            )
-        ids[key] = token_id
-    return ids
-
-
-def _load_tokenizers_json(
-    file: Path,
-    named: dict[str, str | None],
-    added_config: dict[int, tuple[str, bool]],
-    extra_specials: list[str],
-) -> Tokenizer:
+def _load_tokenizers_json(file: Path, files: _FolderFiles) -> _RustBackend:
     from tokenizers import AddedToken
     from tokenizers import Tokenizer as RustTokenizer
 
     try:
-        backend = RustTokenizer.from_file(str(file))
+        rust = RustTokenizer.from_file(str(file))
     except Exception as exc:  # the library raises a bare Exception for parse errors
         raise CheckpointError(
             f"{file} is not a valid tokenizers file ({exc}); re-download it (a Git LFS pointer "
             "or a truncated download looks like this)"
         ) from None
-    tokenizer = _HFTokenizer(file, backend)
-
     # Tokens the configs call special but tokenizer.json does not mark as added tokens would
     # be split into pieces if they appear in text; register them (existing ids only).
-    marked = {t.content for t in backend.get_added_tokens_decoder().values() if t.special}
-    wanted = [c for c in [*named.values(), *extra_specials] if c is not None]
-    wanted += [content for _, (content, special) in sorted(added_config.items()) if special]
-    missing = [c for c in dict.fromkeys(wanted) if c not in marked and backend.token_to_id(c) is not None]
+    marked = {t.content for t in rust.get_added_tokens_decoder().values() if t.special}
+    wanted = [c for c in files.names.values() if c is not None] + files.extras
+    wanted += [content for _, (content, special) in sorted(files.added.items()) if special]
+    missing = [c for c in dict.fromkeys(wanted) if c not in marked and rust.token_to_id(c) is not None]
     if missing:
-        backend.add_special_tokens([AddedToken(c, special=True, normalized=False) for c in missing])
-
-    added = backend.get_added_tokens_decoder()
-    tokenizer.vocab_size = max(backend.get_vocab_size(with_added_tokens=True), max(added, default=-1) + 1)
-    ids = _resolve_named(tokenizer, file.parent, named)
-    tokenizer.bos_token_id = ids.get("bos_token")
-    tokenizer._tokenizer_eos_id = ids.get("eos_token")
-    tokenizer.eos_token_ids = [] if ids.get("eos_token") is None else [ids["eos_token"]]
-    tokenizer.pad_token_id = ids.get("pad_token")
-    tokenizer.unk_token_id = ids.get("unk_token")
-
-    special = {token_id for token_id, token in added.items() if token.special}
-    special |= {i for i in ids.values() if i is not None}
-    special |= {backend.token_to_id(c) for c in extra_specials if backend.token_to_id(c) is not None}
-    special |= {i for i, (content, flag) in added_config.items() if flag and backend.token_to_id(content) == i}
-    tokenizer._special_ids = frozenset(special)
-
-    # What the post-processor adds around a short text tells add_bos / add_eos.
-    plain = backend.encode("a", add_special_tokens=False).ids
-    full = backend.encode("a", add_special_tokens=True).ids
-    prefix, suffix = _affixes(full, plain)
-    tokenizer.add_bos = bool(prefix)
-    tokenizer.add_eos = bool(suffix)
-    return tokenizer
+        rust.add_special_tokens([AddedToken(c, special=True, normalized=False) for c in missing])
+    return _RustBackend(file, rust)
 
 
-def _affixes(full: list[int], plain: list[int]) -> tuple[list[int], list[int]]:
-    """The ids ``full`` has before and after ``plain`` (what a post-processor wrapped around)."""
-    for start in range(len(full) - len(plain) + 1):
-        if full[start : start + len(plain)] == plain:
-            return full[:start], full[start + len(plain) :]
-    return full[:1], []  # a post-processor that rewrites the ids; assume it prepends
-
-
-def _load_sentencepiece(
-    file: Path,
-    named: dict[str, str | None],
-    added_config: dict[int, tuple[str, bool]],
-    extra_specials: list[str],
-) -> Tokenizer:
+def _load_sentencepiece(file: Path, files: _FolderFiles) -> _SentencePieceBackend:
     import sentencepiece
 
     try:
@@ -488,111 +493,75 @@ def _load_sentencepiece(
             f"{file} is not a valid sentencepiece model ({exc}); re-download it (a Git LFS pointer "
             "or a truncated download looks like this)"
         ) from None
-    tokenizer = _SentencePieceTokenizer(file, processor)
-    pieces = tokenizer._piece_count
+    added = {token_id: content for token_id, (content, _) in files.added.items()}
+    return _SentencePieceBackend(file, processor, added, {content: i for i, content in added.items()})
 
-    for token_id, (content, _special) in added_config.items():
-        tokenizer._added[token_id] = content
-        tokenizer._added_ids[content] = token_id
-    tokenizer.vocab_size = max(pieces, max(added_config, default=-1) + 1)
 
-    # The model's own bos/eos/unk/pad pieces are the defaults the JSON configs may override.
-    defaults = {
-        "bos_token": processor.bos_id(),
-        "eos_token": processor.eos_id(),
-        "unk_token": processor.unk_id(),
-        "pad_token": processor.pad_id(),
-    }
-    for key, model_id in defaults.items():
-        if key not in named and 0 <= model_id < pieces:
-            named[key] = processor.id_to_piece(model_id)
-    ids = _resolve_named(tokenizer, file.parent, named)
-    tokenizer.bos_token_id = ids.get("bos_token")
-    tokenizer._tokenizer_eos_id = ids.get("eos_token")
-    tokenizer.eos_token_ids = [] if ids.get("eos_token") is None else [ids["eos_token"]]
-    tokenizer.pad_token_id = ids.get("pad_token")
-    tokenizer.unk_token_id = ids.get("unk_token")
+def special_tokens_from_folder(
+    folder: Path, files: _FolderFiles, backend: _RustBackend | _SentencePieceBackend
+) -> SpecialTokens:
+    """The folder's special tokens: the configs' names resolved in ``backend``, their flags checked."""
+    ids: dict[str, int | None] = {}
+    for key, content in {**backend.default_names(), **files.names}.items():
+        ids[key] = None if content is None else backend.token_to_id(content)
+        if content is not None and ids[key] is None:
+            raise ConfigError(
+                f"{folder / TOKENIZER_CONFIG} (or {SPECIAL_TOKENS_MAP}) names {key} {content!r}, "
+                f"which is not in the vocabulary of {backend.source.name}"
+            )
+    bos, eos = ids.get("bos_token"), ids.get("eos_token")
+    special = backend.marked_special_ids() | {i for i in ids.values() if i is not None}
+    special |= {i for i in map(backend.token_to_id, files.extras) if i is not None}
+    special |= {i for i, (content, flag) in files.added.items() if flag and backend.token_to_id(content) == i}
 
-    special = {i for i in ids.values() if i is not None}
-    special |= {i for i, (_, flag) in added_config.items() if flag}
-    special |= {i for i in range(pieces) if processor.is_control(i) or processor.is_unknown(i)}
-    for content in extra_specials:
-        token_id = tokenizer.token_to_id(content)
-        if token_id is not None:
-            special.add(token_id)
-    tokenizer._special_ids = frozenset(special)
+    adds = backend.post_processor_adds()
+    add_bos, add_eos = adds if adds is not None else (bos is not None, False)  # Llama 2's convention
+    post_processor = adds is not None
+    flag_bos, flag_eos = (_config_flag(folder, files.config, f"add_{key}_token") for key in ("bos", "eos"))
+    if flag_bos is not None or flag_eos is not None:
+        # Explicit flags: we add the tokens ourselves, so BOS needs a known id.
+        post_processor, add_bos = False, add_bos and bos is not None
+    for flag, key, token_id in ((flag_bos, "bos", bos), (flag_eos, "eos", eos)):
+        if flag and token_id is None:
+            raise ConfigError(f"{folder / TOKENIZER_CONFIG} sets add_{key}_token but names no {key}_token")
+    add_bos = add_bos if flag_bos is None else flag_bos
+    add_eos = add_eos if flag_eos is None else flag_eos
 
-    # Every special or added token's string maps to its id when it appears in text.
-    no_split: dict[str, int] = {}
-    for token_id in sorted(special):
-        content = tokenizer._added.get(token_id) or processor.id_to_piece(token_id)
-        no_split.setdefault(content, token_id)
-    for content, token_id in tokenizer._added_ids.items():
-        no_split.setdefault(content, token_id)
-    tokenizer._set_no_split({c: i for c, i in no_split.items() if c})
-
-    tokenizer.add_bos = tokenizer.bos_token_id is not None  # Llama 2 convention
-    tokenizer.add_eos = False
-    return tokenizer
+    generation, vocab_size = files.generation, backend.vocab_size
+    raw = generation.get("eos_token_id")
+    raw = [] if raw is None else raw if isinstance(raw, list) else [raw]
+    stops = [_generation_id(folder, "eos_token_id", value, vocab_size) for value in raw]
+    pad = ids.get("pad_token")
+    if pad is None and generation.get("pad_token_id") is not None:
+        pad = _generation_id(folder, "pad_token_id", generation["pad_token_id"], vocab_size)
+    return SpecialTokens(
+        bos_id=bos,
+        eos_id=eos,
+        stop_ids=tuple(dict.fromkeys(stops if eos is None else [*stops, eos])),
+        pad_id=pad,
+        unk_id=ids.get("unk_token"),
+        add_bos=add_bos,
+        add_eos=add_eos,
+        post_processor=post_processor,
+        special_ids=frozenset(special),
+        chat_template=_chat_template(folder, files.config),
+    )
 
 
 def _config_flag(folder: Path, config: dict[str, Any], key: str) -> bool | None:
     value = config.get(key)
-    if value is None:
-        return None
-    if not isinstance(value, bool):
+    if value is not None and not isinstance(value, bool):
         raise ConfigError(f"{folder / TOKENIZER_CONFIG}: {key} must be true or false, got {value!r}")
     return value
 
 
-def _apply_flags(tokenizer: Tokenizer, folder: Path, config: dict[str, Any]) -> None:
-    """Explicit add_bos_token / add_eos_token win over the format's default.
-
-    For tokenizer.json this also switches encode() from the post-processor to adding the
-    tokens ourselves; a flag the config leaves out keeps what the post-processor did.
-    """
-    add_bos = _config_flag(folder, config, "add_bos_token")
-    add_eos = _config_flag(folder, config, "add_eos_token")
-    if add_bos is None and add_eos is None:
-        return
-    if isinstance(tokenizer, _HFTokenizer):
-        tokenizer._use_post_processor = False
-        # From here on we prepend the BOS ourselves, so we need to know which id it is.
-        tokenizer.add_bos = tokenizer.add_bos and tokenizer.bos_token_id is not None
-    if add_bos is not None:
-        if add_bos and tokenizer.bos_token_id is None:
-            raise ConfigError(f"{folder / TOKENIZER_CONFIG} sets add_bos_token but names no bos_token")
-        tokenizer.add_bos = add_bos
-    if add_eos is not None:
-        if add_eos and tokenizer._tokenizer_eos_id is None:
-            raise ConfigError(f"{folder / TOKENIZER_CONFIG} sets add_eos_token but names no eos_token")
-        tokenizer.add_eos = add_eos
-
-
-def _generation_id(tokenizer: Tokenizer, file: Path, key: str, value: Any) -> int:
+def _generation_id(folder: Path, key: str, value: Any, vocab_size: int) -> int:
+    file = folder / GENERATION_CONFIG
     if isinstance(value, bool) or not isinstance(value, int):
         raise ConfigError(f"{file}: {key} must be an integer token id, got {value!r}")
-    if not 0 <= value < tokenizer.vocab_size:
-        raise ConfigError(f"{file}: {key} {value} is outside the vocabulary (vocab size {tokenizer.vocab_size})")
+    if not 0 <= value < vocab_size:
+        raise ConfigError(f"{file}: {key} {value} is outside the vocabulary (vocab size {vocab_size})")
     return value
-
-
-def _apply_generation_config(tokenizer: Tokenizer, folder: Path, generation: dict[str, Any]) -> None:
-    """Stop ids: generation_config's eos list first, then the tokenizer's own eos.
-
-    generation_config's bos_token_id is not used: Falcon's names <|endoftext|> there although
-    its tokenizer never prepends a BOS.
-    """
-    file = folder / GENERATION_CONFIG
-    raw = generation.get("eos_token_id")
-    values = [] if raw is None else raw if isinstance(raw, list) else [raw]
-    stop = [_generation_id(tokenizer, file, "eos_token_id", v) for v in values]
-    for token_id in tokenizer.eos_token_ids:
-        stop.append(token_id)
-    tokenizer.eos_token_ids = list(dict.fromkeys(stop))
-    tokenizer._special_ids = tokenizer._special_ids | frozenset(tokenizer.eos_token_ids)
-    if tokenizer.pad_token_id is None and generation.get("pad_token_id") is not None:
-        tokenizer.pad_token_id = _generation_id(tokenizer, file, "pad_token_id", generation["pad_token_id"])
 
 
 def _chat_template(folder: Path, config: dict[str, Any]) -> str | None:
