@@ -252,6 +252,52 @@ class BlockPool:
         positions = self.positions.view(-1)[safe].long().masked_fill(dense_slot < 0, -1)
         return keys, values, positions, dense_slot
 
+    # ----------------------------------------------------------------- streams
+    def block_nbytes(self) -> int:
+        """Bytes one block costs in every tensor that has a row per block (keys, values,
+        positions, owner, policy state): the unit of memory a server budgets in."""
+        return sum(math.prod(t.shape[1:]) * t.element_size()
+                   for t in (self.keys, self.values, self.positions, self.owner, *self.state.values()))
+
+    def remove_streams(self, keep: torch.Tensor) -> None:
+        """Free every block of the streams not in ``keep`` (host bool [S]) and renumber the
+        kept streams 0.. in order; the kept streams' blocks stay where they are (no copy)."""
+        mapping = torch.full((self.num_streams,), -1, dtype=torch.long)
+        mapping[keep] = torch.arange(int(keep.sum()))
+        owned = self.owner >= 0
+        renumbered = torch.where(owned, mapping.to(self.device)[self.owner.clamp(min=0)], -1)
+        self.positions.masked_fill_((owned & (renumbered < 0))[:, None], -1)  # free blocks hold no key
+        self.owner.copy_(renumbered)
+        self.tail = self.tail[keep.to(self.device)]
+        self.fill = self.fill[keep]
+        self.num_streams = len(self.fill)
+        self._room_left = self.block_size - int(self.fill.max()) if self.num_streams else 0
+        self.allocated_upper = self.used_blocks()
+
+    def append_streams(self, other: BlockPool) -> None:
+        """Take ``other``'s streams as new streams after this pool's own: only ``other``'s owned
+        blocks are copied, into free blocks of this pool, in their order."""
+        source = (other.owner >= 0).nonzero()[:, 0]
+        count = len(source)
+        self._reserve(count)
+        target = self._take_free(count)
+        self.keys[target], self.values[target] = other.keys[source], other.values[source]
+        self.positions[target] = other.positions[source]
+        for name, tensor in other.state.items():
+            self.state[name][target] = tensor[source]
+        self.owner[target] = other.owner[source] + self.num_streams
+        moved = torch.full((other.capacity + 1,), -1, dtype=torch.long, device=self.device)
+        moved[source] = target
+        self.tail = torch.cat([self.tail, moved[other.tail.masked_fill(other.tail < 0, other.capacity)]])
+        self.fill = torch.cat([self.fill, other.fill])
+        self.num_streams += other.num_streams
+        self.allocated_upper += count
+        self._room_left = self.block_size - int(self.fill.max())
+
+    def blocks_for_next_token(self) -> int:
+        """Blocks the next single-token append takes from the free list (host, no sync)."""
+        return int((self.fill >= self.block_size).sum())
+
     # ----------------------------------------------------------------- compact
     def used_blocks(self) -> int:
         return int((self.owner >= 0).sum())

@@ -161,6 +161,54 @@ class RaggedCache(KVCache):
         if drop is not None:
             pool.evict(drop)
 
+    # ------------------------------------------------- rows joining and leaving (serving)
+    @torch.inference_mode()
+    def remove_rows(self, rows: list[int]) -> None:
+        """Free ``rows`` (their blocks go back to each pool's free list) and renumber the rest
+        in order. The other rows' keys stay where they are: nothing is copied."""
+        keep = torch.ones(self.batch_size, dtype=torch.bool)
+        keep[list(rows)] = False
+        streams = keep.repeat_interleave(self.num_kv_heads)
+        for pool in self.pools:
+            pool.remove_streams(streams)
+        self.lengths = self.lengths[keep.to(self.device)]
+        self._set_batch_size()
+
+    @torch.inference_mode()
+    def append_rows(self, other: RaggedCache) -> None:
+        """Add ``other``'s rows after this cache's own (a request prefilled alone joining a
+        running batch): only ``other``'s blocks are copied. Both caches must come from the same
+        model and CacheConfig."""
+        same = (other.num_layers, other.num_kv_heads, other.head_dim, other.dtype, other.device, other.block_size)
+        if same != (self.num_layers, self.num_kv_heads, self.head_dim, self.dtype, self.device, self.block_size) \
+                or type(other.policy) is not type(self.policy) or vars(other.policy) != vars(self.policy):
+            raise ValueError("append_rows needs a cache of the same model, policy and block size")
+        for pool, theirs in zip(self.pools, other.pools):
+            pool.append_streams(theirs)
+        self.lengths = torch.cat([self.lengths, other.lengths])
+        self._set_batch_size()
+
+    def _set_batch_size(self) -> None:
+        self.batch_size = len(self.lengths)
+        self.max_length = int(self.lengths.max()) if self.batch_size else 0
+        self._stream_t = self.lengths.repeat_interleave(self.num_kv_heads)
+
+    def release_empty_blocks(self) -> None:
+        """Return blocks that evictions emptied to the free lists now (decoding does it every
+        ``COMPACT_CHECK_EVERY`` steps): what a memory budget reads right after is current."""
+        for pool in self.pools:
+            pool.release_empty_blocks()
+
+    def bytes_in_use(self) -> int:
+        """Bytes of the blocks that rows own, in every layer (one host sync): the pools' spare
+        capacity and free blocks excluded."""
+        used = torch.stack([(pool.owner >= 0).sum() for pool in self.pools]).tolist()
+        return sum(n * pool.block_nbytes() for n, pool in zip(used, self.pools))
+
+    def bytes_for_next_token(self) -> int:
+        """Bytes of the fresh blocks the next decode step takes (streams whose tail block is full)."""
+        return sum(pool.blocks_for_next_token() * pool.block_nbytes() for pool in self.pools)
+
     def storage_tensors(self) -> list[torch.Tensor]:
         return [tensor for pool in self.pools for tensor in pool.storage_tensors()]
 

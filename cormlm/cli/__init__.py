@@ -12,11 +12,11 @@ import argparse
 import sys
 
 from ..errors import CacheConfigError, CormlmError
-from . import generate, inspect
+from . import generate, inspect, serve
 from .common import Parser, UsageError, flag
 
 EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
-COMMANDS = {"generate": generate, "inspect": inspect}
+COMMANDS = {"generate": generate, "inspect": inspect, "serve": serve}
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 
 
 class UsageError(Exception):
@@ -50,3 +51,40 @@ def human_bytes(nbytes: float) -> str:
             return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
         nbytes /= 1024
     return ""
+
+
+BYTE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+              "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def byte_size(text: str) -> int:
+    """A memory size: plain bytes (1048576) or a number with a unit (512MiB, 2GiB, 1.5GB)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
+    unit = match.group(2).lower() if match else None
+    if match is None or unit not in BYTE_UNITS:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a memory size; give bytes or a number with a unit "
+                                         "(512MiB, 2GiB, 1.5GB)")
+    size = int(float(match.group(1)) * BYTE_UNITS[unit])
+    if size < 1:
+        raise argparse.ArgumentTypeError(f"'{text}' is no memory at all; give a positive size")
+    return size
+
+
+def add_cache_arguments(parser: argparse.ArgumentParser) -> None:
+    """The cache policy flags (the fields of CacheConfig), as one argument group."""
+    from ..cache import available_policies
+
+    cache = parser.add_argument_group("cache policy")
+    cache.add_argument("--policy", choices=available_policies(), default="corm", help="eviction policy (default corm)")
+    for name, kind in (("window", int), ("recent", int), ("budget", budget), ("sink", int)):
+        cache.add_argument(flag(name), type=kind, default=None, help=policy_help(name))
+    cache.add_argument("--block-size", type=int, default=16, help="cache slots per storage block")
+    cache.add_argument("--prefill-chunk", type=int, default=None, help="prefill long prompts in chunks, evicting")
+
+
+def cache_config(args: argparse.Namespace):
+    """The CacheConfig the flags of :func:`add_cache_arguments` ask for (CacheConfigError if invalid)."""
+    from ..cache import CacheConfig
+
+    return CacheConfig(args.policy, window=args.window, recent=args.recent, budget=args.budget, sink=args.sink,
+                       block_size=args.block_size, prefill_chunk=args.prefill_chunk)
