@@ -76,12 +76,16 @@ def parse_rope(cfg: dict[str, Any], source: str, max_positions: int) -> RopeConf
     )
 
 
-def _eos_ids(value: Any) -> tuple[int, ...]:
-    if value is None:
-        return ()
-    if isinstance(value, int):
-        return (value,)
-    return tuple(int(v) for v in value)
+def token_ids(value: Any, key: str, source: str, vocab_size: int) -> tuple[int, ...]:
+    """One token id or a list of them (``eos_token_id`` in config.json and generation_config.json),
+    checked against the vocabulary: the one parser of stop ids, for the model and its tokenizer."""
+    values = [] if value is None else value if isinstance(value, list) else [value]
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise ConfigError(f"{source}: {key} must be an integer token id, got {v!r}")
+        if not 0 <= v < vocab_size:
+            raise ConfigError(f"{source}: {key} {v} is outside the vocabulary (vocab size {vocab_size})")
+    return tuple(values)
 
 
 def _heads(cfg: dict[str, Any], source: str, heads_key: str, kv_heads: Any) -> tuple[int, int, int]:
@@ -105,16 +109,17 @@ def _shared_fields(cfg: dict[str, Any], source: str, family: str, hidden: int,
                    heads: tuple[int, int, int]) -> dict[str, Any]:
     """The fields every family reads the same way: sizes, special token ids, stored dtype."""
     num_heads, kv_heads, head_dim = heads
+    vocab_size = _positive_int(_require(cfg, "vocab_size", source), "vocab_size", source)
     return dict(
         family=family,
-        vocab_size=_positive_int(_require(cfg, "vocab_size", source), "vocab_size", source),
+        vocab_size=vocab_size,
         hidden_size=hidden,
         num_layers=_positive_int(_require(cfg, "num_hidden_layers", source), "num_hidden_layers", source),
         num_heads=num_heads,
         num_kv_heads=kv_heads,
         head_dim=head_dim,
         bos_token_id=cfg.get("bos_token_id"),
-        eos_token_ids=_eos_ids(cfg.get("eos_token_id")),
+        eos_token_ids=token_ids(cfg.get("eos_token_id"), "eos_token_id", source, vocab_size),
         pad_token_id=cfg.get("pad_token_id"),
         stored_dtype=cfg.get("dtype") or cfg.get("torch_dtype"),
     )
@@ -263,7 +268,8 @@ def load_config(folder: Path) -> ModelConfig:
         )
     config = from_hf_config(read_json(path), str(path))
     generation = read_optional_json(folder / "generation_config.json")
-    eos = _eos_ids(generation.get("eos_token_id")) or config.eos_token_ids
+    eos = token_ids(generation.get("eos_token_id"), "eos_token_id", str(folder / "generation_config.json"),
+                    config.vocab_size) or config.eos_token_ids
     bos = generation.get("bos_token_id", config.bos_token_id)
     pad = generation.get("pad_token_id", config.pad_token_id)
     return config.replace(eos_token_ids=eos, bos_token_id=bos, pad_token_id=pad)

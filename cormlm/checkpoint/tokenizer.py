@@ -45,6 +45,7 @@ from typing import Any
 import torch
 
 from ..errors import CheckpointError, CheckpointNotFoundError, ConfigError, InputError
+from .hf_config import token_ids
 from .jsonfiles import read_optional_json
 
 __all__ = ["SpecialTokens", "Tokenizer", "load_tokenizer_from_folder"]
@@ -528,12 +529,10 @@ def special_tokens_from_folder(
     add_eos = add_eos if flag_eos is None else flag_eos
 
     generation, vocab_size = files.generation, backend.vocab_size
-    raw = generation.get("eos_token_id")
-    raw = [] if raw is None else raw if isinstance(raw, list) else [raw]
-    stops = [_generation_id(folder, "eos_token_id", value, vocab_size) for value in raw]
+    stops = token_ids(generation.get("eos_token_id"), "eos_token_id", str(folder / GENERATION_CONFIG), vocab_size)
     pad = ids.get("pad_token")
     if pad is None and generation.get("pad_token_id") is not None:
-        pad = _generation_id(folder, "pad_token_id", generation["pad_token_id"], vocab_size)
+        (pad,) = token_ids(generation["pad_token_id"], "pad_token_id", str(folder / GENERATION_CONFIG), vocab_size)
     return SpecialTokens(
         bos_id=bos,
         eos_id=eos,
@@ -552,15 +551,6 @@ def _config_flag(folder: Path, config: dict[str, Any], key: str) -> bool | None:
     value = config.get(key)
     if value is not None and not isinstance(value, bool):
         raise ConfigError(f"{folder / TOKENIZER_CONFIG}: {key} must be true or false, got {value!r}")
-    return value
-
-
-def _generation_id(folder: Path, key: str, value: Any, vocab_size: int) -> int:
-    file = folder / GENERATION_CONFIG
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(f"{file}: {key} must be an integer token id, got {value!r}")
-    if not 0 <= value < vocab_size:
-        raise ConfigError(f"{file}: {key} {value} is outside the vocabulary (vocab size {vocab_size})")
     return value
 
 
