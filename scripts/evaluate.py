@@ -1,25 +1,34 @@
-"""What CORM buys on a model with learned attention, beside the baselines, at equal memory.
+"""What CORM buys on a trained model, beside every baseline at equal memory.
 
-    python scripts/evaluate.py                 # the real model, SmolLM2-135M-Instruct (GGUF)
-    python scripts/evaluate.py --model weights # the embedded toy (<= 30 min on a 2-core CPU)
-    python scripts/evaluate.py --quick         # small sizes, fewer policies
+    python scripts/evaluate.py                  # SmolLM2-135M-Instruct (GGUF), 2k and 8k contexts
+    python scripts/evaluate.py --contexts 4096  # one context
+    python scripts/evaluate.py --model weights  # the embedded 12M toy (contexts up to 2048)
+    python scripts/evaluate.py --quick          # tiny sizes, for tests (~1 minute on the toy)
 
-Data: the held-out files of the embedded model's training split (scripts/train_tiny.py;
-never trained on), minus ``encodings/`` (generated codec tables), those of >= 2048 tokens.
+Data: the Python standard library's files held out from the toy's training
+(scripts/train_tiny.py), on every machine, read as one token stream.
 
-1. Perplexity with the cache in the loop: each 2048-token window is prefilled for its
-   first ``--prefix`` tokens (the policy evicts), then the rest is fed one token at a
-   time through the decoding path (evicting every step); every token after the prefix
-   counts. Retained fraction and bytes held are sampled every 64 steps and averaged.
-2. Next-line completion (LongBench's LCC task on our data): after >= ``--context`` tokens
-   of a file, greedy generation; the first line generated is scored against the file's
-   next line (both stripped) by edit similarity (2 x LCS / total length, fuzz.ratio's
-   measure) and exact match.
+Tasks, each at every context length L (``--contexts``):
 
-Policies: full; corm at several (w, r); each baseline (streaming, h2o, scissorhands,
-knorm) with its budget set to the mean retained fraction corm measured, one set per
-corm setting, so rows compare at equal memory. Writes results.md, results.json and two
-PNG plots (perplexity and edit similarity against retained fraction) to ``--out``.
+1. ``perplexity`` with the cache in the loop: windows of L tokens; the first L - ``scored``
+   are prefilled (the policy evicts), the last ``scored`` are fed one token at a time through
+   the decoding path, evicting every step; only those count. Retained fraction and bytes
+   held are sampled every 64 steps and averaged; the retained fraction per layer and KV
+   head at the end is kept for the heat map.
+2. ``passkey`` retrieval: "# The pass key is 12345." stated once, ``passkey_depth`` tokens
+   before the end of an L-token prompt of code, then "# The pass key is"; the prompt is
+   prefilled in chunks (the policy evicts between them, before the question is seen, as in
+   a long conversation); correct when the first number generated is the key. The full cache's
+   accuracy is the ceiling each policy is measured against (the 135M model solves it at
+   ~1-2k tokens of distance, not at 7k: see docs/eval/README.md).
+3. ``lines`` (optional): LongBench's next-line code completion after 1500 tokens of a
+   file, scored by edit similarity (rapidfuzz) and exact match.
+
+Policies: full; each CORM setting of ``--corm`` (``window=256,recent=256`` is the paper's
+rule at its defaults; ``budget=`` bounds it); after each, every baseline (streaming, h2o,
+scissorhands, knorm) with its budget set to the mean retained fraction that setting used,
+so rows compare at equal memory (bytes are shown too). Writes results.md, results.json and
+plots (quality against KV bytes kept; a heat map of what CORM keeps per layer and head).
 """
 
 from __future__ import annotations
@@ -27,12 +36,17 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import random
+import re
+import shlex
+import sys
 import sysconfig
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from plot_style import save_figure
 from train_tiny import is_held_out, stdlib_files
 
 import cormlm
@@ -41,43 +55,62 @@ from cormlm.checkpoint.real_model import REAL_MODEL, resolve_model_argument
 ROOT = Path(__file__).resolve().parent.parent
 
 BASELINES = ("streaming", "h2o", "scissorhands", "knorm")
+TASKS = ("perplexity", "passkey", "lines")
 SAMPLE_EVERY = 64  # decode steps between cache-stat samples
+KEY_LINE, QUESTION = "\n# The pass key is {key}.\n", "\n# The pass key is"
 
 
 @dataclass
 class Sizes:
-    window: int  # tokens per perplexity window
-    prefix: int  # of which prefilled
-    context: int  # completion context tokens (at least)
-    lines_per_file: int
-    new_tokens: int  # generated per completion
-    corm: list[tuple[int, int]]  # (w, r) settings
+    contexts: list[int]  # window / prompt lengths in tokens
+    windows: int  # perplexity windows per context (one batch)
+    scored: int  # tokens decoded one at a time and scored at the end of each window
+    passkey_cases: int
+    passkey_depth: int  # tokens between the key and the question
+    prefill_chunk: int  # passkey prompts are prefilled in chunks of this, evicting between
+    lines: int  # next-line completion samples (task ``lines``)
+    corm: list[str]  # CORM settings, "window=256,recent=256[,budget=0.5]"
 
 
-DEFAULT = Sizes(window=2048, prefix=1024, context=1500, lines_per_file=4, new_tokens=32,
-                corm=[(256, 256), (128, 64), (32, 32)])
-QUICK = Sizes(window=384, prefix=192, context=256, lines_per_file=2, new_tokens=16, corm=[(32, 32)])
+DEFAULT = Sizes(contexts=[2048, 8192], windows=4, scored=256, passkey_cases=8, passkey_depth=1000,
+                prefill_chunk=512, lines=8, corm=["window=256,recent=256"])
+QUICK = Sizes(contexts=[384], windows=2, scored=32, passkey_cases=2, passkey_depth=96, prefill_chunk=64, lines=2,
+              corm=["window=32,recent=32"])
 
 
 @dataclass
 class Row:
+    context: int
     policy: str
     params: dict
+    matched_to: str = ""  # the CORM setting whose memory a baseline was given
     retained_fraction: float = 0.0
     kv_bytes: float = 0.0  # mean bytes held during the perplexity run
     kv_bytes_full: float = 0.0  # what a full cache held at the same moments
-    perplexity: float = 0.0
-    edit_similarity: float = 0.0
-    exact_match: float = 0.0
+    retained_by_head: list[list[float]] = field(default_factory=list)  # [layer][KV head], end of the run
+    perplexity: float = float("nan")
+    passkey: float = float("nan")
+    edit_similarity: float = float("nan")
+    exact_match: float = float("nan")
     seconds: float = 0.0
-    completions: list[dict] = field(default_factory=list)
+    answers: list[dict] = field(default_factory=list)
 
     def label(self) -> str:
-        return self.policy + (" " + " ".join(f"{k}={v}" for k, v in self.params.items()) if self.params else "")
+        return self.policy + (" " + ",".join(f"{k}={v}" for k, v in self.params.items()) if self.params else "")
+
+
+def parse_setting(text: str) -> dict:
+    """"window=256,recent=256,budget=0.5" -> {"window": 256, "recent": 256, "budget": 0.5}."""
+    params = {}
+    for part in filter(None, text.split(",")):
+        name, _, value = part.partition("=")
+        params[name.strip()] = float(value) if "." in value else int(value)
+    return params
 
 
 # ------------------------------------------------------------------------------ data
 def held_out_texts(stdlib: Path) -> list[tuple[str, str]]:
+    """(relative path, text) of the held-out standard-library files, minus generated codec tables."""
     texts = []
     for path in stdlib_files(stdlib):
         rel = path.relative_to(stdlib).as_posix()
@@ -86,45 +119,56 @@ def held_out_texts(stdlib: Path) -> list[tuple[str, str]]:
     return texts
 
 
-def perplexity_windows(tok, texts, sizes: Sizes, limit: int | None) -> torch.Tensor:
-    """Consecutive windows of ``sizes.window`` tokens (BOS first) from every long file."""
-    rows = []
+def token_stream(tok, texts) -> list[int]:
+    ids: list[int] = []
     for _, text in texts:
-        ids = tok.encode(text)
-        rows += [ids[i: i + sizes.window] for i in range(0, len(ids) - sizes.window + 1, sizes.window)]
-    rows = rows[:limit] if limit else rows
-    if not rows:
-        raise SystemExit(f"no held-out file has {sizes.window} tokens: nothing to evaluate")
-    return torch.tensor(rows)
+        ids += tok.encode(text + "\n\n", add_special_tokens=False)
+    return ids
 
 
-def completion_samples(tok, texts, sizes: Sizes, limit: int | None) -> list[dict]:
-    """Next-line targets after >= ``sizes.context`` tokens, evenly spread over each file."""
+def perplexity_windows(tok, stream: list[int], length: int, count: int) -> torch.Tensor:
+    """``count`` windows of ``length`` tokens (BOS first), spread evenly over the stream."""
+    span = length - 1
+    if len(stream) < span:
+        raise SystemExit(f"the held-out text holds {len(stream)} tokens, fewer than a {length}-token window")
+    starts = [round(i * (len(stream) - span) / max(count - 1, 1)) for i in range(count)]
+    bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
+    return torch.tensor([(bos + stream[s: s + span + (not bos)])[:length] for s in starts])
+
+
+def passkey_prompts(tok, stream: list[int], length: int, sizes: Sizes, seed: int = 0) -> list[dict]:
+    """Prompts of ``length`` tokens: code, the key line, ``passkey_depth`` tokens of code, the question."""
+    rng = random.Random(seed + length)
+    question = tok.encode(QUESTION, add_special_tokens=False)
+    bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
+    cases = []
+    for _ in range(sizes.passkey_cases):
+        key = str(rng.randint(10000, 99999))
+        key_line = tok.encode(KEY_LINE.format(key=key), add_special_tokens=False)
+        before = length - len(bos) - len(key_line) - sizes.passkey_depth - len(question)
+        start = rng.randrange(0, len(stream) - before - sizes.passkey_depth)
+        filler = stream[start: start + before + sizes.passkey_depth]
+        ids = bos + filler[:before] + key_line + filler[before:] + question
+        cases.append({"key": key, "ids": ids})
+    return cases
+
+
+def line_samples(tok, texts, count: int, context: int = 1500) -> list[dict]:
+    """Next-line targets after ``context`` tokens of a file (non-trivial lines), spread over the files."""
     samples = []
     for name, text in texts:
         lines = text.split("\n")
-        starts = [0]
-        for line in lines:
-            starts.append(starts[-1] + len(line) + 1)
-        candidates = []
-        for i in range(1, len(lines)):
-            target = lines[i].strip()
-            if len(target) < 8 or target.startswith("#"):
-                continue
-            candidates.append(i)
-        # need the context length in tokens: check from the end of the candidate list
-        usable = [i for i in candidates if starts[i] > 4 * sizes.context]  # cheap pre-filter (>= ~1 char/token)
-        picked = []
-        for i in (usable[round(k * (len(usable) - 1) / max(sizes.lines_per_file - 1, 1))]
-                  for k in range(sizes.lines_per_file)) if usable else []:
-            prefix_ids = tok.encode(text[: starts[i] - 1], add_special_tokens=False)
-            if len(prefix_ids) >= sizes.context and i not in picked:
-                picked.append(i)
-                context = [tok.bos_token_id, *prefix_ids[-sizes.context:]]
-                samples.append({"file": name, "line": i + 1, "target": lines[i].strip(), "ids": context})
-    samples = samples[:limit] if limit else samples
-    if not samples:
-        raise SystemExit(f"no held-out line has {sizes.context} tokens of context: nothing to evaluate")
+        offset = 0
+        for i, line in enumerate(lines):
+            if i and offset > 4 * context and len(line.strip()) >= 8 and not line.strip().startswith("#"):
+                prefix = tok.encode(text[:offset - 1], add_special_tokens=False)
+                if len(prefix) >= context:
+                    samples.append({"file": name, "line": i + 1, "target": line.strip(),
+                                    "ids": [tok.bos_token_id, *prefix[-context:]]})
+                    break
+            offset += len(line) + 1
+        if len(samples) == count:
+            break
     return samples
 
 
@@ -141,9 +185,15 @@ def first_line(generated: str) -> str:
     return generated.lstrip("\n").split("\n")[0].strip()
 
 
+def first_number(generated: str) -> str:
+    found = re.match(r"\s*(\d+)", generated)
+    return found.group(1) if found else ""
+
+
 @torch.inference_mode()
-def run_perplexity(model, windows: torch.Tensor, prefix: int, cfg: cormlm.CacheConfig, row: Row) -> None:
+def run_perplexity(model, windows: torch.Tensor, scored: int, cfg: cormlm.CacheConfig, row: Row) -> None:
     cache = cormlm.make_cache(model, cfg, batch_size=windows.shape[0])
+    prefix = windows.shape[1] - scored
     logits = model(windows[:, :prefix], cache=cache)[:, -1]
     nll, count, fractions, held, full = 0.0, 0, [], [], []
     for i in range(prefix, windows.shape[1]):
@@ -160,73 +210,119 @@ def run_perplexity(model, windows: torch.Tensor, prefix: int, cfg: cormlm.CacheC
     row.retained_fraction = sum(fractions) / len(fractions)
     row.kv_bytes = sum(held) / len(held)
     row.kv_bytes_full = sum(full) / len(full)
+    seen = stats.tokens_seen
+    row.retained_by_head = [[sum(layer[b][h] / seen[b] for b in range(len(seen))) / len(seen)
+                             for h in range(len(layer[0]))] for layer in stats.retained_tokens]
 
 
 @torch.inference_mode()
-def run_completion(model, tok, samples: list[dict], new_tokens: int, cfg: cormlm.CacheConfig, row: Row,
-                   batch: int = 16) -> None:
-    sims, exact = [], []
-    for start in range(0, len(samples), batch):
-        chunk = samples[start: start + batch]
-        out = cormlm.generate(model, [s["ids"] for s in chunk], max_new_tokens=new_tokens, cache=cfg,
-                              eos_token_id=[])
-        for sample, ids in zip(chunk, out.new_tokens):
-            predicted = first_line(tok.decode(ids, skip_special_tokens=True))
-            sims.append(edit_similarity(predicted, sample["target"]))
-            exact.append(float(predicted == sample["target"]))
-            row.completions.append({"file": sample["file"], "line": sample["line"], "target": sample["target"],
-                                    "predicted": predicted})
-    row.edit_similarity = sum(sims) / len(sims)
-    row.exact_match = sum(exact) / len(exact)
+def run_generation(model, tok, cases: list[dict], new_tokens: int, cfg: cormlm.CacheConfig, batch: int = 8
+                   ) -> list[str]:
+    texts = []
+    for start in range(0, len(cases), batch):
+        chunk = cases[start: start + batch]
+        out = cormlm.generate(model, [c["ids"] for c in chunk], max_new_tokens=new_tokens, cache=cfg, eos_token_id=[])
+        texts += [tok.decode(ids, skip_special_tokens=True) for ids in out.new_tokens]
+    return texts
 
 
-def evaluate(model, tok, windows, samples, sizes: Sizes, policy: str, params: dict) -> Row:
-    row = Row(policy, params)
+def evaluate(model, tok, data: dict, sizes: Sizes, context: int, policy: str, params: dict, tasks,
+             matched_to: str = "") -> Row:
+    row = Row(context, policy, params, matched_to)
     cfg = cormlm.CacheConfig(policy, **params)
     started = time.perf_counter()
-    run_perplexity(model, windows, sizes.prefix, cfg, row)
-    run_completion(model, tok, samples, sizes.new_tokens, cfg, row)
+    if "perplexity" in tasks:
+        run_perplexity(model, data["windows"], sizes.scored, cfg, row)
+    if "passkey" in tasks:
+        chunked = cormlm.CacheConfig(policy, prefill_chunk=sizes.prefill_chunk, **params)
+        answers = run_generation(model, tok, data["passkey"], 8, chunked)
+        row.passkey = sum(first_number(a) == c["key"] for a, c in zip(answers, data["passkey"])) / len(answers)
+        row.answers += [{"task": "passkey", "key": c["key"], "answer": a} for a, c in zip(answers, data["passkey"])]
+    if "lines" in tasks and data["lines"]:
+        answers = [first_line(a) for a in run_generation(model, tok, data["lines"], 32, cfg)]
+        row.edit_similarity = sum(edit_similarity(a, s["target"]) for a, s in zip(answers, data["lines"])) / len(answers)
+        row.exact_match = sum(a == s["target"] for a, s in zip(answers, data["lines"])) / len(answers)
+        row.answers += [{"task": "lines", "file": s["file"], "line": s["line"], "target": s["target"], "answer": a}
+                        for a, s in zip(answers, data["lines"])]
     row.seconds = time.perf_counter() - started
-    print(f"  {row.label():<42} retained {row.retained_fraction:6.1%}  ppl {row.perplexity:7.3f}  "
-          f"edit sim {row.edit_similarity:.3f}  exact {row.exact_match:.3f}  ({row.seconds:.0f} s)", flush=True)
+    print(f"  {context:>5} {row.label():<44} retained {row.retained_fraction:6.1%}  ppl {row.perplexity:7.4f}  "
+          f"passkey {row.passkey:4.2f}  lines {row.edit_similarity:5.3f}  ({row.seconds:.0f} s)", flush=True)
     return row
 
 
 # ------------------------------------------------------------------------------ output
 def markdown_table(rows: list[Row]) -> str:
-    lines = ["| policy | params | mean retained | KV bytes (mean) | perplexity | edit sim | exact match |",
-             "|---|---|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        params = ", ".join(f"{k}={v}" for k, v in r.params.items()) or "-"
-        lines.append(f"| {r.policy} | {params} | {r.retained_fraction:.1%} | {r.kv_bytes / 2**20:.2f} MiB "
-                     f"({r.kv_bytes / r.kv_bytes_full:.0%}) | {r.perplexity:.3f} | {r.edit_similarity:.3f} | "
-                     f"{r.exact_match:.3f} |")
-    return "\n".join(lines) + "\n"
+    out = []
+    for context in sorted({r.context for r in rows}):
+        here = [r for r in rows if r.context == context]
+        full = next((r for r in here if r.policy == "full"), None)
+        out += [f"\n#### {context}-token context\n",
+                "| policy | params | at the memory of | mean retained | KV held (of full) | perplexity | vs full | "
+                "passkey | next-line edit sim | s |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in here:
+            params = ", ".join(f"{k}={v}" for k, v in r.params.items()) or "-"
+            loss = f"{100 * (r.perplexity / full.perplexity - 1):+.2f}%" if full and full.perplexity == full.perplexity \
+                else "-"
+            out.append(f"| {r.policy} | {params} | {r.matched_to or '-'} | {r.retained_fraction:.1%} | "
+                       f"{r.kv_bytes / 2**20:.1f} MiB ({r.kv_bytes / max(r.kv_bytes_full, 1):.0%}) | "
+                       f"{r.perplexity:.4f} | {loss} | {r.passkey:.2f} | {r.edit_similarity:.3f} | {r.seconds:.0f} |")
+    return "\n".join(out) + "\n"
 
 
-def plots(rows: list[Row], out: Path, title: str) -> list[Path]:
-    """Quality against retained KV fraction, one line per policy (matplotlib: the eval extra)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
+def plots(rows: list[Row], out: Path, title: str, tasks) -> list[Path]:
+    """Quality against KV bytes kept (a column per context), and CORM's retained fraction
+    per layer and KV head (its raggedness)."""
     import matplotlib.pyplot as plt
 
-    paths = []
-    for metric, label in (("perplexity", "perplexity (lower is better)"),
-                          ("edit_similarity", "next-line edit similarity (higher is better)")):
-        fig, ax = plt.subplots(figsize=(8, 5), layout="constrained")
-        for policy, marker in zip(("full", "corm", *BASELINES), "o*sD^v"):
-            points = sorted((r.retained_fraction, getattr(r, metric)) for r in rows if r.policy == policy)
-            if points:
-                ax.plot([100 * x for x, _ in points], [y for _, y in points], marker=marker, label=policy)
-        ax.set(title=title, xlabel="mean retained KV fraction (%)", ylabel=label)
-        ax.grid(alpha=0.3)
-        ax.legend()
-        path = out / f"{metric}_vs_retained.png"
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        paths.append(path)
+    contexts = sorted({r.context for r in rows})
+    metrics = [(m, label) for m, label in (("perplexity", "perplexity (lower is better)"),
+                                           ("passkey", "pass-key accuracy"),
+                                           ("edit_similarity", "next-line edit similarity")) if
+               {"edit_similarity": "lines"}.get(m, m) in tasks]
+    fig, axes = plt.subplots(len(metrics), len(contexts), figsize=(5.5 * len(contexts), 3.8 * len(metrics)),
+                             layout="constrained", squeeze=False)
+    for col, context in enumerate(contexts):
+        here = [r for r in rows if r.context == context]
+        for i, (metric, label) in enumerate(metrics):
+            ax = axes[i][col]
+            for policy, marker in zip(("full", "corm", *BASELINES), "o*sD^v"):
+                points = sorted((100 * r.kv_bytes / max(r.kv_bytes_full, 1), getattr(r, metric))
+                                for r in here if r.policy == policy)
+                if points:
+                    ax.plot(*zip(*points), marker=marker, linestyle="-" if policy != "corm" else ":", label=policy)
+            ax.set(title=f"{context} tokens", xlabel="KV bytes held (% of a full cache)", ylabel=label)
+            ax.grid(alpha=0.3)
+    axes[0][0].legend()
+    fig.suptitle(title)
+    paths = [save_figure(fig, out / "quality_vs_kv_bytes.png")]
+
+    corm = [r for r in rows if r.policy == "corm" and r.retained_by_head]
+    if corm:
+        fig, axes = plt.subplots(1, len(corm), figsize=(2.6 * len(corm) + 1, 6), layout="constrained", squeeze=False)
+        for ax, r in zip(axes[0], corm):
+            image = ax.imshow(r.retained_by_head, aspect="auto", vmin=0, vmax=1, cmap="viridis")
+            ax.set(title=f"{r.context} tok\n{','.join(f'{k}={v}' for k, v in r.params.items())}", xlabel="KV head",
+                   ylabel="layer")
+        fig.colorbar(image, ax=axes[0].tolist(), label="keys retained (fraction of tokens seen)")
+        paths.append(save_figure(fig, out / "corm_retained_by_head.png"))
     return paths
+
+
+def merge_results(files: list[Path], out: Path) -> None:
+    """One table, one JSON and one set of plots from several runs' results.json."""
+    runs = [json.loads(Path(f).read_text()) for f in files]
+    rows = [Row(**row) for run in runs for row in run["rows"]]
+    tasks = sorted({task for run in runs for task in run["tasks"]}, key=TASKS.index)
+    out.mkdir(parents=True, exist_ok=True)
+    table = markdown_table(rows)
+    header = "\n".join(f"- `{run.get('command', 'python scripts/evaluate.py')}`: contexts {run['sizes']['contexts']}, "
+                       f"{run['minutes']:.1f} min" for run in runs)
+    (out / "results.md").write_text(f"Merged from {len(runs)} runs:\n{header}\n{table}")
+    (out / "results.json").write_text(json.dumps({"runs": [{k: v for k, v in run.items() if k != "rows"}
+                                                           for run in runs], "tasks": tasks,
+                                                  "rows": [asdict(r) for r in rows]}, indent=1) + "\n")
+    plots(rows, out, f"{Path(str(runs[0]['model'])).name}: held-out standard-library code", tasks)
+    print(table)
 
 
 def main() -> None:
@@ -235,46 +331,78 @@ def main() -> None:
                         help="smollm2 (the real model, default), weights (the embedded toy), a folder or a .gguf")
     parser.add_argument("--stdlib", type=Path, default=Path(sysconfig.get_paths()["stdlib"]))
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "eval")
-    parser.add_argument("--quick", action="store_true", help="small sizes and one corm setting (~1 minute)")
-    parser.add_argument("--max-windows", type=int, default=None, help="cap the perplexity windows")
-    parser.add_argument("--max-samples", type=int, default=None, help="cap the completion samples")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, for tests")
+    parser.add_argument("--contexts", type=int, nargs="+", default=None, help="context lengths in tokens")
+    parser.add_argument("--corm", nargs="+", default=None, help='CORM settings, e.g. "window=256,recent=256" '
+                        '"window=1024,recent=64,budget=0.5"; each is followed by the baselines at its memory')
+    parser.add_argument("--no-baselines", action="store_true", help="only full and the CORM settings")
+    parser.add_argument("--extra", nargs="+", default=[], metavar="POLICY:SETTING",
+                        help='more rows after full, e.g. "h2o:budget=0.5" "streaming:budget=0.5"')
+    parser.add_argument("--tasks", nargs="+", choices=TASKS, default=None,
+                        help="default: perplexity and passkey (lines too with --quick)")
+    parser.add_argument("--windows", type=int, default=None, help="perplexity windows per context")
+    parser.add_argument("--passkey-cases", type=int, default=None, help="pass-key prompts per context")
+    parser.add_argument("--from-json", type=Path, nargs="+", default=None, metavar="RESULTS",
+                        help="run nothing: merge these results.json files (e.g. one per context, run in parallel) "
+                             "into one table and one set of plots in --out")
     args = parser.parse_args()
     sizes = QUICK if args.quick else DEFAULT
-    max_windows = args.max_windows or (3 if args.quick else None)
-    max_samples = args.max_samples or (6 if args.quick else None)
+    sizes = Sizes(**{**asdict(sizes), **{k: v for k, v in (("contexts", args.contexts), ("corm", args.corm),
+                                                          ("windows", args.windows),
+                                                          ("passkey_cases", args.passkey_cases)) if v}})
+    if args.from_json:
+        merge_results(args.from_json, args.out)
+        return
+    tasks = args.tasks or (TASKS if args.quick else ("perplexity", "passkey"))
     started = time.perf_counter()
 
     print(f"loading {args.model}", flush=True)
     source = resolve_model_argument(args.model)
-    model = cormlm.load_model(source)
+    model = cormlm.load_model(source, dtype=torch.float32)
     tok = cormlm.load_tokenizer(source)
+    too_long = [c for c in sizes.contexts if c > model.config.context_length]
+    if too_long:
+        raise SystemExit(f"evaluate: error: contexts {too_long} exceed the model's {model.config.context_length}")
     texts = held_out_texts(args.stdlib)
-    windows = perplexity_windows(tok, texts, sizes, max_windows)
-    samples = completion_samples(tok, texts, sizes, max_samples)
-    print(f"data: {len(texts)} held-out files; perplexity on {windows.shape[0]} windows of {sizes.window} tokens "
-          f"({sizes.prefix} prefilled, {sizes.window - sizes.prefix} decoded); next-line completion on "
-          f"{len(samples)} lines after {sizes.context} tokens", flush=True)
+    stream = token_stream(tok, texts)
+    lines = line_samples(tok, texts, sizes.lines) if "lines" in tasks else []
+    print(f"data: {len(texts)} held-out files, {len(stream)} tokens; per context: perplexity on {sizes.windows} "
+          f"windows (last {sizes.scored} tokens decoded and scored), pass key on {sizes.passkey_cases} prompts "
+          f"({sizes.passkey_depth} tokens from key to question, prefilled in chunks of {sizes.prefill_chunk})"
+          + (f", next line on {len(lines)} samples" if lines else ""), flush=True)
 
-    rows = [evaluate(model, tok, windows, samples, sizes, "full", {})]
-    for window, recent in sizes.corm:
-        corm = evaluate(model, tok, windows, samples, sizes, "corm", {"window": window, "recent": recent})
-        rows.append(corm)
-        budget = round(corm.retained_fraction, 3)
-        for policy in BASELINES:
-            rows.append(evaluate(model, tok, windows, samples, sizes, policy, {"budget": budget}))
+    rows: list[Row] = []
+    for context in sizes.contexts:
+        data = {"windows": perplexity_windows(tok, stream, context, sizes.windows),
+                "passkey": passkey_prompts(tok, stream, context, sizes), "lines": lines}
+        rows.append(evaluate(model, tok, data, sizes, context, "full", {}, tasks))
+        for extra in args.extra:
+            policy, _, setting = extra.partition(":")
+            rows.append(evaluate(model, tok, data, sizes, context, policy, parse_setting(setting), tasks))
+        for setting in sizes.corm:
+            corm = evaluate(model, tok, data, sizes, context, "corm", parse_setting(setting), tasks)
+            rows.append(corm)
+            if args.no_baselines:
+                continue
+            budget = round(corm.retained_fraction, 3)
+            for policy in BASELINES:
+                rows.append(evaluate(model, tok, data, sizes, context, policy, {"budget": budget}, tasks,
+                                     matched_to=f"corm {setting}"))
 
     args.out.mkdir(parents=True, exist_ok=True)
     minutes = (time.perf_counter() - started) / 60
-    title = f"{Path(source).name}: {windows.shape[0]} x {sizes.window}-token held-out windows"
+    title = f"{Path(str(source)).name}: held-out standard-library code"
     table = markdown_table(rows)
+    command = " ".join(["python scripts/evaluate.py", *map(shlex.quote, sys.argv[1:])])
     (args.out / "results.md").write_text(
-        f"Command: `python scripts/evaluate.py{' --quick' if args.quick else ''}` ({minutes:.1f} min, "
-        f"{torch.get_num_threads()} threads)\n\n{table}")
+        f"Command: `{command}` with contexts {sizes.contexts}, CORM settings {sizes.corm} ({minutes:.1f} min, "
+        f"{torch.get_num_threads()} threads)\n{table}")
     (args.out / "results.json").write_text(json.dumps(
-        {"model": args.model, "sizes": asdict(sizes), "windows": windows.shape[0], "completion_samples": len(samples),
-         "minutes": round(minutes, 2), "rows": [asdict(r) for r in rows]}, indent=1) + "\n")
-    pngs = plots(rows, args.out, title)
-    print("\n" + table)
+        {"model": args.model, "command": command, "sizes": asdict(sizes), "tasks": list(tasks),
+         "minutes": round(minutes, 2), "threads": torch.get_num_threads(), "rows": [asdict(r) for r in rows]},
+        indent=1) + "\n")
+    pngs = plots(rows, args.out, title, tasks)
+    print(table)
     print(f"done in {minutes:.1f} min: {args.out / 'results.md'}, {args.out / 'results.json'}, "
           f"{', '.join(str(p) for p in pngs)}", flush=True)
 

@@ -1,6 +1,6 @@
 """GQA and CORM together: what the union over a query group buys against the usual recipes.
 
-    python scripts/gqa_experiment.py            # default sizes of scripts/evaluate.py
+    python scripts/gqa_experiment.py            # sizes of scripts/evaluate.py at 2048 tokens
     python scripts/gqa_experiment.py --quick
 
 On the embedded GQA model (8 query heads, 2 KV heads), the same held-out perplexity and
@@ -29,16 +29,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from evaluate import (
-    DEFAULT,
-    QUICK,
-    Row,
-    completion_samples,
-    held_out_texts,
-    perplexity_windows,
-    run_completion,
-    run_perplexity,
-)
+from evaluate import DEFAULT, QUICK, Row, evaluate, held_out_texts, line_samples, perplexity_windows, token_stream
 from safetensors.torch import load_file, save_file
 
 import cormlm
@@ -101,27 +92,23 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         mha = cormlm.load_model(write_mha_copy(args.model, Path(tmp) / "mha"))
     texts = held_out_texts(args.stdlib)
-    windows = perplexity_windows(tok, texts, sizes, 3 if args.quick else None)
-    samples = completion_samples(tok, texts, sizes, 6 if args.quick else None)
-    print(f"{heads} query heads, {kv_heads} KV heads; {windows.shape[0]} windows of {sizes.window} tokens, "
-          f"{len(samples)} completions; CORM w={window} r={recent}", flush=True)
+    context = min(sizes.contexts[0], gqa.config.context_length)
+    data = {"windows": perplexity_windows(tok, token_stream(tok, texts), context, sizes.windows), "passkey": [],
+            "lines": line_samples(tok, texts, sizes.lines)}
+    print(f"{heads} query heads, {kv_heads} KV heads; {sizes.windows} windows of {context} tokens, "
+          f"{len(data['lines'])} next-line completions; CORM w={window} r={recent}", flush=True)
 
-    corm = cormlm.CacheConfig("corm", window=window, recent=recent)
-    setups = [("(a) MHA, full cache", mha, cormlm.CacheConfig("full"), heads),
-              ("(b) GQA, full cache", gqa, cormlm.CacheConfig("full"), kv_heads),
-              ("(c) GQA + CORM, union over the group (cormlm)", gqa, corm, kv_heads),
-              ("(d) CORM per query head, K/V expanded", mha, corm, heads)]
-    rows = []
-    for label, model, cfg, stored in setups:
-        row = Row(cfg.policy, {"kv_heads": stored, **({"window": window, "recent": recent} if cfg.policy == "corm"
-                                                      else {})})
-        t0 = time.perf_counter()
-        run_perplexity(model, windows, sizes.prefix, cfg, row)
-        run_completion(model, tok, samples, sizes.new_tokens, cfg, row)
-        row.seconds = time.perf_counter() - t0
+    corm = {"window": window, "recent": recent}
+    setups = [("(a) MHA, full cache", mha, "full", {}, heads),
+              ("(b) GQA, full cache", gqa, "full", {}, kv_heads),
+              ("(c) GQA + CORM, union over the group (cormlm)", gqa, "corm", corm, kv_heads),
+              ("(d) CORM per query head, K/V expanded", mha, "corm", corm, heads)]
+    rows: list[tuple[str, Row]] = []
+    for label, model, policy, params, stored in setups:
+        print(f"{label}:", flush=True)
+        row = evaluate(model, tok, data, sizes, context, policy, params, ("perplexity", "lines"))
+        row.params = {"kv_heads": stored, **params}
         rows.append((label, row))
-        print(f"  {label:<48} retained {row.retained_fraction:6.1%}  {row.kv_bytes / 2**20:7.2f} MiB  "
-              f"ppl {row.perplexity:7.3f}  edit sim {row.edit_similarity:.3f}  ({row.seconds:.0f} s)", flush=True)
 
     table = markdown(rows)
     minutes = (time.perf_counter() - started) / 60

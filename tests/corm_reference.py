@@ -396,12 +396,14 @@ def greedy_decode(model, x: torch.Tensor, pos: torch.Tensor, n: int, max_new_tok
 
 
 def reference_run(folder: str | Path, prompt_ids: Sequence[int], max_new_tokens: int, window: int | None,
-                  recent: int | None, corm_policy: bool = True, budget: int | float | None = None) -> ReferenceRun:
+                  recent: int | None, corm_policy: bool = True, budget: int | float | None = None,
+                  threshold: float = 1.0) -> ReferenceRun:
     """Greedy generation of ``max_new_tokens`` tokens (never stopping early) with CORM.
 
     The last generated token is sampled but not fed back, like a generation loop does.
     ``corm_policy=False`` (or ``window=None``) keeps every key; ``budget`` bounds it
-    (:func:`bounded_corm_step`, tokens or a fraction of the tokens seen).
+    (:func:`bounded_corm_step`, tokens or a fraction of the tokens seen); ``threshold`` is
+    the alpha of CORM's ``threshold`` option: important iff a >= alpha / t.
     """
     model = load_reference(folder)
     corm = corm_policy and window is not None
@@ -441,7 +443,7 @@ def reference_run(folder: str | Path, prompt_ids: Sequence[int], max_new_tokens:
     x = model.embed[torch.tensor(prompt)]
     pos = torch.arange(n)
     causal = torch.ones(n, n, dtype=torch.bool).tril()
-    thresholds = 1.0 / torch.arange(1, n + 1, dtype=torch.float64)  # row j-1: 1/j
+    thresholds = threshold / torch.arange(1, n + 1, dtype=torch.float64)  # row j-1: alpha/j
     bias = model.key_bias(torch.arange(total))  # [heads, total]: by each key's own position
 
     def prefill_attend(layer: int, q, k, v) -> torch.Tensor:
@@ -479,9 +481,9 @@ def reference_run(folder: str | Path, prompt_ids: Sequence[int], max_new_tokens:
             for head in model.group(kv):
                 a = torch.softmax(q[head, 0] @ K.T * scale + bias[head, idx], -1)
                 outs[head] = a @ V
-                mark[idx] |= a >= 1.0 / t
+                mark[idx] |= a >= threshold / t
                 if corm:
-                    margin = min(margin, float((a * t - 1).abs().min()))
+                    margin = min(margin, float((a * t / threshold - 1).abs().min()))
             important[layer][kv][t - 1, :t] = mark
             evict(layer, kv, t)
         return torch.cat(outs, -1)[None]

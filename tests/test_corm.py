@@ -471,6 +471,30 @@ def test_bounded_corm_never_exceeds_its_budget(folders, prompt, new, window, rec
     assert max(n for layer in cache.stats().retained_tokens for row in layer for n in row) <= budget
 
 
+@pytest.mark.parametrize("name", ["gqa", "falcon-7b"])
+def test_corm_threshold_option_matches_reference(name, folders):
+    """threshold=alpha: important iff a >= alpha / t; the rest of the rule unchanged."""
+    folder = folders[name]
+    window, recent, alpha = 8, 4, 0.3
+    prompt, run = first_robust(lambda p: reference_run(folder, p, 20, window, recent, threshold=alpha), 28, 0, VOCAB,
+                               "the checkpoint puts attention too close to alpha/t")
+    plain = reference_run(folder, prompt, 20, window, recent)
+    assert run.kept != plain.kept  # alpha changed CORM's decisions on this prompt
+    cfg = cormlm.CacheConfig("corm", window=window, recent=recent, threshold=alpha)
+    out = cormlm.generate(cached_model(folder), torch.tensor([prompt]), max_new_tokens=20, cache=cfg, eos_token_id=[])
+    assert out.new_tokens[0] == run.new_tokens
+    got = kept_positions(out.cache, LAYERS)
+    assert got == run.kept, first_mismatch(got, run.kept)
+
+
+def test_corm_threshold_is_checked():
+    for bad in (0.0, 1.5, "0.3", True):
+        with pytest.raises(cormlm.CacheConfigError, match="threshold must be a number in"):
+            cormlm.CacheConfig("corm", threshold=bad)
+    with pytest.raises(cormlm.CacheConfigError, match="policy 'h2o' does not use CacheConfig.threshold"):
+        cormlm.CacheConfig("h2o", budget=8, threshold=0.5)
+
+
 def test_bounded_corm_parameters():
     with pytest.raises(cormlm.CacheConfigError, match=r"recent \(256, the default\) must be smaller than corm's budget"):
         cormlm.CacheConfig("corm", budget=128)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from ..errors import CacheConfigError
 
-POLICY_FIELDS = ("window", "recent", "budget", "sink")  # fields only some policies read
+POLICY_FIELDS = ("window", "recent", "budget", "sink", "threshold")  # fields only some policies read
 
 
 @dataclass(frozen=True)
@@ -39,6 +39,7 @@ class CacheConfig:
     recent: int | None = None
     budget: int | float | None = None
     sink: int | None = None  # streaming only; None: 4
+    threshold: float | None = None  # corm only: alpha in a >= alpha / t; None: 1
     block_size: int = 16  # slots per storage block: memory granularity per (row, layer, KV head)
     prefill_chunk: int | None = None  # split long prompts into chunks, evicting between them
 
@@ -66,6 +67,10 @@ class CacheConfig:
             if value < low:
                 raise CacheConfigError(f"{{{name}}} must be >= {low} ({meaning}), got {value}", name)
         self._check_budget()
+        if self.threshold is not None and (isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float))
+                                           or not 0.0 < self.threshold <= 1.0):
+            raise CacheConfigError(f"{{threshold}} must be a number in (0, 1] (the share of 1/t that makes a key "
+                                   f"important), got {self.threshold!r}", "threshold")
         cls.check({name: getattr(self, name) for name in cls.parameters})
 
     def _check_budget(self) -> None:

@@ -9,7 +9,8 @@ queries", in O(n) memory whatever w is.
 With a ``budget`` (tokens or a fraction, as for the budget policies) CORM's decisions are
 kept and memory is bounded whatever the text: a stream still over its budget drops the keys
 whose ``last_important`` is oldest first, the recent ones protected (what a server needs to
-admit requests). Without one, ``policy="corm"`` is exactly docs/corm.md.
+admit requests). ``threshold`` (alpha) scales the importance test to a >= alpha/t. With
+neither option set, ``policy="corm"`` is exactly docs/corm.md.
 """
 
 from __future__ import annotations
@@ -26,11 +27,12 @@ DEFAULT_WINDOW_AND_RECENT = 256
 
 class CormPolicy(EvictionPolicy):
     name = "corm"
-    parameters = ("window", "recent", "budget")
-    defaults = {"window": DEFAULT_WINDOW_AND_RECENT, "recent": DEFAULT_WINDOW_AND_RECENT}
+    parameters = ("window", "recent", "budget", "threshold")
+    defaults = {"window": DEFAULT_WINDOW_AND_RECENT, "recent": DEFAULT_WINDOW_AND_RECENT, "threshold": 1.0}
     help = {"window": f"w, the queries whose opinion of a key is remembered ({DEFAULT_WINDOW_AND_RECENT})",
             "recent": f"r, the newest positions never evicted ({DEFAULT_WINDOW_AND_RECENT})",
-            "budget": "optional bound per KV head (tokens or fraction): drops the keys important longest ago"}
+            "budget": "optional bound per KV head (tokens or fraction): drops the keys important longest ago",
+            "threshold": "alpha: a key is important to query t iff it gets >= alpha/t of its attention (1.0)"}
 
     @classmethod
     def check(cls, given: dict) -> None:
@@ -38,10 +40,11 @@ class CormPolicy(EvictionPolicy):
         check_recent_within_budget(cls.name, given["budget"], recent, given["recent"] is None)
     needs_probs = True
 
-    def __init__(self, window: int, recent: int, budget: int | float | None = None) -> None:
+    def __init__(self, window: int, recent: int, budget: int | float | None = None, threshold: float = 1.0) -> None:
         self.window = window
         self.recent = recent
         self.budget = budget  # optional memory bound: see evict
+        self.threshold = threshold  # alpha of the importance test a >= alpha / t (docs/corm.md: 1)
 
     def state_fields(self) -> dict[str, tuple[torch.dtype, float]]:
         return {"last_important": (torch.int32, 0)}
@@ -51,7 +54,7 @@ class CormPolicy(EvictionPolicy):
 
     def observe(self, probs: torch.Tensor, query_t: torch.Tensor, attended: torch.Tensor | None,
                 visible: torch.Tensor | None) -> dict[str, torch.Tensor]:
-        threshold = 1.0 / query_t.float()  # padding queries: t = 0 -> inf, never important
+        threshold = self.threshold / query_t.float()  # padding queries: t = 0 -> inf, never important
         important = (probs >= threshold[..., None, :, None]).any(dim=-3)  # union over the group
         marked = torch.where(important, query_t[..., :, None].to(torch.int32), 0)
         return {"last_important": marked.amax(dim=-2)}

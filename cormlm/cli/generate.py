@@ -39,6 +39,7 @@ def cache_config(args: argparse.Namespace):
     from ..cache import CacheConfig
 
     return CacheConfig(args.policy, window=args.window, recent=args.recent, budget=args.budget, sink=args.sink,
+                       threshold=args.threshold,
                        block_size=args.block_size, prefill_chunk=args.prefill_chunk)
 
 
@@ -100,7 +101,7 @@ def add_parser(sub) -> None:
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the checkpoint's chat template")
     cache = gen.add_argument_group("cache policy")
     cache.add_argument("--policy", choices=available_policies(), default="corm", help="eviction policy (default corm)")
-    for name, kind in (("window", int), ("recent", int), ("budget", budget), ("sink", int)):
+    for name, kind in (("window", int), ("recent", int), ("budget", budget), ("sink", int), ("threshold", float)):
         cache.add_argument(flag(name), type=kind, default=None, help=policy_help(name))
     cache.add_argument("--block-size", type=int, default=16, help="cache slots per storage block")
     cache.add_argument("--prefill-chunk", type=int, default=None, help="prefill long prompts in chunks, evicting")
@@ -149,7 +150,7 @@ def run(args: argparse.Namespace) -> None:
                         "decode_seconds": out.decode_seconds, "prefill_tokens_per_second": prefill_rate,
                         "decode_tokens_per_second": out.decode_tokens_per_second},
             "cache": {"policy": cfg.policy, "window": cfg.window, "recent": cfg.recent, "budget": cfg.budget,
-                      "sink": cfg.sink, "block_size": cfg.block_size, **stats.as_dict()},
+                      "sink": cfg.sink, "threshold": cfg.threshold, "block_size": cfg.block_size, **stats.as_dict()},
         }))
         return
     sys.stdout.write("\n")
