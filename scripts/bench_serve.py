@@ -24,6 +24,7 @@ serving). The machine is named first.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import os
 import signal
 import socket
@@ -48,6 +49,15 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def _die_with_parent() -> None:
+    """In the child before exec (Linux): SIGTERM when the process that started it dies, so a
+    killed test or benchmark never leaves a server behind."""
+    try:
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (AttributeError, OSError):
+        pass
+
+
 class ServerProcess:
     """``cormlm serve ARGS`` on a free loopback port, ready (``/health`` answers) on entry,
     stopped (SIGINT, then SIGKILL) on exit; its output goes to ``log``."""
@@ -62,7 +72,8 @@ class ServerProcess:
         self._log = open(self.log_path, "w")  # closed in stop()
         env = {**os.environ, "HF_HUB_OFFLINE": "1"}
         self.proc = subprocess.Popen([CORMLM, "serve", "--port", str(self.port), *self.args], stdout=self._log,
-                                     stderr=subprocess.STDOUT, env=env)
+                                     stderr=subprocess.STDOUT, env=env,
+                                     preexec_fn=_die_with_parent if sys.platform == "linux" else None)
         deadline = time.monotonic() + self.ready_timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

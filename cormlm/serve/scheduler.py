@@ -1,9 +1,10 @@
 """The continuous-batching engine behind ``cormlm serve``; no web code, so tests drive it directly.
 
 One scheduler step: drop cancelled requests; admit waiting ones, oldest first, while their
-prompt's KV fits the memory budget; prefill each admitted request alone in a 1-row cache
-(a chunk per step when the CacheConfig sets ``prefill_chunk``); move a finished prefill's
-row into the running batch; run one decode step for every running row together. Rows
+prompt's KV fits the memory budget (admission reserves it); prefill the oldest admitted
+request alone in a 1-row cache (a chunk of it when the CacheConfig sets ``prefill_chunk``);
+move a finished prefill's row into the running batch; run one decode step for every
+running row together. Rows
 leave at any step (stop token, stop string, max_tokens, cancellation) and their blocks go
 back to the pools; the other rows stay where they are.
 
@@ -250,8 +251,11 @@ class Engine:
                 self._count("cancelled")
 
     def _bytes_in_use(self) -> int:
-        caches = ([self._cache] if self._cache is not None else []) + [job.cache for job in self._prefilling]
-        return sum(cache.bytes_in_use() for cache in caches)
+        """The running rows' blocks, and for each admitted prefill what its prompt may take
+        (reserved at admission, so that one step never admits more than fits)."""
+        running = self._cache.bytes_in_use() if self._cache is not None else 0
+        return running + sum(max(job.cache.bytes_in_use(), self.prompt_bytes(len(job.request.prompt_ids)))
+                             for job in self._prefilling)
 
     def _admit(self) -> None:
         released = False
@@ -275,9 +279,10 @@ class Engine:
             self._prefilling.append(job)
 
     def _prefill_step(self) -> None:
-        """A chunk (or the whole prompt) of every admitted request, each in its own cache, as
-        ``cormlm.generate`` prefills it; a finished prefill samples its first token and joins."""
-        for job in list(self._prefilling):
+        """A chunk (or the whole prompt) of the oldest admitted request, in its own cache, as
+        ``cormlm.generate`` prefills it; a finished prefill samples its first token and joins.
+        One per step, so the running requests decode between prefills."""
+        for job in self._prefilling[:1]:
             prompt = job.request.prompt_ids
             chunk = job.cache.prefill_chunk or len(prompt)
             ids = torch.tensor([prompt[job.prefilled:job.prefilled + chunk]], device=self.model.device)
