@@ -9,6 +9,7 @@ random model (so eviction happens), and a full cache in a few KiB (so preemption
 
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
 import subprocess
@@ -26,6 +27,7 @@ import cormlm
 from cormlm.chat import render_chat
 from cormlm.checkpoint.embedded import embedded_model_path
 from cormlm.checkpoint.random_weights import write_random_llama
+from cormlm.cli.common import byte_size
 
 MODEL = "tiny"
 CORM = ["--policy", "corm", "--window", "8", "--recent", "4", "--block-size", "4"]
@@ -214,6 +216,8 @@ def _error(response: httpx.Response, status: int, code: str | None = None, param
     ({"model": MODEL, "prompt": [1, 99999]}, "invalid_value", "prompt"),
     ({"model": MODEL}, "invalid_value", "prompt"),
     ({"model": MODEL, "prompt": "x", "max_tokens": 5000}, "context_length_exceeded", "prompt"),
+    ({"model": MODEL, "prompt": "x", "frequency_penalty": 0.5}, "invalid_value", "frequency_penalty"),
+    ({"model": MODEL, "prompt": "x", "echo": True}, "invalid_value", "echo"),
 ])
 def test_bad_completion_requests_get_400_in_the_api_shape(server, body, code, param):
     _error(httpx.post(server.url + "/v1/completions", json=body, timeout=30), 400, code, param)
@@ -281,6 +285,18 @@ def test_bad_kv_memory_is_a_usage_error():
     done = subprocess.run([str(Path(sys.executable).parent / "cormlm"), "serve", "--kv-memory", "lots"],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "--kv-memory" in done.stderr and "512MiB" in done.stderr
+
+
+@pytest.mark.parametrize("text,size", [("1048576", 2**20), ("512MiB", 512 * 2**20), ("2GiB", 2 * 2**30),
+                                       ("1.5GB", 1_500_000_000), ("64 kib", 65536)])
+def test_kv_memory_sizes(text, size):
+    assert byte_size(text) == size
+
+
+@pytest.mark.parametrize("text", ["lots", "2XB", "-5MiB", "0", ""])
+def test_bad_kv_memory_sizes(text):
+    with pytest.raises(argparse.ArgumentTypeError, match="memory"):
+        byte_size(text)
 
 
 def test_seeded_sampling_is_reproducible(client):
