@@ -70,13 +70,16 @@ def byte_size(text: str) -> int:
     return size
 
 
+POLICY_FLAGS = (("window", int), ("recent", int), ("budget", budget), ("sink", int), ("threshold", float))
+
+
 def add_cache_arguments(parser: argparse.ArgumentParser) -> None:
     """The cache policy flags (the fields of CacheConfig), as one argument group."""
     from ..cache import available_policies
 
     cache = parser.add_argument_group("cache policy")
     cache.add_argument("--policy", choices=available_policies(), default="corm", help="eviction policy (default corm)")
-    for name, kind in (("window", int), ("recent", int), ("budget", budget), ("sink", int)):
+    for name, kind in POLICY_FLAGS:
         cache.add_argument(flag(name), type=kind, default=None, help=policy_help(name))
     cache.add_argument("--block-size", type=int, default=16, help="cache slots per storage block")
     cache.add_argument("--prefill-chunk", type=int, default=None, help="prefill long prompts in chunks, evicting")
@@ -86,5 +89,5 @@ def cache_config(args: argparse.Namespace):
     """The CacheConfig the flags of :func:`add_cache_arguments` ask for (CacheConfigError if invalid)."""
     from ..cache import CacheConfig
 
-    return CacheConfig(args.policy, window=args.window, recent=args.recent, budget=args.budget, sink=args.sink,
+    return CacheConfig(args.policy, **{name: getattr(args, name) for name, _ in POLICY_FLAGS},
                        block_size=args.block_size, prefill_chunk=args.prefill_chunk)

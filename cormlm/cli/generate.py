@@ -15,8 +15,7 @@ from pathlib import Path
 
 import torch
 
-from ..cache import available_policies
-from .common import UsageError, budget, flag, human_bytes, policy_help
+from .common import UsageError, add_cache_arguments, cache_config, human_bytes
 
 
 def read_prompt(args: argparse.Namespace) -> str:
@@ -33,14 +32,6 @@ def read_prompt(args: argparse.Namespace) -> str:
     if args.prompt is None:
         raise UsageError("no prompt: pass it as an argument, with --prompt-file, or on stdin ('-' or a pipe)")
     return args.prompt
-
-
-def cache_config(args: argparse.Namespace):
-    from ..cache import CacheConfig
-
-    return CacheConfig(args.policy, window=args.window, recent=args.recent, budget=args.budget, sink=args.sink,
-                       threshold=args.threshold,
-                       block_size=args.block_size, prefill_chunk=args.prefill_chunk)
 
 
 def _status(args: argparse.Namespace, message: str, end: str = "\n") -> None:
@@ -99,12 +90,7 @@ def add_parser(sub) -> None:
     gen.add_argument("--prompt-file", default=None, help="read the prompt from this file")
     gen.add_argument("--model", default=None, help="checkpoint folder, .gguf file or hub id (default: the embedded model)")
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the checkpoint's chat template")
-    cache = gen.add_argument_group("cache policy")
-    cache.add_argument("--policy", choices=available_policies(), default="corm", help="eviction policy (default corm)")
-    for name, kind in (("window", int), ("recent", int), ("budget", budget), ("sink", int), ("threshold", float)):
-        cache.add_argument(flag(name), type=kind, default=None, help=policy_help(name))
-    cache.add_argument("--block-size", type=int, default=16, help="cache slots per storage block")
-    cache.add_argument("--prefill-chunk", type=int, default=None, help="prefill long prompts in chunks, evicting")
+    add_cache_arguments(gen)
     sampling = gen.add_argument_group("sampling")
     sampling.add_argument("--max-new-tokens", type=int, default=128)
     sampling.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
