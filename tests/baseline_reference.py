@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from corm_reference import greedy_decode, load_reference
+from corm_reference import greedy_decode, load_reference, reference_buffers
 
 POLICIES = ("streaming", "h2o", "scissorhands", "knorm")
 SCISSORHANDS_WINDOW = 32
@@ -133,16 +133,8 @@ def baseline_run(folder: str | Path, prompt_ids: Sequence[int], max_new_tokens: 
     if policy == "streaming" and (budget is None) == (recent is None):
         raise ValueError("streaming needs exactly one of budget / recent")
     w = (window if window is not None else SCISSORHANDS_WINDOW)
-    model = load_reference(folder)
-    prompt = list(prompt_ids)
-    n = len(prompt)
-    if n == 0:
-        raise ValueError("empty prompt")
-    total = n + max(max_new_tokens - 1, 0)
-    L, KV, d = model.n_layers, model.n_kv, model.head_dim
-    scale = 1.0 / math.sqrt(d)
-    keys = [torch.zeros(KV, total, d, dtype=torch.float64) for _ in range(L)]
-    values = [torch.zeros(KV, total, d, dtype=torch.float64) for _ in range(L)]
+    model, prompt, n, total, keys, values, scale = reference_buffers(folder, prompt_ids, max_new_tokens)
+    L, KV = model.n_layers, model.n_kv
     kept: list[list[list[int]]] = [[[] for _ in range(KV)] for _ in range(L)]  # 0-indexed
     evictions: list[list[list[tuple[int, int]]]] = [[[] for _ in range(KV)] for _ in range(L)]
     held_counts: list[list[dict[int, int]]] = [[{} for _ in range(KV)] for _ in range(L)]

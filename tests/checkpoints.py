@@ -144,3 +144,12 @@ def make_falcon_checkpoint(folder: Path, name: str, factor: float = FALCON_PEAKY
         weights[key] = tensor.to(torch.float32).contiguous()
     save_file(weights, path, metadata={"format": "pt"})
     return folder
+
+
+# Llama 2's sentencepiece trainer options: identity normalisation, no whitespace collapsing,
+# byte fallback (every character round-trips), digits split, <unk>/<s>/</s> = 0/1/2, no pad.
+LLAMA2_SENTENCEPIECE_OPTIONS = dict(
+    model_type="bpe", unk_id=0, bos_id=1, eos_id=2, pad_id=-1, normalization_rule_name="identity",
+    remove_extra_whitespaces=False, byte_fallback=True, split_digits=True, character_coverage=1.0,
+    allow_whitespace_only_pieces=True, num_threads=1, minloglevel=2,
+)

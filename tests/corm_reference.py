@@ -395,6 +395,21 @@ def greedy_decode(model, x: torch.Tensor, pos: torch.Tensor, n: int, max_new_tok
     return new_tokens, step_logits, gap
 
 
+def reference_buffers(folder: str | Path, prompt_ids: Sequence[int], max_new_tokens: int):
+    """What every naive policy run starts from: the model, the prompt, its length n, the
+    tokens the run will see, float64 key/value buffers [layer][KV, total, D] of every key
+    ever computed (eviction only removes positions from the kept lists) and the scale."""
+    model = load_reference(folder)
+    prompt = list(prompt_ids)
+    n = len(prompt)
+    if n == 0:
+        raise ValueError("empty prompt")
+    total = n + max(max_new_tokens - 1, 0)
+    keys = [torch.zeros(model.n_kv, total, model.head_dim, dtype=torch.float64) for _ in range(model.n_layers)]
+    values = [torch.zeros(model.n_kv, total, model.head_dim, dtype=torch.float64) for _ in range(model.n_layers)]
+    return model, prompt, n, total, keys, values, 1.0 / math.sqrt(model.head_dim)
+
+
 def reference_run(folder: str | Path, prompt_ids: Sequence[int], max_new_tokens: int, window: int | None,
                   recent: int | None, corm_policy: bool = True, budget: int | float | None = None,
                   threshold: float = 1.0) -> ReferenceRun:
@@ -405,20 +420,11 @@ def reference_run(folder: str | Path, prompt_ids: Sequence[int], max_new_tokens:
     (:func:`bounded_corm_step`, tokens or a fraction of the tokens seen); ``threshold`` is
     the alpha of CORM's ``threshold`` option: important iff a >= alpha / t.
     """
-    model = load_reference(folder)
     corm = corm_policy and window is not None
     if corm and (window < 1 or recent is None or recent < 0):
         raise ValueError("window must be >= 1 and recent >= 0")
-    prompt = list(prompt_ids)
-    n = len(prompt)
-    if n == 0:
-        raise ValueError("empty prompt")
-    total = n + max(max_new_tokens - 1, 0)
-    L, KV, d = model.n_layers, model.n_kv, model.head_dim
-    scale = 1.0 / math.sqrt(d)
-    # every key / value ever computed; eviction only removes positions from ``kept``
-    keys = [torch.zeros(KV, total, d, dtype=torch.float64) for _ in range(L)]
-    values = [torch.zeros(KV, total, d, dtype=torch.float64) for _ in range(L)]
+    model, prompt, n, total, keys, values, scale = reference_buffers(folder, prompt_ids, max_new_tokens)
+    L, KV = model.n_layers, model.n_kv
     important = [[torch.zeros(total, total, dtype=torch.bool) for _ in range(KV)] for _ in range(L)]
     kept: list[list[list[int]]] = [[[] for _ in range(KV)] for _ in range(L)]  # 1-indexed
     evictions: list[list[list[tuple[int, int]]]] = [[[] for _ in range(KV)] for _ in range(L)]

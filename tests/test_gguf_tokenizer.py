@@ -21,6 +21,7 @@ import unicodedata
 from pathlib import Path
 
 import pytest
+from checkpoints import LLAMA2_SENTENCEPIECE_OPTIONS
 
 from cormlm.checkpoint.gguf_tokenizer import SUPPORTED_PRE_TOKENIZERS, tokenizer_from_gguf
 from cormlm.checkpoint.tokenizer import SpecialTokens, Tokenizer
@@ -394,23 +395,11 @@ def _train_sentencepiece(add_dummy_prefix: bool) -> bytes:
     sentencepiece.SentencePieceTrainer.train(
         sentence_iterator=iter("\n".join(_corpus()).splitlines()),
         model_writer=model,
-        model_type="bpe",
         vocab_size=400,
-        unk_id=0,
-        bos_id=1,
-        eos_id=2,
-        pad_id=-1,
         control_symbols=[IM_END],
         user_defined_symbols=[TOOL],
-        normalization_rule_name="identity",
-        remove_extra_whitespaces=False,
         add_dummy_prefix=add_dummy_prefix,
-        byte_fallback=True,
-        split_digits=True,
-        character_coverage=1.0,
-        allow_whitespace_only_pieces=True,
-        num_threads=1,
-        minloglevel=2,
+        **LLAMA2_SENTENCEPIECE_OPTIONS,
     )
     return model.getvalue()
 

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from checkpoints import LLAMA2_SENTENCEPIECE_OPTIONS
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -142,21 +143,9 @@ def llama2_sp_dir(tmp_path_factory) -> Path:
         input=str(corpus),
         model_prefix=str(folder / "tokenizer"),
         vocab_size=SP_VOCAB,
-        model_type="bpe",
-        unk_id=0,
-        bos_id=1,
-        eos_id=2,
-        pad_id=-1,
-        normalization_rule_name="identity",
-        remove_extra_whitespaces=False,
         add_dummy_prefix=True,
-        byte_fallback=True,
-        split_digits=True,
-        character_coverage=1.0,
-        allow_whitespace_only_pieces=True,
         max_sentence_length=1 << 20,
-        num_threads=1,
-        minloglevel=2,
+        **LLAMA2_SENTENCEPIECE_OPTIONS,
     )
     (folder / "tokenizer.vocab").unlink()
     corpus.unlink()
