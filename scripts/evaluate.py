@@ -58,6 +58,7 @@ BASELINES = ("streaming", "h2o", "scissorhands", "knorm")
 TASKS = ("perplexity", "passkey", "lines")
 SAMPLE_EVERY = 64  # decode steps between cache-stat samples
 KEY_LINE, QUESTION = "\n# The pass key is {key}.\n", "\n# The pass key is"
+ANSWER_TOKENS = 8  # generated after a pass-key prompt: the prompt is that much shorter than the context
 
 
 @dataclass
@@ -137,7 +138,8 @@ def perplexity_windows(tok, stream: list[int], length: int, count: int) -> torch
 
 
 def passkey_prompts(tok, stream: list[int], length: int, sizes: Sizes, seed: int = 0) -> list[dict]:
-    """Prompts of ``length`` tokens: code, the key line, ``passkey_depth`` tokens of code, the question."""
+    """Prompts that with their answer fill ``length`` tokens: code, the key line, ``passkey_depth``
+    tokens of code, the question."""
     rng = random.Random(seed + length)
     question = tok.encode(QUESTION, add_special_tokens=False)
     bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
@@ -145,7 +147,7 @@ def passkey_prompts(tok, stream: list[int], length: int, sizes: Sizes, seed: int
     for _ in range(sizes.passkey_cases):
         key = str(rng.randint(10000, 99999))
         key_line = tok.encode(KEY_LINE.format(key=key), add_special_tokens=False)
-        before = length - len(bos) - len(key_line) - sizes.passkey_depth - len(question)
+        before = length - ANSWER_TOKENS - len(bos) - len(key_line) - sizes.passkey_depth - len(question)
         start = rng.randrange(0, len(stream) - before - sizes.passkey_depth)
         filler = stream[start: start + before + sizes.passkey_depth]
         ids = bos + filler[:before] + key_line + filler[before:] + question
@@ -235,7 +237,7 @@ def evaluate(model, tok, data: dict, sizes: Sizes, context: int, policy: str, pa
         run_perplexity(model, data["windows"], sizes.scored, cfg, row)
     if "passkey" in tasks:
         chunked = cormlm.CacheConfig(policy, prefill_chunk=sizes.prefill_chunk, **params)
-        answers = run_generation(model, tok, data["passkey"], 8, chunked)
+        answers = run_generation(model, tok, data["passkey"], ANSWER_TOKENS, chunked)
         row.passkey = sum(first_number(a) == c["key"] for a, c in zip(answers, data["passkey"])) / len(answers)
         row.answers += [{"task": "passkey", "key": c["key"], "answer": a} for a, c in zip(answers, data["passkey"])]
     if "lines" in tasks and data["lines"]:
@@ -301,7 +303,7 @@ def plots(rows: list[Row], out: Path, title: str, tasks) -> list[Path]:
         fig, axes = plt.subplots(1, len(corm), figsize=(2.6 * len(corm) + 1, 6), layout="constrained", squeeze=False)
         for ax, r in zip(axes[0], corm):
             image = ax.imshow(r.retained_by_head, aspect="auto", vmin=0, vmax=1, cmap="viridis")
-            ax.set(title=f"{r.context} tok\n{','.join(f'{k}={v}' for k, v in r.params.items())}", xlabel="KV head",
+            ax.set(title="\n".join([f"{r.context} tokens", *(f"{k}={v}" for k, v in r.params.items())]), xlabel="KV head",
                    ylabel="layer")
         fig.colorbar(image, ax=axes[0].tolist(), label="keys retained (fraction of tokens seen)")
         paths.append(save_figure(fig, out / "corm_retained_by_head.png"))
@@ -335,7 +337,8 @@ def main() -> None:
     parser.add_argument("--contexts", type=int, nargs="+", default=None, help="context lengths in tokens")
     parser.add_argument("--corm", nargs="+", default=None, help='CORM settings, e.g. "window=256,recent=256" '
                         '"window=1024,recent=64,budget=0.5"; each is followed by the baselines at its memory')
-    parser.add_argument("--no-baselines", action="store_true", help="only full and the CORM settings")
+    parser.add_argument("--baselines", nargs="*", choices=BASELINES, default=BASELINES,
+                        help="baselines run at each CORM setting's memory (none: only full and CORM)")
     parser.add_argument("--extra", nargs="+", default=[], metavar="POLICY:SETTING",
                         help='more rows after full, e.g. "h2o:budget=0.5" "streaming:budget=0.5"')
     parser.add_argument("--tasks", nargs="+", choices=TASKS, default=None,
@@ -372,35 +375,41 @@ def main() -> None:
           + (f", next line on {len(lines)} samples" if lines else ""), flush=True)
 
     rows: list[Row] = []
+    command = " ".join(["python scripts/evaluate.py", *map(shlex.quote, sys.argv[1:])])
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    def save(rows: list[Row]) -> None:  # after every row: a run stopped early keeps what it measured
+        (args.out / "results.json").write_text(json.dumps(
+            {"model": args.model, "command": command, "sizes": asdict(sizes), "tasks": list(tasks),
+             "minutes": round((time.perf_counter() - started) / 60, 2), "threads": torch.get_num_threads(),
+             "rows": [asdict(r) for r in rows]}, indent=1) + "\n")
+
     for context in sizes.contexts:
         data = {"windows": perplexity_windows(tok, stream, context, sizes.windows),
                 "passkey": passkey_prompts(tok, stream, context, sizes), "lines": lines}
         rows.append(evaluate(model, tok, data, sizes, context, "full", {}, tasks))
+        save(rows)
         for extra in args.extra:
             policy, _, setting = extra.partition(":")
             rows.append(evaluate(model, tok, data, sizes, context, policy, parse_setting(setting), tasks))
+            save(rows)
         for setting in sizes.corm:
             corm = evaluate(model, tok, data, sizes, context, "corm", parse_setting(setting), tasks)
             rows.append(corm)
-            if args.no_baselines:
-                continue
+            save(rows)
             budget = round(corm.retained_fraction, 3)
-            for policy in BASELINES:
+            for policy in args.baselines:
                 rows.append(evaluate(model, tok, data, sizes, context, policy, {"budget": budget}, tasks,
                                      matched_to=f"corm {setting}"))
+                save(rows)
 
-    args.out.mkdir(parents=True, exist_ok=True)
     minutes = (time.perf_counter() - started) / 60
     title = f"{Path(str(source)).name}: held-out standard-library code"
     table = markdown_table(rows)
-    command = " ".join(["python scripts/evaluate.py", *map(shlex.quote, sys.argv[1:])])
     (args.out / "results.md").write_text(
         f"Command: `{command}` with contexts {sizes.contexts}, CORM settings {sizes.corm} ({minutes:.1f} min, "
         f"{torch.get_num_threads()} threads)\n{table}")
-    (args.out / "results.json").write_text(json.dumps(
-        {"model": args.model, "command": command, "sizes": asdict(sizes), "tasks": list(tasks),
-         "minutes": round(minutes, 2), "threads": torch.get_num_threads(), "rows": [asdict(r) for r in rows]},
-        indent=1) + "\n")
+    save(rows)
     pngs = plots(rows, args.out, title, tasks)
     print(table)
     print(f"done in {minutes:.1f} min: {args.out / 'results.md'}, {args.out / 'results.json'}, "
