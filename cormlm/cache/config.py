@@ -53,7 +53,7 @@ class CacheConfig:
         cls = policy_class(self.policy)
         ignored = [name for name in POLICY_FIELDS if getattr(self, name) is not None and name not in cls.parameters]
         if ignored:
-            uses = ", ".join(f"{{{name}}}" for name in cls.parameters) or "none of window, recent, budget, sink"
+            uses = ", ".join(f"{{{name}}}" for name in cls.parameters) or "none of " + ", ".join(POLICY_FIELDS)
             raise CacheConfigError(f"policy '{self.policy}' does not use {{{ignored[0]}}}; it takes {uses}",
                                    ignored[0], *cls.parameters)
         for name, low, meaning in (("window", 1, "queries remembered"), ("recent", 0, "protected positions"),
@@ -67,10 +67,6 @@ class CacheConfig:
             if value < low:
                 raise CacheConfigError(f"{{{name}}} must be >= {low} ({meaning}), got {value}", name)
         self._check_budget()
-        if self.threshold is not None and (isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float))
-                                           or not 0.0 < self.threshold <= 1.0):
-            raise CacheConfigError(f"{{threshold}} must be a number in (0, 1] (the share of 1/t that makes a key "
-                                   f"important), got {self.threshold!r}", "threshold")
         cls.check({name: getattr(self, name) for name in cls.parameters})
 
     def _check_budget(self) -> None:

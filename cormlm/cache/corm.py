@@ -19,6 +19,7 @@ import dataclasses
 
 import torch
 
+from ..errors import CacheConfigError
 from .budget import check_recent_within_budget, drop_over_budget
 from .policy import EvictionPolicy, SlotView
 
@@ -36,6 +37,10 @@ class CormPolicy(EvictionPolicy):
 
     @classmethod
     def check(cls, given: dict) -> None:
+        alpha = given["threshold"]
+        if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha <= 1):
+            raise CacheConfigError(f"{{threshold}} must be a number in (0, 1] (the share of 1/t that makes a key "
+                                   f"important), got {alpha!r}", "threshold")
         recent = cls.defaults["recent"] if given["recent"] is None else given["recent"]
         check_recent_within_budget(cls.name, given["budget"], recent, given["recent"] is None)
     needs_probs = True

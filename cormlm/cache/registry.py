@@ -46,11 +46,6 @@ def available_policies() -> list[str]:
     return list(POLICIES)
 
 
-def policy_parameters(name: str) -> tuple[str, ...]:
-    """The CacheConfig fields policy ``name`` reads."""
-    return policy_class(name).parameters
-
-
 def make_cache(model, cfg: CacheConfig | None = None, batch_size: int = 1) -> KVCache:
     """An empty cache for ``model`` (a cormlm model: its config, dtype and device) and
     ``batch_size`` rows, ruled by ``cfg``'s policy (default: full)."""
