@@ -74,6 +74,7 @@ def test_rows_join_and_leave_as_if_alone(model, policy):
     while not a.done:
         _decode(model, cache, running)
     held_a = _held(cache, 0)
+    assert cache.retained_fraction() == pytest.approx(cache.stats().retained_fraction)  # the server's cheap read
     used_before = cache.bytes_in_use()
     cache.remove_rows([0])  # a leaves; b goes on in row 0
     running.remove(a)

@@ -205,6 +205,13 @@ class RaggedCache(KVCache):
         used = torch.stack([(pool.owner >= 0).sum() for pool in self.pools]).tolist()
         return sum(n * pool.block_nbytes() for n, pool in zip(used, self.pools))
 
+    def retained_fraction(self) -> float:
+        """Keys held over keys seen, every layer, row and KV head: ``stats().retained_fraction``
+        without per-stream lists (one host sync; the server reads it every step)."""
+        kept = torch.stack([((pool.positions >= 0) & (pool.owner[:, None] >= 0)).sum() for pool in self.pools]).sum()
+        seen = int(self.lengths.sum()) * self.num_layers * self.num_kv_heads
+        return int(kept) / seen if seen else 1.0
+
     def bytes_for_next_token(self) -> int:
         """Bytes of the fresh blocks the next decode step takes (streams whose tail block is full)."""
         return sum(pool.blocks_for_next_token() * pool.block_nbytes() for pool in self.pools)

@@ -394,7 +394,7 @@ class Engine:
         caches = ([self._cache] if self._cache is not None else []) + [job.cache for job in self._prefilling]
         held = sum(sum(t.untyped_storage().nbytes() for t in c.storage_tensors()) for c in caches)
         in_use = sum(c.bytes_in_use() for c in caches)
-        retained = self._cache.stats().retained_fraction if self._cache is not None else 1.0
+        retained = self._cache.retained_fraction() if self._cache is not None else 1.0
         span = now - self._rate[0][0] if len(self._rate) > 1 else 0.0
         rate = sum(n for _, n in list(self._rate)[1:]) / span if span > 0 else 0.0
         with self._lock:
