@@ -105,7 +105,11 @@ def parse_setting(text: str) -> dict:
     params = {}
     for part in filter(None, text.split(",")):
         name, _, value = part.partition("=")
-        params[name.strip()] = float(value) if "." in value else int(value)
+        try:
+            params[name.strip()] = float(value) if "." in value else int(value)
+        except ValueError:
+            raise SystemExit(f"evaluate: error: '{part}' in '{text}' is not name=number "
+                             "(e.g. window=256,recent=256,budget=0.5)") from None
     return params
 
 
@@ -357,6 +361,8 @@ def main() -> None:
         merge_results(args.from_json, args.out)
         return
     tasks = args.tasks or (TASKS if args.quick else ("perplexity", "passkey"))
+    for setting in sizes.corm:  # bad settings fail before anything loads or runs
+        cormlm.CacheConfig("corm", **parse_setting(setting))
     started = time.perf_counter()
 
     print(f"loading {args.model}", flush=True)
@@ -366,6 +372,11 @@ def main() -> None:
     too_long = [c for c in sizes.contexts if c > model.config.context_length]
     if too_long:
         raise SystemExit(f"evaluate: error: contexts {too_long} exceed the model's {model.config.context_length}")
+    shortest = sizes.scored + sizes.passkey_depth + 64  # prefix, key line and question need room too
+    too_short = [c for c in sizes.contexts if c < shortest]
+    if too_short:
+        raise SystemExit(f"evaluate: error: contexts {too_short} are too short for {sizes.scored} scored tokens and a "
+                         f"pass key {sizes.passkey_depth} tokens back; give at least {shortest}")
     texts = held_out_texts(args.stdlib)
     stream = token_stream(tok, texts)
     lines = line_samples(tok, texts, sizes.lines) if "lines" in tasks else []

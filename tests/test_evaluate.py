@@ -197,3 +197,12 @@ def test_missing_model_is_one_clear_line(tmp_path):
                            str(tmp_path / "absent"), "--out", str(tmp_path)], capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 1 and "no such folder" in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("setting, message", [("window=0", "CacheConfig.window must be >= 1"),
+                                              ("window=x1", "'window=x1' in 'window=x1' is not name=number")])
+def test_bad_corm_setting_is_one_line_before_anything_runs(tmp_path, setting, message):
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "evaluate.py"), "--model", "weights", "--corm",
+                           setting, "--out", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and message in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "results.json").exists()
