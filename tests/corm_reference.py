@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -58,13 +58,33 @@ def corm_step(important, t: int, window: int, recent: int, kept: Iterable[int]) 
     return sorted(i for i in kept if not (i <= t - recent and long_term_minor(important, t, window, i)))
 
 
-def bounded_corm_step(important, t: int, recent: int, kept: Iterable[int], budget_t: int) -> list[int]:
+def memory_end(important, share, t: int, window: int, magnitude: float, key: int) -> float:
+    """CORM's ``magnitude`` option: the step at which the memory of ``key`` ends, the latest
+    over the queries j <= t that marked it of j + w * (1 + m * log2 share[j-1][key-1]), where
+    share is how many times alpha/j the key got (max over the group); never marked: w."""
+    ends = [j + window * (1 + magnitude * math.log2(float(share[j - 1][key - 1])))
+            for j in range(key, t + 1) if _imp(important, j, key)]
+    return max(ends, default=float(window))
+
+
+def magnitude_corm_step(important, share, t: int, window: int, recent: int, magnitude: float,
+                        kept: Iterable[int]) -> list[int]:
+    """CORM with ``magnitude``: rule 5, a key being long-term minor once its memory has ended."""
+    return sorted(i for i in kept
+                  if not (i <= t - recent and memory_end(important, share, t, window, magnitude, i) <= t))
+
+
+def bounded_corm_step(important, t: int, recent: int, kept: Iterable[int], budget_t: int,
+                      memory: Callable[[int], float] | None = None) -> list[int]:
     """Bounded CORM at step ``t``, after the rule of :func:`corm_step`: while more than
     ``budget_t`` keys are held, drop among the keys older than the ``recent`` newest the one
-    whose last marking query is oldest (never marked: 0), the older key among equals."""
+    whose last marking query is oldest (never marked: 0), the older key among equals
+    (``memory``: the one whose memory ends first, :func:`memory_end`)."""
     held = sorted(kept)
 
-    def last_marked(key: int) -> int:
+    def last_marked(key: int) -> float:
+        if memory is not None:
+            return memory(key)
         return max((j for j in range(key, t + 1) if _imp(important, j, key)), default=0)
 
     candidates = sorted((i for i in held if i <= t - recent), key=lambda i: (last_marked(i), i))
@@ -412,13 +432,14 @@ def reference_buffers(folder: str | Path, prompt_ids: Sequence[int], max_new_tok
 
 def reference_run(folder: str | Path, prompt_ids: Sequence[int], max_new_tokens: int, window: int | None,
                   recent: int | None, corm_policy: bool = True, budget: int | float | None = None,
-                  threshold: float = 1.0) -> ReferenceRun:
+                  threshold: float = 1.0, magnitude: float | None = None) -> ReferenceRun:
     """Greedy generation of ``max_new_tokens`` tokens (never stopping early) with CORM.
 
     The last generated token is sampled but not fed back, like a generation loop does.
     ``corm_policy=False`` (or ``window=None``) keeps every key; ``budget`` bounds it
     (:func:`bounded_corm_step`, tokens or a fraction of the tokens seen); ``threshold`` is
-    the alpha of CORM's ``threshold`` option: important iff a >= alpha / t.
+    the alpha of CORM's ``threshold`` option: important iff a >= alpha / t; ``magnitude``
+    CORM's option of that name (:func:`memory_end`; every prompt query counts).
     """
     corm = corm_policy and window is not None
     if corm and (window < 1 or recent is None or recent < 0):
@@ -426,22 +447,37 @@ def reference_run(folder: str | Path, prompt_ids: Sequence[int], max_new_tokens:
     model, prompt, n, total, keys, values, scale = reference_buffers(folder, prompt_ids, max_new_tokens)
     L, KV = model.n_layers, model.n_kv
     important = [[torch.zeros(total, total, dtype=torch.bool) for _ in range(KV)] for _ in range(L)]
+    # share[j-1, i-1]: how many times alpha/j query j gave key i (max over the group)
+    share = [[torch.zeros(total, total, dtype=torch.float64) for _ in range(KV)] for _ in range(L)]
     kept: list[list[list[int]]] = [[[] for _ in range(KV)] for _ in range(L)]  # 1-indexed
     evictions: list[list[list[tuple[int, int]]]] = [[[] for _ in range(KV)] for _ in range(L)]
     margin = math.inf
 
     def first_counted_query() -> int:
         # queries before n - w + 1 never enter any window (the first eviction is at t = n)
+        if magnitude:
+            return 1 if corm else total + 1
         return max(1, n - window + 1) if corm else total + 1
 
     def evict(layer: int, head: int, t: int) -> None:
+        nonlocal margin
         if not corm:
             return
         before = kept[layer][head]
-        after = corm_step(important[layer][head], t, window, recent, before)
+        memory = None
+        if magnitude:
+            def memory(key: int) -> float:
+                return memory_end(important[layer][head], share[layer][head], t, window, magnitude, key)
+
+            after = magnitude_corm_step(important[layer][head], share[layer][head], t, window, recent, magnitude,
+                                        before)
+            ends = [memory(i) for i in before if i <= t - recent]
+            margin = min([margin] + [abs(end - t) / t for end in ends])
+        else:
+            after = corm_step(important[layer][head], t, window, recent, before)
         if budget is not None:
             budget_t = budget if isinstance(budget, int) else max(1, math.floor(float(budget) * t + 0.5))
-            after = bounded_corm_step(important[layer][head], t, recent, after, budget_t)
+            after = bounded_corm_step(important[layer][head], t, recent, after, budget_t, memory)
         evictions[layer][head] += [(t, i) for i in before if i not in after]
         kept[layer][head] = after
 
@@ -464,6 +500,7 @@ def reference_run(folder: str | Path, prompt_ids: Sequence[int], max_new_tokens:
                 a = torch.softmax(s.masked_fill(~causal, float("-inf")), -1)
                 outs[head] = a @ v[kv]
                 mark |= (a >= thresholds[:, None]) & causal
+                share[layer][kv][:n, :n] = torch.maximum(share[layer][kv][:n, :n], a / thresholds[:, None])
                 # query 1 (a = 1 = 1/1 exactly, in any precision) is no rounding risk
                 lo = max(first_counted_query() - 1, 1)
                 if lo < n:
@@ -488,6 +525,7 @@ def reference_run(folder: str | Path, prompt_ids: Sequence[int], max_new_tokens:
                 a = torch.softmax(q[head, 0] @ K.T * scale + bias[head, idx], -1)
                 outs[head] = a @ V
                 mark[idx] |= a >= threshold / t
+                share[layer][kv][t - 1, idx] = torch.maximum(share[layer][kv][t - 1, idx], a * t / threshold)
                 if corm:
                     margin = min(margin, float((a * t / threshold - 1).abs().min()))
             important[layer][kv][t - 1, :t] = mark

@@ -487,6 +487,40 @@ def test_corm_threshold_option_matches_reference(name, folders):
     assert got == run.kept, first_mismatch(got, run.kept)
 
 
+@pytest.mark.parametrize(("name", "budget"), [("gqa", None), ("falcon-7b", None), ("mha", 0.6)])
+def test_corm_magnitude_option_matches_reference(name, budget, folders):
+    """magnitude=m: a mark of k times alpha/t lasts w * (1 + m log2 k) queries and every prompt
+    query counts (tests/corm_reference.py:memory_end); bounded, the keys whose memory ends
+    first go first."""
+    folder = folders[name]
+    window, recent, m = 6, 3, 0.5
+    prompt, run = first_robust(lambda p: reference_run(folder, p, 20, window, recent, budget=budget, magnitude=m),
+                               28, 0, VOCAB, "the checkpoint puts decisions too close to their thresholds")
+    plain = reference_run(folder, prompt, 20, window, recent, budget=budget)
+    assert sum(map(len, sum(run.kept, []))) > sum(map(len, sum(plain.kept, [])))  # strong marks kept more
+    cfg = cormlm.CacheConfig("corm", window=window, recent=recent, budget=budget, magnitude=m)
+    out = cormlm.generate(cached_model(folder), torch.tensor([prompt]), max_new_tokens=20, cache=cfg, eos_token_id=[])
+    assert out.new_tokens[0] == run.new_tokens
+    got = kept_positions(out.cache, LAYERS)
+    assert got == run.kept, first_mismatch(got, run.kept)
+
+
+def test_corm_magnitude_zero_is_the_rule(folders):
+    folder = folders["gqa"]
+    prompt, run = robust_corm_case(folder, 28, 12, 6, 3, VOCAB)
+    out = cormlm.generate(cached_model(folder), torch.tensor([prompt]), max_new_tokens=12, eos_token_id=[],
+                          cache=cormlm.CacheConfig("corm", window=6, recent=3, magnitude=0))
+    assert out.new_tokens[0] == run.new_tokens and kept_positions(out.cache, LAYERS) == run.kept
+
+
+def test_corm_magnitude_is_checked():
+    for bad in (-0.5, 17, "1", True):
+        with pytest.raises(cormlm.CacheConfigError, match="magnitude must be a number in"):
+            cormlm.CacheConfig("corm", magnitude=bad)
+    with pytest.raises(cormlm.CacheConfigError, match="policy 'streaming' does not use CacheConfig.magnitude"):
+        cormlm.CacheConfig("streaming", budget=8, magnitude=1.0)
+
+
 def test_corm_threshold_is_checked():
     for bad in (0.0, 1.5, "0.3", True):
         with pytest.raises(cormlm.CacheConfigError, match="threshold must be a number in"):

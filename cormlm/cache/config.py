@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from ..errors import CacheConfigError
 
-POLICY_FIELDS = ("window", "recent", "budget", "sink", "threshold")  # fields only some policies read
+POLICY_FIELDS = ("window", "recent", "budget", "sink", "threshold", "magnitude")  # fields only some policies read
 
 
 @dataclass(frozen=True)
@@ -16,7 +16,8 @@ class CacheConfig:
     - ``full``: keeps every key.
     - ``corm``: docs/corm.md; ``window`` and ``recent`` are its w and r (default 256 each).
       With a ``budget`` (bounded CORM), a stream still over it after CORM's rule drops the
-      keys whose last importance is oldest, the ``recent`` ones protected.
+      keys whose last importance is oldest, the ``recent`` ones protected. ``threshold``
+      and ``magnitude`` are options beyond the rule (docs/corm.md, "Options beyond the rule").
     - ``streaming``: the first ``sink`` positions plus the most recent ones: ``recent``
       tokens, or ``budget`` in all (sinks included).
     - ``h2o``, ``scissorhands``, ``knorm``: a fixed ``budget`` per KV head; the last
@@ -40,6 +41,7 @@ class CacheConfig:
     budget: int | float | None = None
     sink: int | None = None  # streaming only; None: 4
     threshold: float | None = None  # corm only: alpha in a >= alpha / t; None: 1
+    magnitude: float | None = None  # corm only: m, strong marks remembered longer; None: the rule
     block_size: int = 16  # slots per storage block: memory granularity per (row, layer, KV head)
     prefill_chunk: int | None = None  # split long prompts into chunks, evicting between them
 

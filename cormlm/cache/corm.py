@@ -1,16 +1,19 @@
 """CORM (Dai et al., arXiv 2404.15949) exactly as docs/corm.md defines it.
 
-The paper's w x n message matrix is kept as one integer per key, ``last_important``: the
-last (1-indexed) step at which any query head of the group gave the key at least the
-uniform share 1/t of its attention (0 = never). A key is long-term minor at step t iff
-t >= w and last_important <= t - w, which is exactly "unimportant to each of the last w
+The paper's w x n message matrix is kept as one number per key, ``keep_until``: the last
+(1-indexed) step at which any query head of the group gave the key at least the uniform
+share 1/t of its attention, plus w (never marked: w). A key is long-term minor at step t
+iff keep_until <= t, which is exactly "t >= w and unimportant to each of the last w
 queries", in O(n) memory whatever w is.
 
 With a ``budget`` (tokens or a fraction, as for the budget policies) CORM's decisions are
 kept and memory is bounded whatever the text: a stream still over its budget drops the keys
-whose ``last_important`` is oldest first, the recent ones protected (what a server needs to
-admit requests). ``threshold`` (alpha) scales the importance test to a >= alpha/t. With
-neither option set, ``policy="corm"`` is exactly docs/corm.md.
+whose memory ends first (the oldest last mark), the recent ones protected (what a server needs to
+admit requests). ``threshold`` (alpha) scales the importance test to a >= alpha/t.
+``magnitude`` (m) remembers a strong mark longer: a query t that gives a key k times the
+share alpha/t marks it for w * (1 + m * log2 k) queries instead of w, and every prompt
+query counts, not only the last w (a key the prompt's middle leaned on survives its end).
+With no option set, ``policy="corm"`` is exactly docs/corm.md.
 """
 
 from __future__ import annotations
@@ -28,12 +31,13 @@ DEFAULT_WINDOW_AND_RECENT = 256
 
 class CormPolicy(EvictionPolicy):
     name = "corm"
-    parameters = ("window", "recent", "budget", "threshold")
+    parameters = ("window", "recent", "budget", "threshold", "magnitude")
     defaults = {"window": DEFAULT_WINDOW_AND_RECENT, "recent": DEFAULT_WINDOW_AND_RECENT, "threshold": 1.0}
     help = {"window": f"w, the queries whose opinion of a key is remembered ({DEFAULT_WINDOW_AND_RECENT})",
             "recent": f"r, the newest positions never evicted ({DEFAULT_WINDOW_AND_RECENT})",
             "budget": "optional bound per KV head (tokens or fraction): drops the keys important longest ago",
-            "threshold": "alpha: a key is important to query t iff it gets >= alpha/t of its attention (1.0)"}
+            "threshold": "alpha: a key is important to query t iff it gets >= alpha/t of its attention (1.0)",
+            "magnitude": "m: a mark of k times alpha/t lasts w*(1 + m*log2 k) queries; all prompt queries count"}
 
     @classmethod
     def check(cls, given: dict) -> None:
@@ -41,42 +45,57 @@ class CormPolicy(EvictionPolicy):
         if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha <= 1):
             raise CacheConfigError(f"{{threshold}} must be a number in (0, 1] (the share of 1/t that makes a key "
                                    f"important), got {alpha!r}", "threshold")
+        magnitude = given["magnitude"]
+        if magnitude is not None and (isinstance(magnitude, bool) or not isinstance(magnitude, (int, float))
+                                      or not 0 <= magnitude <= 16):
+            raise CacheConfigError(f"{{magnitude}} must be a number in [0, 16] (how much longer a strong mark is "
+                                   f"remembered), got {magnitude!r}", "magnitude")
         recent = cls.defaults["recent"] if given["recent"] is None else given["recent"]
         check_recent_within_budget(cls.name, given["budget"], recent, given["recent"] is None)
     needs_probs = True
 
-    def __init__(self, window: int, recent: int, budget: int | float | None = None, threshold: float = 1.0) -> None:
+    def __init__(self, window: int, recent: int, budget: int | float | None = None, threshold: float = 1.0,
+                 magnitude: float | None = None) -> None:
         self.window = window
         self.recent = recent
         self.budget = budget  # optional memory bound: see evict
         self.threshold = threshold  # alpha of the importance test a >= alpha / t (docs/corm.md: 1)
+        self.magnitude = magnitude  # m: a mark of k * alpha / t lasts w * (1 + m log2 k) queries
 
     def state_fields(self) -> dict[str, tuple[torch.dtype, float]]:
-        return {"last_important": (torch.int32, 0)}
+        # float32: steps are exact integers up to 2**24, lifetimes with magnitude fractional
+        return {"keep_until": (torch.float32, float(self.window))}
 
     def query_rows(self, num_queries: int) -> int:
-        return min(self.window, num_queries)
+        # a query older than the last w marks for longer than w only with magnitude
+        return num_queries if self.magnitude else min(self.window, num_queries)
 
     def observe(self, probs: torch.Tensor, query_t: torch.Tensor, attended: torch.Tensor | None,
                 visible: torch.Tensor | None) -> dict[str, torch.Tensor]:
-        threshold = self.threshold / query_t.float()  # padding queries: t = 0 -> inf, never important
-        important = (probs >= threshold[..., None, :, None]).any(dim=-3)  # union over the group
-        marked = torch.where(important, query_t[..., :, None].to(torch.int32), 0)
-        return {"last_important": marked.amax(dim=-2)}
+        t = query_t.float()[..., :, None]  # [..., Q, 1]
+        threshold = self.threshold / t  # padding queries: t = 0 -> inf, never important
+        strongest = probs.amax(dim=-3)  # union over the group: a >= x for some head iff max >= x
+        important = strongest >= threshold
+        lifetime = float(self.window)
+        if self.magnitude:
+            share = (strongest / threshold).clamp(min=1.0)  # k: how many times alpha/t
+            lifetime = self.window * (1.0 + self.magnitude * torch.log2(share))
+        until = torch.where(important, t + lifetime, 0.0)
+        return {"keep_until": until.amax(dim=-2)}
 
     def merge(self, state: dict[str, torch.Tensor], observed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {"last_important": torch.maximum(state["last_important"], observed["last_important"])}
+        return {"keep_until": torch.maximum(state["keep_until"], observed["keep_until"])}
 
     def evict(self, view: SlotView) -> torch.Tensor:
         t = view.query_t
         # empty slots hold position -1 and are dropped again harmlessly
-        minor = view.state["last_important"] <= t - self.window  # t < w: t - w < 0 <= any mark
+        minor = view.state["keep_until"] <= t  # t < w: never marked keys hold w > t
         old_enough = view.positions <= t - (self.recent + 1)
         drop = minor & old_enough
         if self.budget is None:
             return drop
         # Bounded CORM: of what the rule keeps, a stream over its budget drops the keys whose
-        # last importance is oldest (never marked first; the older key among equals), the
-        # recent ones protected.
+        # memory ends first (without magnitude: whose last mark is oldest; never marked
+        # first; the older key among equals), the recent ones protected.
         kept = dataclasses.replace(view, positions=view.positions.masked_fill(drop, -1))
-        return drop | drop_over_budget(kept, -view.state["last_important"], self.budget, self.recent)
+        return drop | drop_over_budget(kept, -view.state["keep_until"], self.budget, self.recent)

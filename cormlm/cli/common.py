@@ -70,7 +70,8 @@ def byte_size(text: str) -> int:
     return size
 
 
-POLICY_FLAGS = (("window", int), ("recent", int), ("budget", budget), ("sink", int), ("threshold", float))
+POLICY_FLAGS = (("window", int), ("recent", int), ("budget", budget), ("sink", int), ("threshold", float),
+                ("magnitude", float))
 
 
 def add_cache_arguments(parser: argparse.ArgumentParser) -> None:
