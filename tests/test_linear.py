@@ -2,79 +2,97 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from cormlm.models import linear as linear_module
-from cormlm.models.linear import MEASURED_MAX_ROWS, Linear, gemv_choices
+from cormlm.models.linear import MEASURED_MAX_ROWS, TRIALS, Linear, gemv_choices
 
 
 @pytest.fixture(autouse=True)
 def _fresh_choices(monkeypatch):
     monkeypatch.setattr(linear_module, "_choices", {})
+    monkeypatch.setattr(linear_module, "_trials", {})
     monkeypatch.delenv("CORMLM_GEMV", raising=False)
 
 
-@pytest.mark.parametrize("kernel", ["split", "linear"])
+@pytest.mark.parametrize("kernel", ["split", "linear", None])
 @pytest.mark.parametrize("shape", [(1, 1), (1, 3), (2, 1), (2, 2), (4, 1), (2, 4)])
 @pytest.mark.parametrize("bias", [False, True])
 def test_both_kernels_match_f_linear(monkeypatch, kernel, shape, bias):
-    monkeypatch.setenv("CORMLM_GEMV", kernel)
+    if kernel is not None:
+        monkeypatch.setenv("CORMLM_GEMV", kernel)
     torch.manual_seed(0)
     layer = Linear(96, 250, bias=bias)
     x = torch.randn(*shape, 96)
     expected = F.linear(x.double(), layer.weight.double(), None if layer.bias is None else layer.bias.double())
-    got = layer(x)
-    assert got.shape == (*shape, 250)
-    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
+    for _ in range(2 * TRIALS + 3 if kernel is None else 1):  # measuring: every trial call is right too
+        got = layer(x)
+        assert got.shape == (*shape, 250)
+        torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
 
 
-def _count_split_calls(monkeypatch) -> list[int]:
-    calls: list[int] = []
-    real = linear_module.split_gemv
-    monkeypatch.setattr(linear_module, "split_gemv", lambda x, w: calls.append(x.shape[0]) or real(x, w))
-    return calls
+def _slow_kernel(monkeypatch, slow: str) -> list[str]:
+    """Make one kernel 2 ms slower than the other; returns the kernels run, in order."""
+    ran: list[str] = []
+    real_split, real_linear = linear_module.split_gemv, F.linear
+
+    def split(x, w):
+        ran.append("split")
+        if slow == "split":
+            time.sleep(0.002)
+        return real_split(x, w)
+
+    def linear(x, w, b=None):
+        ran.append("linear")
+        if slow == "linear":
+            time.sleep(0.002)
+        return real_linear(x, w, b)
+
+    monkeypatch.setattr(linear_module, "split_gemv", split)
+    monkeypatch.setattr(linear_module.F, "linear", linear)
+    return ran
 
 
-@pytest.mark.parametrize("split_faster", [True, False])
-def test_the_measured_kernel_is_used_and_measured_once_per_shape(monkeypatch, split_faster):
-    measured = []
-    monkeypatch.setattr(linear_module, "measure_split", lambda x, w: measured.append((x.shape[0], *w.shape))
-                        or split_faster)
-    calls = _count_split_calls(monkeypatch)
-    layer = Linear(16, 8)
+@pytest.mark.parametrize("slow", ["split", "linear"])
+def test_kernels_alternate_in_place_then_the_faster_is_kept_per_shape(monkeypatch, slow):
+    ran = _slow_kernel(monkeypatch, slow)
+    layer, other_rows = Linear(16, 8), Linear(16, 8)
+    for _ in range(2 * TRIALS + 1):  # trials, one call each: alternating, one untimed warm-up of each kernel
+        layer(torch.randn(1, 1, 16))
+    assert ran == ["linear", "split"] * TRIALS + ["linear"] and gemv_choices() == []
+    ran.clear()
+    layer(torch.randn(1, 1, 16))  # the last trial: now decided
+    fast = "linear" if slow == "split" else "split"
+    assert gemv_choices() == [f"8x16, 1 row, float32, {torch.get_num_threads()} threads: "
+                              f"{'split GEMV' if fast == 'split' else 'F.linear'}"]
+    ran.clear()
     for _ in range(3):
         layer(torch.randn(1, 1, 16))
-        layer(torch.randn(2, 1, 16))
-    assert measured == [(1, 8, 16), (2, 8, 16)]  # once per (shape, rows), then cached
-    assert calls == ([1, 2, 1, 2, 1, 2] if split_faster else [])
-    assert gemv_choices() == [f"8x16, {rows} row{'s' * (rows > 1)}, float32, {torch.get_num_threads()} threads: "
-                              f"{'split GEMV' if split_faster else 'F.linear'}" for rows in (1, 2)]
+        other_rows(torch.randn(1, 1, 16))  # another layer of the same shape shares the choice
+    assert ran == [fast] * 6
+    ran.clear()
+    layer(torch.randn(1, 2, 16))  # two rows: a shape of its own, measured from scratch
+    assert ran == ["linear"]
 
 
 def test_products_outside_the_gemv_range_never_measure(monkeypatch):
-    monkeypatch.setattr(linear_module, "measure_split", lambda x, w: pytest.fail("measured"))
-    calls = _count_split_calls(monkeypatch)
+    ran = _slow_kernel(monkeypatch, "split")
     Linear(16, 8)(torch.randn(1, MEASURED_MAX_ROWS + 1, 16))  # prefill-sized: F.linear
     Linear(16, 7)(torch.randn(1, 1, 16))  # odd output width cannot be halved
-    assert calls == []
+    assert ran == ["linear", "linear"] and linear_module._trials == {}
 
 
 def test_forced_kernel_skips_measurement(monkeypatch):
-    monkeypatch.setattr(linear_module, "measure_split", lambda x, w: pytest.fail("measured"))
-    calls = _count_split_calls(monkeypatch)
+    ran = _slow_kernel(monkeypatch, "split")
     monkeypatch.setenv("CORMLM_GEMV", "split")
     Linear(16, 8)(torch.randn(1, 1, 16))
     monkeypatch.setenv("CORMLM_GEMV", "linear")
     Linear(16, 8)(torch.randn(1, 1, 16))
-    assert calls == [1]
-
-
-def test_measurement_answers_on_real_tensors():
-    """The real timing runs and gives a verdict (which one depends on the machine)."""
-    torch.manual_seed(0)
-    assert linear_module.measure_split(torch.randn(1, 64), torch.randn(32, 64), pairs=1) in (True, False)
+    assert ran == ["split", "linear"] and linear_module._trials == {}
 
 
 def test_state_dict_is_that_of_nn_linear():

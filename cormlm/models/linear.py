@@ -6,11 +6,15 @@ weights stream from memory. On CPU two kernels compute it: the BLAS call behind
 ``F.linear``, and the same product as a batched GEMM over the two halves of the weight
 (``[out, in]`` viewed as ``[2, out/2, in]``: a free view, nothing copied). Which streams
 faster depends on the CPU and its BLAS (each has been 2-3x faster than the other on some
-machine), so nothing here is tuned in advance: the first product of each (shape, rows,
-dtype) times both kernels on the real weight and keeps the faster one for the process.
-:func:`gemv_choices` lists what was chosen (``scripts/bench_decode.py`` prints it);
-``CORMLM_GEMV=linear`` or ``=split`` forces one kernel. Products of more rows (prefill),
-GPU tensors and compiled graphs (inductor picks its own kernels) always use ``F.linear``.
+machine), so nothing here is tuned in advance: the first products of each (shape, rows,
+dtype, threads) alternate between the two kernels and are timed where they run, inside the
+model's own steps, so the weights are as cold or as hot in cache as they are when decoding
+(timing one weight over and over, as a micro-benchmark does, finds it hot and misjudges a
+model that streams from DRAM). After ``TRIALS`` timed calls of each, the faster one is kept
+for the process. :func:`gemv_choices` lists what was chosen (``scripts/bench_decode.py``
+prints it); ``CORMLM_GEMV=linear`` or ``=split`` forces one kernel. Products of more rows
+(prefill), GPU tensors and compiled graphs (inductor picks its own kernels) always use
+``F.linear``.
 """
 
 from __future__ import annotations
@@ -26,7 +30,9 @@ from torch import nn
 MEASURED_MAX_ROWS = 8  # the split only ever targets matrix-vector-like products
 SPLIT_PARTS = 2
 SPLIT_MARGIN = 0.9  # the split must be at least 10% faster to replace the standard kernel
+TRIALS = 8  # timed calls of each kernel per shape (after one untimed warm-up call each)
 _choices: dict[tuple, bool] = {}  # (out, in, rows, dtype, threads) -> split is faster
+_trials: dict[tuple, tuple[list[float], list[float]]] = {}  # same key -> (F.linear, split) seconds
 
 
 def split_gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -38,33 +44,11 @@ def split_gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return y.permute(2, 0, 1).reshape(rows, out_features).contiguous()
 
 
-def _seconds_per_call(fn, budget: float = 1e-3) -> float:
-    """Time per call of ``fn``, calling it until ``budget`` seconds have passed."""
-    calls, started = 0, time.perf_counter()
-    while True:
-        fn()
-        calls += 1
-        elapsed = time.perf_counter() - started
-        if elapsed >= budget:
-            return elapsed / calls
-
-
-def measure_split(x: torch.Tensor, weight: torch.Tensor, pairs: int = 5) -> bool:
-    """Whether the split GEMV beats ``F.linear`` on this machine for this product.
-
-    The two kernels are timed in alternation and compared by the median of their ratios,
-    so that load from other processes, which comes and goes, weighs on both alike.
-    """
-    with torch.inference_mode():
-        def linear() -> None:
-            F.linear(x, weight)
-
-        def split() -> None:
-            split_gemv(x, weight)
-
-        linear(), split()  # warm-up: first-touch of the output buffers, BLAS thread start
-        ratios = [_seconds_per_call(split) / _seconds_per_call(linear) for _ in range(pairs)]
-    return statistics.median(ratios) < SPLIT_MARGIN
+def _run(split: bool, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    if not split:
+        return F.linear(x, weight, bias)
+    y = split_gemv(x, weight)
+    return y if bias is None else y + bias
 
 
 def _forced() -> str | None:
@@ -72,20 +56,35 @@ def _forced() -> str | None:
     return value if value in ("linear", "split") else None
 
 
-def takes_split(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether this product (``x`` [rows, in]) runs as the split GEMV: measured once per shape."""
-    rows = x.shape[0]
-    if (rows > MEASURED_MAX_ROWS or weight.device.type != "cpu" or not weight.is_contiguous()
-            or weight.shape[0] % SPLIT_PARTS or torch.compiler.is_compiling()):
-        return False
+def _measured(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether the split GEMV is measured for this product at all (decode-sized CPU eager)."""
+    return not (x.shape[0] > MEASURED_MAX_ROWS or weight.device.type != "cpu" or not weight.is_contiguous()
+                or weight.shape[0] % SPLIT_PARTS or torch.compiler.is_compiling())
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x`` [rows, in] @ ``weight``.T (+ ``bias``) by the kernel chosen for this product on
+    this machine; while the choice is open, this call is one of the timed trials (the slower
+    kernel runs at most ``TRIALS + 1`` times per shape)."""
+    if not _measured(x, weight):
+        return F.linear(x, weight, bias)
     forced = _forced()
     if forced is not None:
-        return forced == "split"
-    key = (*weight.shape, rows, weight.dtype, torch.get_num_threads())
+        return _run(forced == "split", x, weight, bias)
+    key = (*weight.shape, x.shape[0], weight.dtype, torch.get_num_threads())
     choice = _choices.get(key)
-    if choice is None:
-        choice = _choices[key] = measure_split(x, weight)
-    return choice
+    if choice is not None:
+        return _run(choice, x, weight, bias)
+    times = _trials.setdefault(key, ([], []))
+    split = len(times[1]) < len(times[0])  # alternate: F.linear first, then whichever ran less
+    started = time.perf_counter()
+    y = _run(split, x, weight, bias)
+    times[split].append(time.perf_counter() - started)
+    if min(map(len, times)) > TRIALS:  # the first call of each is a warm-up, not counted
+        linear_s, split_s = (statistics.median(t[1:]) for t in times)
+        _choices[key] = split_s < SPLIT_MARGIN * linear_s
+        del _trials[key]
+    return y
 
 
 def gemv_choices() -> list[str]:
@@ -98,11 +97,11 @@ def gemv_choices() -> list[str]:
 class Linear(nn.Linear):
     """``nn.Linear`` (same parameters, same state dict) with the split GEMV where it measured faster."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, bias: bool = True) -> torch.Tensor:
+        """``x @ weight.T + bias``; ``bias=False`` leaves the bias out (a row-parallel shard's
+        partial product, whose bias is added once after the all-reduce)."""
+        b = self.bias if bias else None
         rows = x.numel() // self.in_features
         if rows <= MEASURED_MAX_ROWS:
-            flat = x.reshape(rows, self.in_features)
-            if takes_split(flat, self.weight):
-                y = split_gemv(flat, self.weight).view(*x.shape[:-1], self.out_features)
-                return y if self.bias is None else y + self.bias
-        return F.linear(x, self.weight, self.bias)
+            return gemv(x.reshape(rows, self.in_features), self.weight, b).view(*x.shape[:-1], self.out_features)
+        return F.linear(x, self.weight, b)
