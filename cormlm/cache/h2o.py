@@ -17,6 +17,7 @@ from .policy import SlotView
 class H2OPolicy(BudgetPolicy):
     name = "h2o"
     needs_probs = True
+    group_reduce = "sum"  # observe adds the group's heads
 
     def state_fields(self) -> dict[str, tuple[torch.dtype, float]]:
         return {"score": (torch.float32, 0.0)}

@@ -10,12 +10,17 @@ one-graph decode step (``cormlm.compile_model``).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from ..models.alibi import alibi_bias
 from ..models.attention_ops import AttentionSpec, upcast
 from .paged import stream_live_counts
 from .policy import EvictionPolicy
+
+if TYPE_CHECKING:
+    from .ragged import QueryGroup
 
 DENSE_SEGMENTS_MAX = 2**22  # streams x blocks up to which the compiled CPU step avoids scatters
 
@@ -86,11 +91,14 @@ def paged_decode_attention(keys: torch.Tensor, values: torch.Tensor, positions: 
 def decode_layer_step(keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, owner: torch.Tensor,
                       state: dict[str, torch.Tensor], q: torch.Tensor, q_pos: torch.Tensor,
                       block_t: torch.Tensor, stream_t: torch.Tensor, spec: AttentionSpec,
-                      policy: EvictionPolicy) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                      policy: EvictionPolicy, query_group: QueryGroup | None = None
+                      ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """One layer's decode attention and the policy's state update: output [S, G, D], new state.
 
     Tensors in, tensors out (no host syncs, no storage changes), so that ``torch.compile``
     can fuse it whole; ``block_t`` [NB, 1] is the owning stream's 1-indexed query position.
+    ``query_group`` (tensor parallelism, a replicated KV head) completes the group's
+    probabilities from the other ranks before the policy reads them.
     """
     out, probs = paged_decode_attention(keys, values, positions, owner, q, q_pos, spec)
     if not policy.needs_probs:
@@ -98,5 +106,8 @@ def decode_layer_step(keys: torch.Tensor, values: torch.Tensor, positions: torch
     attended = None
     if policy.needs_attended:  # keys each stream attended to (its own included): [NB, 1]
         attended = stream_live_counts(positions, owner, stream_t.shape[0])[owner.clamp(min=0)][:, None]
-    observed = policy.observe(probs[:, :, None, :], block_t, attended, None)
+    grouped = probs[:, :, None, :]  # [NB, G, 1, block]: the group at -3, as observe() expects
+    if query_group is not None:
+        grouped = query_group.combine(grouped, policy.group_reduce)
+    observed = policy.observe(grouped, block_t, attended, None)
     return out, policy.merge(state, observed)

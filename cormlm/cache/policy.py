@@ -50,6 +50,12 @@ class EvictionPolicy(ABC):
     help: ClassVar[dict[str, str]] = {}  # parameter -> what it means to this policy (CLI help)
     needs_probs: ClassVar[bool] = False
     needs_attended: ClassVar[bool] = False  # observe() reads ``attended`` (costs a count per decode step)
+    # When tensor parallelism splits a KV head's query group over ranks, how the group's heads
+    # may be combined before observe() reads them: "max" (observe only asks whether some head
+    # gives a key at least a threshold: any(p >= x) == max(p) >= x), "sum" (observe adds the
+    # heads' probabilities), or None: the ranks' shares are gathered whole (exact for any
+    # policy, at group-size times the traffic of one reduced row).
+    group_reduce: ClassVar[str | None] = None
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)

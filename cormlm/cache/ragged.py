@@ -8,6 +8,8 @@ evicts. Keys that a sliding window has left behind are dropped under every polic
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 
 from ..models.attention_ops import AttentionSpec, attend, key_alibi_bias, upcast, visibility_mask
@@ -38,11 +40,21 @@ def explicit_probs(q: torch.Tensor, k: torch.Tensor, q_pos: torch.Tensor, k_pos:
     return torch.softmax(scores, dim=-1), mask.expand(b, spec.num_kv_heads, nq, mask.shape[-1])
 
 
+class QueryGroup(Protocol):
+    """A KV head whose query heads are split over processes (tensor parallelism): each holds
+    the same cache for it and sees its own heads' attention only."""
+
+    def combine(self, probs: torch.Tensor, reduce: str | None) -> torch.Tensor:
+        """This process's share ``probs`` [..., g, Q, S] -> what the policy reads for the whole
+        group: reduced by ``reduce`` ([..., 1, Q, S]) or, for None, gathered ([..., G, Q, S])."""
+
+
 class RaggedCache(KVCache):
     def __init__(self, policy: EvictionPolicy, *, block_size: int = 16, prefill_chunk: int | None = None,
-                 **kwargs) -> None:
+                 query_group: QueryGroup | None = None, **kwargs) -> None:
         super().__init__(**kwargs)
         self.policy = policy
+        self.query_group = query_group
         self.block_size = block_size
         self.prefill_chunk = prefill_chunk
         streams = self.batch_size * self.num_kv_heads
@@ -86,7 +98,7 @@ class RaggedCache(KVCache):
             block_t = self._block_t(pool)
             out, state = decode_layer_step(pool.keys, pool.values, pool.positions, pool.owner, pool.state,
                                            q.reshape(b * hkv, g, d), stream_pos[:, 0], block_t, self._stream_t,
-                                           spec, self.policy)
+                                           spec, self.policy, self.query_group)
             out = out.view(b, hq, 1, d)
             for name, value in state.items():
                 if value is not pool.state[name]:
@@ -143,6 +155,8 @@ class RaggedCache(KVCache):
             stop = min(start + SCORE_CHUNK, t)
             q_pos = positions[:, start:stop]
             probs, visible = explicit_probs(q[:, :, start:stop], keys, q_pos, key_pos, spec)
+            if self.query_group is not None:
+                probs = self.query_group.combine(probs, self.policy.group_reduce)
             query_t = (q_pos + 1).clamp(min=0)[:, None, :].expand(b, hkv, stop - start)
             observed = self.policy.observe(probs, query_t, visible.sum(dim=-1), visible)
             current = {name: state.view(-1)[flat] for name, state in pool.state.items()}

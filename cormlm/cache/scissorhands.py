@@ -49,6 +49,7 @@ class ScissorhandsPolicy(BudgetPolicy):
                                    f"got {given['window']}", "window")
     needs_probs = True
     needs_attended = True
+    group_reduce = "max"  # a key is important if some head of the group gives it its share
 
     def __init__(self, budget: int | float, recent: int | None, window: int) -> None:
         super().__init__(budget, recent)
