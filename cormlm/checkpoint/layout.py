@@ -31,6 +31,9 @@ class ParamSource:
     target: str  # our parameter name, e.g. "blocks.0.attn.qkv.weight"
     sources: tuple[tuple[str, tuple[int, ...]], ...]  # (checkpoint name, expected shape)
     combine: Combine = _single
+    # the source row behind each row of the target, when it is a reordering of one tensor
+    # (Falcon's fused QKV); None: the sources' rows concatenated in order
+    row_order: torch.Tensor | None = None
 
 
 # Tensors some checkpoints carry that hold nothing we need (derived buffers).
@@ -72,28 +75,34 @@ def llama_layout(config: ModelConfig) -> list[ParamSource]:
     return plan
 
 
-def split_falcon_qkv(config: ModelConfig) -> Combine:
-    """Reorder Falcon's fused query_key_value rows into cormlm's [q heads | k heads | v heads].
+def falcon_qkv_order(config: ModelConfig) -> torch.Tensor:
+    """Row ``i`` of cormlm's [q heads | k heads | v heads] is row ``order[i]`` of Falcon's fused
+    query_key_value.
 
     Falcon stores three layouts: grouped (new decoder architecture: per KV group, its query
     heads then one key and one value head), multi-query (all query heads, then the one key
     and value head) and interleaved (per head: query, key, value).
     """
     heads, kv, d = config.num_heads, config.num_kv_heads, config.head_dim
+    rows = torch.arange((heads + 2 * kv) * d)
+    if config.qkv_layout == "falcon_grouped":
+        grouped = rows.reshape(kv, heads // kv + 2, d)
+        q, k, v = grouped[:, :-2], grouped[:, -2], grouped[:, -1]
+    elif config.qkv_layout == "falcon_multi_query":
+        stacked = rows.reshape(heads + 2, d)
+        q, k, v = stacked[:heads], stacked[heads], stacked[heads + 1]
+    else:
+        interleaved = rows.reshape(heads, 3, d)
+        q, k, v = interleaved[:, 0], interleaved[:, 1], interleaved[:, 2]
+    return torch.cat([x.reshape(-1) for x in (q, k, v)])
+
+
+def split_falcon_qkv(config: ModelConfig) -> Combine:
+    """Reorder Falcon's fused query_key_value rows into cormlm's [q heads | k heads | v heads]."""
+    order = falcon_qkv_order(config)
 
     def combine(tensors: list[torch.Tensor]) -> torch.Tensor:
-        fused = tensors[0]
-        rest = fused.shape[1:]
-        if config.qkv_layout == "falcon_grouped":
-            grouped = fused.reshape(kv, heads // kv + 2, d, *rest)
-            q, k, v = grouped[:, :-2], grouped[:, -2], grouped[:, -1]
-        elif config.qkv_layout == "falcon_multi_query":
-            stacked = fused.reshape(heads + 2, d, *rest)
-            q, k, v = stacked[:heads], stacked[heads], stacked[heads + 1]
-        else:
-            interleaved = fused.reshape(heads, 3, d, *rest)
-            q, k, v = interleaved[:, 0], interleaved[:, 1], interleaved[:, 2]
-        return torch.cat([x.reshape(-1, *rest) for x in (q, k, v)], dim=0)
+        return tensors[0].index_select(0, order.to(tensors[0].device))
 
     return combine
 
@@ -107,7 +116,7 @@ def falcon_layout(config: ModelConfig) -> list[ParamSource]:
             ParamSource("final_norm.bias", (("transformer.ln_f.bias", (h,)),))]
     if not config.tie_word_embeddings:
         plan.append(ParamSource("lm_head.weight", (("lm_head.weight", (config.vocab_size, h)),)))
-    split = split_falcon_qkv(config)
+    split, order = split_falcon_qkv(config), falcon_qkv_order(config)
     two_norms = config.residual == "parallel" and config.parallel_norms == 2
     for i in range(config.num_layers):
         src, dst = f"transformer.h.{i}.", f"blocks.{i}."
@@ -117,17 +126,17 @@ def falcon_layout(config: ModelConfig) -> list[ParamSource]:
             norms = [("attn_norm", "input_layernorm"), ("mlp_norm", "post_attention_layernorm")]
         else:
             norms = [("attn_norm", "input_layernorm")]
-        linears = [("attn.qkv", "self_attention.query_key_value", (qkv_rows, h), split),
-                   ("attn.o_proj", "self_attention.dense", (h, config.num_heads * config.head_dim), _single),
-                   ("mlp.up", "mlp.dense_h_to_4h", (inter, h), _single),
-                   ("mlp.down", "mlp.dense_4h_to_h", (h, inter), _single)]
+        linears = [("attn.qkv", "self_attention.query_key_value", (qkv_rows, h), split, order),
+                   ("attn.o_proj", "self_attention.dense", (h, config.num_heads * config.head_dim), _single, None),
+                   ("mlp.up", "mlp.dense_h_to_4h", (inter, h), _single, None),
+                   ("mlp.down", "mlp.dense_4h_to_h", (h, inter), _single, None)]
         for ours, theirs in norms:
             for leaf in ("weight", "bias"):
                 plan.append(ParamSource(f"{dst}{ours}.{leaf}", ((f"{src}{theirs}.{leaf}", (h,)),)))
-        for ours, theirs, shape, combine in linears:
-            plan.append(ParamSource(f"{dst}{ours}.weight", ((f"{src}{theirs}.weight", shape),), combine))
+        for ours, theirs, shape, combine, rows in linears:
+            plan.append(ParamSource(f"{dst}{ours}.weight", ((f"{src}{theirs}.weight", shape),), combine, rows))
             if config.attention_bias:
-                plan.append(ParamSource(f"{dst}{ours}.bias", ((f"{src}{theirs}.bias", shape[:1]),), combine))
+                plan.append(ParamSource(f"{dst}{ours}.bias", ((f"{src}{theirs}.bias", shape[:1]),), combine, rows))
     return plan
 
 
