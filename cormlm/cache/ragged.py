@@ -48,6 +48,9 @@ class QueryGroup(Protocol):
         """This process's share ``probs`` [..., g, Q, S] -> what the policy reads for the whole
         group: reduced by ``reduce`` ([..., 1, Q, S]) or, for None, gathered ([..., G, Q, S])."""
 
+    def agree(self, x: torch.Tensor) -> torch.Tensor:
+        """One replica's ``x`` on all of them (state computed from each replica's own keys)."""
+
 
 class RaggedCache(KVCache):
     def __init__(self, policy: EvictionPolicy, *, block_size: int = 16, prefill_chunk: int | None = None,
@@ -93,7 +96,7 @@ class RaggedCache(KVCache):
         new_keys = k.reshape(b * hkv, t, d)
         if self._single:
             slots = pool.append_one(new_keys[:, 0], v.reshape(b * hkv, d), stream_pos[:, 0])
-            for name, value in self.policy.stored(new_keys[:, 0]).items():
+            for name, value in self._stored(new_keys[:, 0]).items():
                 pool.state[name].view(-1).index_copy_(0, slots, value.to(pool.state[name].dtype))
             block_t = self._block_t(pool)
             out, state = decode_layer_step(pool.keys, pool.values, pool.positions, pool.owner, pool.state,
@@ -105,13 +108,22 @@ class RaggedCache(KVCache):
                     pool.state[name].copy_(value)
         else:
             slots = pool.append(new_keys, v.reshape(b * hkv, t, d), stream_pos, self._stream_counts())
-            for name, value in self.policy.stored(new_keys).items():
+            for name, value in self._stored(new_keys).items():
                 stored = slots >= 0
                 pool.state[name].view(-1)[slots[stored]] = value[stored].to(pool.state[name].dtype)
             block_t = self._block_t(pool)
             out = self._attend_many(pool, q, k, v, positions, slots, spec)
         self._evict(pool, block_t, spec)
         return out
+
+    def _stored(self, keys: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The policy's state of fresh keys; for a replicated KV head, the same on every replica
+        (each computed its keys itself, possibly with another kernel: a last-bit difference
+        must not make their caches part ways)."""
+        stored = self.policy.stored(keys)
+        if self.query_group is None or not stored:
+            return stored
+        return {name: self.query_group.agree(value) for name, value in stored.items()}
 
     def _block_t(self, pool: BlockPool) -> torch.Tensor:
         """[NB, 1]: the 1-indexed position of the latest query of the stream owning each block."""
