@@ -28,6 +28,9 @@ def compile_model(model: torch.nn.Module) -> torch.nn.Module:
         raise CormlmError(f"torch {torch.__version__} has no torch.compile; drop --compile")
     if model.compiled:
         return model
+    if getattr(model, "tp", None) is not None:
+        raise CormlmError("torch.compile is not supported with tensor parallelism (its all-reduces run eagerly); "
+                          "drop --compile or compile_model() for a model loaded with tp=")
     for block in model.blocks:
         block.pre_attention = torch.compile(block.pre_attention, dynamic=True)
         block.post_attention = torch.compile(block.post_attention, dynamic=True)

@@ -124,8 +124,11 @@ def generate(
     steps: list[torch.Tensor] = []
     finished = torch.zeros(batch, dtype=torch.bool, device=model.device)
     prefill_done = time.perf_counter()
+    tp = getattr(model, "tp", None)
     for step in range(max_new_tokens):
         token = next_tokens(logits[:, -1].float(), sampling, generator)
+        if tp is not None and not sampling.greedy:  # one sampled token for every rank: rank 0's
+            token = tp.broadcast(token)
         token = token.masked_fill(finished, pad)
         steps.append(token)
         if on_tokens is not None:

@@ -16,7 +16,7 @@ from ..errors import CacheConfigError
 from .base import KVCache
 from .config import CacheConfig
 from .policy import POLICIES, EvictionPolicy
-from .ragged import RaggedCache
+from .ragged import QueryGroup, RaggedCache
 
 ENTRY_POINT_GROUP = "cormlm.policies"
 
@@ -48,15 +48,19 @@ def available_policies() -> list[str]:
 
 def make_cache(model, cfg: CacheConfig | None = None, batch_size: int = 1) -> KVCache:
     """An empty cache for ``model`` (a cormlm model: its config, dtype and device) and
-    ``batch_size`` rows, ruled by ``cfg``'s policy (default: full)."""
-    config = model.config
+    ``batch_size`` rows, ruled by ``cfg``'s policy (default: full). A tensor-parallel rank's
+    cache holds its own KV heads only."""
+    config = getattr(model, "local_config", model.config)
+    tp = getattr(model, "tp", None)
     return build_cache(cfg or CacheConfig(), batch_size=batch_size, num_layers=config.num_layers,
                        num_kv_heads=config.num_kv_heads, head_dim=config.head_dim,
-                       dtype=model.dtype, device=model.device)
+                       dtype=model.dtype, device=model.device,
+                       query_group=tp if tp is not None and tp.plan.kv_replicated else None)
 
 
 def build_cache(cfg: CacheConfig, *, batch_size: int, num_layers: int, num_kv_heads: int,
-                head_dim: int, dtype, device) -> KVCache:
+                head_dim: int, dtype, device, query_group: QueryGroup | None = None) -> KVCache:
     return RaggedCache(policy_class(cfg.policy).from_config(cfg), block_size=cfg.block_size,
                        prefill_chunk=cfg.prefill_chunk, batch_size=batch_size, num_layers=num_layers,
-                       num_kv_heads=num_kv_heads, head_dim=head_dim, dtype=dtype, device=device)
+                       num_kv_heads=num_kv_heads, head_dim=head_dim, dtype=dtype, device=device,
+                       query_group=query_group)

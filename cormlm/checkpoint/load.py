@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -13,7 +14,11 @@ from ..models.transformer import CausalLM
 from .gguf_file import gguf_checkpoint, is_gguf
 from .hf_config import load_config
 from .hub import resolve_checkpoint
+from .layout import checkpoint_layout
 from .tensors import ProgressCallback, SafetensorsSource, TensorSource, load_weights
+
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
 
 DTYPE_NAMES = {
     "float64": torch.float64, "fp64": torch.float64, "double": torch.float64,
@@ -53,19 +58,54 @@ def resolve_dtype(dtype: str | torch.dtype | None, stored: str | None, device: t
 def load_model(model: str | os.PathLike, dtype: str | torch.dtype | None = None,
                device: str | torch.device | None = None, *, revision: str | None = None,
                cache_dir: str | os.PathLike | None = None,
-               progress: ProgressCallback | None = None) -> CausalLM:
+               progress: ProgressCallback | None = None, tp: int | DeviceMesh | None = None) -> CausalLM:
     """Load a checkpoint (Hugging Face folder, hub id, or GGUF file) as an eval-mode model.
 
     The model is built on the meta device and filled tensor by tensor (GGUF tensors
     dequantized one at a time), so loading never holds two copies of the weights.
+
+    ``tp`` (a number of ranks, or a 1-D DeviceMesh) loads this rank's shard for tensor
+    parallelism: run one process per rank under ``torchrun``; each reads only its slice of
+    each safetensors tensor (a GGUF tensor is dequantized whole, then sliced).
     """
     config, source = open_checkpoint(resolve_checkpoint(model, revision=revision, cache_dir=cache_dir))
     device = resolve_device(device)
+    parallel = None
+    if tp is not None and not (type(tp) is int and tp == 1):
+        from ..parallel import ShardPlan, TensorParallel, rank_device, resolve_mesh
+        if type(tp) is int and tp > 1:
+            ShardPlan(config, tp, 0)  # a model that does not split fails before any process group
+        device = rank_device(device)
+        parallel = TensorParallel(resolve_mesh(tp, device), config)
     dtype = resolve_dtype(dtype, config.stored_dtype, device)
+    if parallel is not None:
+        parallel.check_same_checkpoint(checkpoint_fingerprint(config, source, dtype), str(source.where))
     with torch.device("meta"):
-        net = CausalLM(config)
-    load_weights(net, source, dtype, device, progress)
+        net = CausalLM(config, parallel)
+    load_weights(net, source, dtype, device, progress, None if parallel is None else parallel.plan)
     return net.eval()
+
+
+def checkpoint_fingerprint(config: ModelConfig, source: TensorSource, dtype: torch.dtype) -> str:
+    """What must be equal on every rank: config, tensor names and shapes, dtype, and a few
+    bytes of data (the final norm, the first row of the first and of the last parameter
+    read), so that two fine-tunes of one shape differ too."""
+    from ..parallel import fingerprint
+
+    names = sorted(source.names())
+    plan = checkpoint_layout(config)
+    probes = [param.sources[0][0] for param in plan if param.target == "final_norm.weight"]
+    probes += [plan[0].sources[0][0], plan[-1].sources[0][0]]
+    data = [_first_row(source, name).float().numpy().tobytes() for name in probes]
+    return fingerprint(config, [(name, source.shape(name)) for name in names], dtype, *data)
+
+
+def _first_row(source: TensorSource, name: str) -> torch.Tensor:
+    """A 1-D tensor whole, else its first row (only that row read where the source can slice)."""
+    if len(source.shape(name)) > 1 and hasattr(source, "read_slice"):
+        return source.read_slice(name, 0, 0, 1)
+    tensor = source.read(name)
+    return tensor if tensor.dim() == 1 else tensor[:1]
 
 
 def open_checkpoint(path: Path) -> tuple[ModelConfig, TensorSource]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -18,6 +18,9 @@ from torch import nn
 from ..errors import CheckpointError, CheckpointNotFoundError
 from .jsonfiles import read_json
 from .layout import ParamSource, checkpoint_layout, is_ignorable
+
+if TYPE_CHECKING:
+    from ..parallel.plan import ShardPlan
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -68,6 +71,8 @@ class TensorSource(Protocol):
     def shape(self, name: str) -> tuple[int, ...]: ...
     def read(self, name: str) -> torch.Tensor: ...
     def close(self) -> None: ...
+    # optional: def read_slice(self, name, dim, start, stop) -> torch.Tensor (rows or columns
+    # [start, stop) of a tensor without reading the rest; tensor parallelism uses it)
 
 
 class SafetensorsSource:
@@ -93,6 +98,15 @@ class SafetensorsSource:
         path = self.files[name]
         try:
             return self._handle(path).get_tensor(name)
+        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+            raise CheckpointError(f"tensor '{name}' in {path} cannot be read ({exc}); re-download the file") from None
+
+    def read_slice(self, name: str, dim: int, start: int, stop: int) -> torch.Tensor:
+        """Rows (``dim`` 0) or columns (``dim`` 1) [start, stop) of a tensor: only those bytes are read."""
+        path = self.files[name]
+        try:
+            view = self._handle(path).get_slice(name)
+            return view[start:stop] if dim == 0 else view[:, start:stop]
         except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
             raise CheckpointError(f"tensor '{name}' in {path} cannot be read ({exc}); re-download the file") from None
 
@@ -135,16 +149,21 @@ def _assign(model: nn.Module, target: str, tensor: torch.Tensor) -> None:
 
 
 def load_weights(model: nn.Module, source: TensorSource, dtype: torch.dtype, device: torch.device,
-                 progress: ProgressCallback | None = None) -> None:
-    """Fill ``model`` (built on the meta device) from ``source``, one tensor at a time."""
+                 progress: ProgressCallback | None = None, shard: ShardPlan | None = None) -> None:
+    """Fill ``model`` (built on the meta device) from ``source``, one tensor at a time; with a
+    ``shard`` plan, only this rank's slice of each tensor (``cormlm.parallel.shard``)."""
     config = model.config
     plan = checkpoint_layout(config)
     try:
         _validate(plan, source, config)
         for done, param in enumerate(plan, start=1):
-            parts = [source.read(name).to(device=device, dtype=dtype) for name, _ in param.sources]
-            _assign(model, param.target, param.combine(parts))
-            del parts
+            if shard is None:
+                parts = [source.read(name).to(device=device, dtype=dtype) for name, _ in param.sources]
+                _assign(model, param.target, param.combine(parts))
+                del parts
+            else:
+                from ..parallel.shard import read_shard
+                _assign(model, param.target, read_shard(param, shard, source).to(device=device, dtype=dtype))
             if progress is not None:
                 progress(done, len(plan))
     finally:

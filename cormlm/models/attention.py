@@ -86,6 +86,7 @@ class Attention(nn.Module):
             return attend(q, k, v, self.spec, causal=True)
         return attend(q, k, v, self.spec, q_pos=step.positions, k_pos=step.positions)
 
-    def output(self, out: torch.Tensor) -> torch.Tensor:
+    def output(self, out: torch.Tensor, bias: bool = True) -> torch.Tensor:
+        """The output projection; ``bias=False`` leaves its bias out (see ``Linear.forward``)."""
         b, _, t, _ = out.shape
-        return self.o_proj(out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim), bias)

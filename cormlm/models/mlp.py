@@ -32,9 +32,10 @@ class GatedMLP(nn.Module):
         self.down = Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
         self.act = ACTIVATIONS[config.activation]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, bias: bool = True) -> torch.Tensor:
+        """``bias=False``: without the down projection's bias (see ``Linear.forward``)."""
         gate, up = self.gate_up(x).split(self.intermediate, dim=-1)
-        return self.down(self.act(gate) * up)
+        return self.down(self.act(gate) * up, bias)
 
 
 class PlainMLP(nn.Module):
@@ -46,8 +47,8 @@ class PlainMLP(nn.Module):
         self.down = Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
         self.act = ACTIVATIONS[config.activation]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(self.act(self.up(x)))
+    def forward(self, x: torch.Tensor, bias: bool = True) -> torch.Tensor:
+        return self.down(self.act(self.up(x)), bias)
 
 
 def make_mlp(config: ModelConfig) -> nn.Module:

@@ -2,10 +2,16 @@
 
 One :class:`Block` covers sequential residuals (Llama, Mistral, Falcon-RW) and parallel
 attention + MLP with one or two norms (Falcon); which one is configuration data.
+
+Under tensor parallelism (``CausalLM(config, tp)``, see ``cormlm.parallel``) the same modules
+are built at the rank's size: its query and KV heads, its MLP columns and vocabulary rows.
+The output and down projections then hold partial sums, which the block all-reduces (once
+per block half; once for both halves of a parallel block) before adding their biases.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -22,11 +28,19 @@ from .rope import RotaryEmbedding
 
 if TYPE_CHECKING:
     from ..cache.base import KVCache
+    from ..parallel.group import TensorParallel
+
+Reduce = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _plus_bias(x: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
+    return x if linear.bias is None else x + linear.bias
 
 
 class Block(nn.Module):
-    def __init__(self, config: ModelConfig, index: int) -> None:
+    def __init__(self, config: ModelConfig, index: int, reduce: Reduce | None = None) -> None:
         super().__init__()
+        self.reduce = reduce  # tensor parallelism: sums the ranks' partial projections
         self.parallel = config.residual == "parallel"
         self.attn_norm = make_norm(config)
         self.attn = Attention(config, index)
@@ -42,6 +56,8 @@ class Block(nn.Module):
 
     def post_attention(self, x: torch.Tensor, h: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
         """Everything after attention: output projection, MLP and residuals (dense: compiled whole)."""
+        if self.reduce is not None:
+            return self._post_attention_sharded(x, h, attn_out)
         attn = self.attn.output(attn_out)
         if not self.parallel:
             x = x + attn
@@ -49,23 +65,46 @@ class Block(nn.Module):
         mlp_in = h if self.mlp_norm is None else self.mlp_norm(x)
         return x + (self.mlp(mlp_in) + attn)
 
+    def _post_attention_sharded(self, x: torch.Tensor, h: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
+        """``post_attention`` on a rank: its heads' and MLP columns' partial projections, summed
+        over the ranks, each bias added once after the sum."""
+        o_proj, down = self.attn.o_proj, self.mlp.down
+        attn = self.attn.output(attn_out, bias=False)
+        if not self.parallel:
+            x = x + _plus_bias(self.reduce(attn), o_proj)
+            return x + _plus_bias(self.reduce(self.mlp(self.mlp_norm(x), bias=False)), down)
+        mlp_in = h if self.mlp_norm is None else self.mlp_norm(x)
+        both = self.reduce(self.mlp(mlp_in, bias=False) + attn)  # one all-reduce for both halves
+        return x + _plus_bias(_plus_bias(both, down), o_proj)
+
     def forward(self, x: torch.Tensor, step: StepContext) -> torch.Tensor:
         h, q, k, v = self.pre_attention(x, step.rotary)
         return self.post_attention(x, h, self.attn.attend(q, k, v, step))
 
 
 class CausalLM(nn.Module):
-    """Embeddings, blocks, final norm and LM head; ``forward`` returns logits."""
+    """Embeddings, blocks, final norm and LM head; ``forward`` returns logits.
 
-    def __init__(self, config: ModelConfig) -> None:
+    ``tp`` (a :class:`cormlm.parallel.TensorParallel`) builds this rank's shard; ``config``
+    stays the whole model's, ``local_config`` is the shard's (its heads and MLP columns).
+    """
+
+    def __init__(self, config: ModelConfig, tp: TensorParallel | None = None) -> None:
         super().__init__()
         self.config = config
+        self.tp = tp
+        self.local_config = config if tp is None else tp.plan.local_config()
         self.compiled = False  # set by cormlm.compile.compile_model; caches made afterwards compile too
         self.compiled_decode = None  # compile_model: body as one graph for decode steps
-        self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
+        if tp is None:
+            self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
+        else:
+            from ..parallel.layers import VocabShardEmbedding
+            self.embed = VocabShardEmbedding(tp.plan.vocab, config.hidden_size, tp.plan.vocab_start, tp.all_reduce)
+        reduce = None if tp is None else tp.all_reduce
+        self.blocks = nn.ModuleList(Block(self.local_config, i, reduce) for i in range(config.num_layers))
         self.final_norm = make_norm(config)
-        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, self.embed.num_embeddings, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed.weight
         self.rotary = RotaryEmbedding(config) if config.position == "rope" else None
@@ -86,6 +125,8 @@ class CausalLM(nn.Module):
             self.rotary.reset_buffers(self.device)
         if self.config.position == "alibi":
             slopes = alibi_slopes(self.config.num_heads, self.device)
+            if self.tp is not None:  # this rank's heads' slopes
+                slopes = slopes[self.tp.plan.head_start:self.tp.plan.head_start + self.tp.plan.heads]
             for block in self.blocks:
                 block.attn.alibi_slopes = slopes
 
@@ -195,5 +236,6 @@ class CausalLM(nn.Module):
         return self.head(x)
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
-        """Final norm and LM head: logits for the hidden states ``x``."""
-        return self.lm_head(self.final_norm(x))
+        """Final norm and LM head: logits for the hidden states ``x`` (every rank: the whole vocabulary)."""
+        logits = self.lm_head(self.final_norm(x))
+        return logits if self.tp is None else self.tp.gather_vocab(logits)
