@@ -27,6 +27,13 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _rank_tag() -> str:
+    """' (rank N)' in a process torchrun started among several, else nothing."""
+    import os
+
+    return f" (rank {os.environ['RANK']})" if os.environ.get("WORLD_SIZE", "1") not in ("", "1") else ""
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         args = _parser().parse_args(argv)
@@ -38,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cormlm: usage error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except CormlmError as exc:
-        print(f"cormlm: error: {exc}", file=sys.stderr)
+        print(f"cormlm{_rank_tag()}: error: {exc}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:
         sys.stdout.flush()

@@ -3,12 +3,17 @@
 Streaming decodes the growing completion and prints only what became final text (a
 multi-byte character split over tokens waits for its last byte). ``--json`` prints one
 object instead: text, ids, timings and per-layer cache stats, for scripts.
+
+Under ``torchrun --nproc-per-node N -m cormlm generate ...`` the model is split over the N
+processes (tensor parallelism, ``cormlm.parallel``); rank 0 reads the prompt, prints and
+summarises (its cache stats are its own KV heads'), the other ranks stay silent.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -39,7 +44,7 @@ def _status(args: argparse.Namespace, message: str, end: str = "\n") -> None:
         print(message, file=sys.stderr, end=end, flush=True)
 
 
-def load(args: argparse.Namespace):
+def load(args: argparse.Namespace, tp: int | None = None):
     from .. import load_model, load_tokenizer
     from ..checkpoint.embedded import embedded_model_path
     from ..checkpoint.hub import resolve_checkpoint
@@ -58,10 +63,11 @@ def load(args: argparse.Namespace):
     if not live:
         _status(args, f"cormlm: loading {source}")
     model = load_model(folder, dtype=None if args.dtype == "auto" else args.dtype,
-                       device=None if args.device == "auto" else args.device, progress=progress)
+                       device=None if args.device == "auto" else args.device, progress=progress, tp=tp)
     seconds = time.perf_counter() - started
     params = sum(p.numel() for p in model.parameters())
-    _status(args, f"{chr(13) if live else ''}cormlm: loaded {source} ({params / 1e6:.1f}M parameters, {model.dtype}, {model.device}) "
+    where = f"{model.device}" if tp is None else f"{model.device}, split over {tp} ranks: parameters per rank"
+    _status(args, f"{chr(13) if live else ''}cormlm: loaded {source} ({params / 1e6:.1f}M parameters, {model.dtype}, {where}) "
                   f"in {seconds:.1f} s")
     return model, tokenizer, seconds
 
@@ -107,17 +113,36 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
+    from ..parallel import launched_world_size, shutdown
+
+    world = launched_world_size()
+    if world == 1:
+        return _run(args, None)
+    rank = int(os.environ.get("RANK", "0"))
+    if rank != 0:  # rank 0 alone reads the prompt, prints and summarises
+        args.quiet, args.json = True, False
+        sys.stdout = open(os.devnull, "w")  # this process's stdout for its lifetime
+    try:
+        _run(args, world)
+    finally:
+        shutdown()
+
+
+def _run(args: argparse.Namespace, tp: int | None) -> None:
     from .. import generate
     from ..chat import render_chat
 
     cfg = cache_config(args)  # bad policy flags fail before anything loads
-    prompt = read_prompt(args)
-    model, tokenizer, load_seconds = load(args)
+    leader = tp is None or int(os.environ.get("RANK", "0")) == 0
+    prompt = read_prompt(args) if leader else ""
+    model, tokenizer, load_seconds = load(args, tp)
     if args.chat:
         text = render_chat(tokenizer, [{"role": "user", "content": prompt}])
         ids = tokenizer.encode(text, add_special_tokens=False)  # the template writes its own BOS
     else:
         ids = tokenizer.encode(prompt)
+    if model.tp is not None:  # every rank decodes rank 0's prompt
+        ids = model.tp.broadcast_object(ids)
     if args.compile:
         from ..compile import compile_model
         compile_model(model)
@@ -137,6 +162,8 @@ def run(args: argparse.Namespace) -> None:
                         "decode_tokens_per_second": out.decode_tokens_per_second},
             "cache": {"policy": cfg.policy, "window": cfg.window, "recent": cfg.recent, "budget": cfg.budget,
                       "sink": cfg.sink, "threshold": cfg.threshold, "block_size": cfg.block_size, **stats.as_dict()},
+            # under torchrun: the cache above is rank 0's (its KV heads)
+            **({} if tp is None else {"tensor_parallel": {"ranks": tp, "cache_of_rank": 0}}),
         }))
         return
     sys.stdout.write("\n")
@@ -145,5 +172,6 @@ def run(args: argparse.Namespace) -> None:
     # read like a regression for short prompts where nothing was evicted.
     _status(args, f"[{len(ids)} prompt + {len(new)} new tokens | prefill {prefill_rate:.1f} tok/s, decode "
                   f"{out.decode_tokens_per_second:.1f} tok/s | KV cache ({cfg.policy}): "
-                  f"{stats.retained_fraction:.0%} of keys kept, {human_bytes(stats.bytes_held)} held]")
+                  f"{stats.retained_fraction:.0%} of keys kept, {human_bytes(stats.bytes_held)} held"
+                  f"{'' if tp is None else f' by rank 0 of {tp}'}]")
 

@@ -46,6 +46,11 @@ def run(args: argparse.Namespace) -> None:
     from .common import UsageError
 
     cfg = cache_config(args)  # bad flags fail before anything loads
+    from ..parallel import launched_world_size
+
+    if launched_world_size() > 1:
+        raise UsageError("cormlm serve runs in one process: tensor parallelism (torchrun) is for generate and the "
+                         "Python API; start cormlm serve without torchrun")
     for flag, value in (("--max-batch", args.max_batch), ("--max-queue", args.max_queue)):
         if value < 1:
             raise UsageError(f"{flag} must be >= 1, got {value}")
