@@ -418,6 +418,15 @@ def test_full_cache_alibi_beyond_256_matches_reference(folders):
 # ----------------------------------------------------------------------------------------
 
 
+def assert_run_matches(folder: Path, prompt: list[int], run, cfg: cormlm.CacheConfig) -> None:
+    """cormlm's greedy tokens and kept positions per layer and KV head equal the reference ``run``'s."""
+    out = cormlm.generate(cached_model(folder), torch.tensor([prompt]), max_new_tokens=len(run.new_tokens), cache=cfg,
+                          eos_token_id=[])
+    assert out.new_tokens[0] == run.new_tokens
+    got = kept_positions(out.cache, LAYERS)
+    assert got == run.kept, first_mismatch(got, run.kept)
+
+
 @cache
 def _bounded_case(folder: Path, length: int, new: int, window: int, recent: int, budget, seed: int = 0):
     return first_robust(lambda prompt: reference_run(folder, prompt, new, window, recent, budget=budget), length,
@@ -434,10 +443,7 @@ def test_bounded_corm_matches_reference(name, budget, folders):
     # the bound really bit: some stream keeps less than CORM alone would
     assert any(len(b) < len(u) for lb, lu in zip(run.kept, unbounded.kept) for b, u in zip(lb, lu))
     cfg = cormlm.CacheConfig("corm", window=window, recent=recent, budget=budget)
-    out = cormlm.generate(cached_model(folder), torch.tensor([prompt]), max_new_tokens=20, cache=cfg, eos_token_id=[])
-    assert out.new_tokens[0] == run.new_tokens
-    got = kept_positions(out.cache, LAYERS)
-    assert got == run.kept, first_mismatch(got, run.kept)
+    assert_run_matches(folder, prompt, run, cfg)
 
 
 def test_bounded_corm_ragged_batch_rows_equal_reference_alone(folders):
@@ -481,10 +487,7 @@ def test_corm_threshold_option_matches_reference(name, folders):
     plain = reference_run(folder, prompt, 20, window, recent)
     assert run.kept != plain.kept  # alpha changed CORM's decisions on this prompt
     cfg = cormlm.CacheConfig("corm", window=window, recent=recent, threshold=alpha)
-    out = cormlm.generate(cached_model(folder), torch.tensor([prompt]), max_new_tokens=20, cache=cfg, eos_token_id=[])
-    assert out.new_tokens[0] == run.new_tokens
-    got = kept_positions(out.cache, LAYERS)
-    assert got == run.kept, first_mismatch(got, run.kept)
+    assert_run_matches(folder, prompt, run, cfg)
 
 
 @pytest.mark.parametrize(("name", "budget"), [("gqa", None), ("falcon-7b", None), ("mha", 0.6)])
@@ -499,10 +502,7 @@ def test_corm_magnitude_option_matches_reference(name, budget, folders):
     plain = reference_run(folder, prompt, 20, window, recent, budget=budget)
     assert sum(map(len, sum(run.kept, []))) > sum(map(len, sum(plain.kept, [])))  # strong marks kept more
     cfg = cormlm.CacheConfig("corm", window=window, recent=recent, budget=budget, magnitude=m)
-    out = cormlm.generate(cached_model(folder), torch.tensor([prompt]), max_new_tokens=20, cache=cfg, eos_token_id=[])
-    assert out.new_tokens[0] == run.new_tokens
-    got = kept_positions(out.cache, LAYERS)
-    assert got == run.kept, first_mismatch(got, run.kept)
+    assert_run_matches(folder, prompt, run, cfg)
 
 
 def test_corm_magnitude_zero_is_the_rule(folders):
