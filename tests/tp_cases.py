@@ -25,6 +25,7 @@ CHECKPOINTS = {
     "llama-mha": ("Llama, 4 heads, 4 KV heads", [CORM]),
     # Falcon-7B's layout: one KV head, replicated on both ranks, each with 2 of its 4 query heads
     "falcon-mqa": ("Falcon-7B MQA", [dict(CORM, group_reduce="max"), dict(CORM, group_reduce=None),
+                                     dict(CORM, magnitude=1.0, budget=14),  # keep_until through the max
                                      dict(policy="h2o", budget=12, recent=4),
                                      dict(policy="scissorhands", budget=12, recent=4, window=8),
                                      dict(policy="knorm", budget=12, recent=4)]),

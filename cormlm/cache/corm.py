@@ -53,6 +53,7 @@ class CormPolicy(EvictionPolicy):
         recent = cls.defaults["recent"] if given["recent"] is None else given["recent"]
         check_recent_within_budget(cls.name, given["budget"], recent, given["recent"] is None)
     needs_probs = True
+    group_reduce = "max"  # observe reads the group through its max (the union of threshold tests)
 
     def __init__(self, window: int, recent: int, budget: int | float | None = None, threshold: float = 1.0,
                  magnitude: float | None = None) -> None:
