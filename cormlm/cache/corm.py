@@ -39,6 +39,9 @@ class CormPolicy(EvictionPolicy):
             "threshold": "alpha: a key is important to query t iff it gets >= alpha/t of its attention (1.0)",
             "magnitude": "m: a mark of k times alpha/t lasts w*(1 + m*log2 k) queries; all prompt queries count"}
 
+    needs_probs = True
+    group_reduce = "max"  # observe reads the group through its max (the union of threshold tests)
+
     @classmethod
     def check(cls, given: dict) -> None:
         alpha = given["threshold"]
@@ -52,8 +55,6 @@ class CormPolicy(EvictionPolicy):
                                    f"remembered), got {magnitude!r}", "magnitude")
         recent = cls.defaults["recent"] if given["recent"] is None else given["recent"]
         check_recent_within_budget(cls.name, given["budget"], recent, given["recent"] is None)
-    needs_probs = True
-    group_reduce = "max"  # observe reads the group through its max (the union of threshold tests)
 
     def __init__(self, window: int, recent: int, budget: int | float | None = None, threshold: float = 1.0,
                  magnitude: float | None = None) -> None:
