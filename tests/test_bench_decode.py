@@ -3,16 +3,14 @@ row per implementation with ratios and KV held against retained, and the GEMV ch
 
 import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from script_runs import run_script
 
 pytest.importorskip("transformers")
 
-ROOT = Path(__file__).resolve().parent.parent
 TOY = ["--model", "random", "--hidden", "64", "--layers", "2", "--heads", "4", "--kv-heads", "2",
        "--intermediate", "128", "--vocab", "256", "--contexts", "32", "--repeats", "1", "--steps", "2",
        "--no-compile", "--bandwidth-gib", "0.0625"]
@@ -33,8 +31,7 @@ def _expected_cpu_name() -> str | None:
 def output():
     env = {k: v for k, v in os.environ.items() if k != "CORMLM_GEMV"}  # let the linear layer measure
     env["OMP_NUM_THREADS"] = "1"  # a toy model: one thread is fastest, and kind to a busy machine
-    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_decode.py"), *TOY], check=False,
-                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=180)
+    done = run_script("bench_decode", *TOY, env=env, timeout=180)
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout
 

@@ -2,16 +2,12 @@
 machine named, one table row per policy, and every served answer equal to its solo run."""
 
 import re
-import subprocess
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from script_runs import run_script
 
 
 def test_quick_run_prints_the_machine_and_a_row_per_policy():
-    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_serve.py"), "--quick"], capture_output=True,
-                          text=True, cwd=ROOT, timeout=300)
+    done = run_script("bench_serve", "--quick")
     assert done.returncode == 0, done.stderr[-3000:]
     out = done.stdout
     assert out.startswith("CPU: ") and "| policy | KV memory |" in out

@@ -3,16 +3,12 @@ policy with its ratio to the baseline, half the weights per rank, and the split'
 within 1e-5 of one process's."""
 
 import re
-import subprocess
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from script_runs import run_script
 
 
 def test_quick_run_names_the_machine_and_halves_the_weights():
-    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_tp.py"), "--quick"], capture_output=True,
-                          text=True, cwd=ROOT, timeout=300)
+    done = run_script("bench_tp", "--quick")
     assert done.returncode == 0, done.stderr[-3000:]
     out = done.stdout
     assert out.startswith("CPU: ") and "| configuration | policy | decode tok/s |" in out

@@ -3,15 +3,11 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from evaluate import ANSWER_TOKENS, KEY_LINE, QUESTION, QUICK, edit_similarity, first_line, first_number, passkey_prompts
-
-ROOT = Path(__file__).resolve().parent.parent
+from script_runs import run_script
 
 
 def test_edit_similarity():
@@ -50,9 +46,7 @@ def test_passkey_prompts_hold_the_key_at_the_asked_depth():
 
 
 def test_quick_run(tmp_path):
-    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "evaluate.py"), "--quick", "--model", "weights",
-                           "--out", str(tmp_path)],
-                          capture_output=True, text=True, timeout=300)
+    done = run_script("evaluate", "--quick", "--model", "weights", "--out", tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads((tmp_path / "results.json").read_text())
     rows = {row["policy"]: row for row in result["rows"]}
@@ -78,9 +72,8 @@ def test_quick_run(tmp_path):
 
 
 def test_quick_run_on_the_real_model(tmp_path, smollm2_gguf):
-    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "evaluate.py"), "--quick", "--model",
-                           str(smollm2_gguf), "--tasks", "perplexity", "passkey", "--out", str(tmp_path)],
-                          capture_output=True, text=True, timeout=600)
+    done = run_script("evaluate", "--quick", "--model", smollm2_gguf, "--tasks", "perplexity", "passkey", "--out",
+                      tmp_path, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     rows = json.loads((tmp_path / "results.json").read_text())["rows"]
     full = rows[0]
@@ -89,8 +82,7 @@ def test_quick_run_on_the_real_model(tmp_path, smollm2_gguf):
 
 
 def test_query_similarity_quick(tmp_path):
-    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "query_similarity.py"), "--quick", "--model",
-                           "weights", "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    done = run_script("query_similarity", "--quick", "--model", "weights", "--out", tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads((tmp_path / "query_similarity.json").read_text())
     assert len(result["layers"]) == 6
@@ -193,16 +185,13 @@ def test_gqa_experiment_mha_copy_is_the_same_model(tmp_path):
 
 
 def test_missing_model_is_one_clear_line(tmp_path):
-    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "evaluate.py"), "--quick", "--model",
-                           str(tmp_path / "absent"), "--out", str(tmp_path)], capture_output=True, text=True,
-                          timeout=120)
+    done = run_script("evaluate", "--quick", "--model", tmp_path / "absent", "--out", tmp_path, timeout=120)
     assert done.returncode == 1 and "no such folder" in done.stderr and "Traceback" not in done.stderr
 
 
 @pytest.mark.parametrize("setting, message", [("window=0", "CacheConfig.window must be >= 1"),
                                               ("window=x1", "'window=x1' in 'window=x1' is not name=number")])
 def test_bad_corm_setting_is_one_line_before_anything_runs(tmp_path, setting, message):
-    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "evaluate.py"), "--model", "weights", "--corm",
-                           setting, "--out", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    done = run_script("evaluate", "--model", "weights", "--corm", setting, "--out", tmp_path, timeout=120)
     assert done.returncode == 1 and message in done.stderr and "Traceback" not in done.stderr
     assert not (tmp_path / "results.json").exists()
