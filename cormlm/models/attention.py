@@ -28,7 +28,7 @@ class StepContext:
     """What every layer of one forward call shares: positions, rotary tables and cache."""
 
     positions: torch.Tensor  # [B, T] absolute 0-indexed positions, -1 for padding
-    rotary: tuple[torch.Tensor, torch.Tensor] | None  # (cos, sin) [B, T, rotary_dim]
+    rotary: tuple[torch.Tensor, torch.Tensor] | None  # (cos, signed sin) [B, T, 1, rotary_dim]
     cache: KVCache | None
     plain_causal: bool  # one unpadded sequence, no cache: SDPA's causal kernel suffices
 
@@ -67,16 +67,18 @@ class Attention(nn.Module):
 
     def project(self, h: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Queries [B, Hq, T, D] and keys/values [B, Hkv, T, D], rotated when the model uses RoPE."""
+        """Queries [B, Hq, T, D] and keys/values [B, Hkv, T, D], rotated when the model uses RoPE
+        (queries and keys of every head in one rotation)."""
         b, t, _ = h.shape
-        q, k, v = self.qkv(h).split(self.split_sizes, dim=-1)
-        q = q.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
-        k = k.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = v.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        qkv = self.qkv(h)
+        q_size, kv_size, _ = self.split_sizes
+        heads = self.num_heads + self.num_kv_heads
+        qk = qkv[..., :q_size + kv_size].view(b, t, heads, self.head_dim)
         if rotary is not None:
-            cos, sin = rotary
-            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        return q, k, v
+            qk = apply_rotary(qk, *rotary)
+        v = qkv[..., q_size + kv_size:].view(b, t, self.num_kv_heads, self.head_dim)
+        q, k = qk.split((self.num_heads, self.num_kv_heads), dim=2)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: StepContext) -> torch.Tensor:
         """Attention output [B, Hq, T, D], through the cache when there is one."""

@@ -105,8 +105,11 @@ class RotaryEmbedding(nn.Module):
         """Recompute derived frequencies on ``device`` (after loading onto meta tensors)."""
         self.inv_freq = static_inv_freq(self.config, device)[0]
 
-    def forward(self, positions: torch.Tensor, max_position: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin of shape [B, T, rotary_dim] in float32 for integer ``positions`` [B, T].
+    def forward(self, positions: torch.Tensor, max_position: int | None = None,
+                dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rotation tables for integer ``positions`` [B, T], made once per forward call
+        for every layer: cos and signed sin [B, T, 1, rotary_dim] in ``dtype`` (see
+        :func:`apply_rotary`), computed in float32.
 
         ``max_position`` (the largest position in the call, a host int) selects the
         dynamic-NTK frequencies without a device sync.
@@ -115,17 +118,20 @@ class RotaryEmbedding(nn.Module):
         if self.config.rope.type == "dynamic" and max_position is not None:
             if max_position + 1 > self.config.max_position_embeddings:
                 inv_freq = dynamic_ntk_inv_freq(self.config, max_position + 1, inv_freq.device)
-        angles = positions.clamp(min=0).float()[..., None] * inv_freq
-        angles = torch.cat((angles, angles), dim=-1)
-        return angles.cos() * self.scale, angles.sin() * self.scale
+        angles = positions.clamp(min=0).float()[..., None, None] * inv_freq  # [B, T, 1, dim/2]
+        cos, sin = angles.cos() * self.scale, angles.sin() * self.scale
+        return torch.cat((cos, cos), dim=-1).to(dtype), torch.cat((-sin, sin), dim=-1).to(dtype)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate the first ``rotary_dim`` channels of ``x`` [B, H, T, D] (half-split layout)."""
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the first ``rotary_dim`` channels of ``x`` [B, T, H, D] (half-split layout).
+
+    The rotation ``x * cos + rotate_half(x) * sin``, with ``rotate_half(x) = (-x2, x1)``,
+    written as ``x * cos + (x2, x1) * (-sin, sin)``: the same products (a sign moved from
+    an operand to a table), so the same bits, in four operations on the whole tensor. The
+    model rotates queries and keys of all heads in one call.
+    """
     dim = cos.shape[-1]
-    cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)
-    rot, passthrough = x[..., :dim], x[..., dim:]
-    half = dim // 2
-    rotated_half = torch.cat((-rot[..., half:], rot[..., :half]), dim=-1)
-    out = rot * cos + rotated_half * sin
-    return out if passthrough.shape[-1] == 0 else torch.cat((out, passthrough), dim=-1)
+    rot = x if dim == x.shape[-1] else x[..., :dim]
+    out = rot * cos + torch.roll(rot, dim // 2, dims=-1) * signed_sin
+    return out if dim == x.shape[-1] else torch.cat((out, x[..., dim:]), dim=-1)

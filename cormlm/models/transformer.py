@@ -226,7 +226,7 @@ class CausalLM(nn.Module):
         """Every layer between the cache's begin_step and end_step: cache appends, attention,
         policy updates and evictions included. A decode step is tensor operations only, so
         that ``cormlm.compile_model`` compiles it as one graph."""
-        rotary = self.rotary(positions, max_position) if self.rotary is not None else None
+        rotary = self.rotary(positions, max_position, self.dtype) if self.rotary is not None else None
         step = StepContext(positions, rotary, cache, plain_causal=plain_causal)
         x = self.embed(input_ids)
         for block in self.blocks:
