@@ -52,7 +52,10 @@ def _run(split: bool, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
 
 
 def _forced() -> str | None:
-    value = os.environ.get("CORMLM_GEMV", "").strip().lower()
+    value = os.environ.get("CORMLM_GEMV")
+    if value is None:
+        return None
+    value = value.strip().lower()
     return value if value in ("linear", "split") else None
 
 
@@ -102,6 +105,10 @@ class Linear(nn.Linear):
         partial product, whose bias is added once after the all-reduce)."""
         b = self.bias if bias else None
         rows = x.numel() // self.in_features
-        if rows <= MEASURED_MAX_ROWS:
-            return gemv(x.reshape(rows, self.in_features), self.weight, b).view(*x.shape[:-1], self.out_features)
-        return F.linear(x, self.weight, b)
+        if rows > MEASURED_MAX_ROWS or torch.compiler.is_compiling():
+            return F.linear(x, self.weight, b)
+        # decided for F.linear and not forced otherwise: no reshapes (the decode hot path)
+        key = (self.out_features, self.in_features, rows, self.weight.dtype, torch.get_num_threads())
+        if _choices.get(key) is False and _forced() is None:
+            return F.linear(x, self.weight, b)
+        return gemv(x.reshape(rows, self.in_features), self.weight, b).view(*x.shape[:-1], self.out_features)
