@@ -61,10 +61,10 @@ def _segment_sum(x: torch.Tensor, owner: torch.Tensor, num_streams: int) -> torc
 
 def paged_decode_attention(keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
                            owner: torch.Tensor, q: torch.Tensor, q_pos: torch.Tensor,
-                           spec: AttentionSpec) -> tuple[torch.Tensor, torch.Tensor]:
+                           spec: AttentionSpec, with_probs: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One query per stream over a block pool (``keys``/``values`` [NB, block, D], ``positions``
     [NB, block], ``owner`` [NB], -1 = free): ``q`` [S, G, D], ``q_pos`` [S] -> output [S, G, D],
-    probs [NB, G, block]."""
+    probs [NB, G, block] (None unless ``with_probs``)."""
     s, g, d = q.shape
     owner = owner.clamp(min=0)
     block_q = q[owner]  # [NB, G, D]: a few rows per block, not a copy of the cache
@@ -84,24 +84,25 @@ def paged_decode_attention(keys: torch.Tensor, values: torch.Tensor, positions: 
     denom = _segment_sum(weights.sum(dim=-1), owner, s)
     partial = torch.bmm(weights.to(values.dtype), values)  # [NB, G, D]
     out = _segment_sum(upcast(partial), owner, s) / denom[:, :, None]
-    probs = weights / denom[owner][:, :, None]
+    probs = weights / denom[owner][:, :, None] if with_probs else None
     return out.to(q.dtype), probs
 
 
 def decode_layer_step(keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, owner: torch.Tensor,
                       state: dict[str, torch.Tensor], q: torch.Tensor, q_pos: torch.Tensor,
-                      block_t: torch.Tensor, stream_t: torch.Tensor, spec: AttentionSpec,
+                      block_t: torch.Tensor | None, stream_t: torch.Tensor, spec: AttentionSpec,
                       policy: EvictionPolicy, query_group: QueryGroup | None = None
                       ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """One layer's decode attention and the policy's state update: output [S, G, D], new state.
 
     Tensors in, tensors out (no host syncs, no storage changes), so that ``torch.compile``
-    can fuse it whole; ``block_t`` [NB, 1] is the owning stream's 1-indexed query position.
+    can fuse it whole; ``block_t`` [NB, 1] is the owning stream's 1-indexed query position (None
+    when the policy reads no probabilities).
     ``query_group`` (tensor parallelism, a replicated KV head) completes the group's
     probabilities from the other ranks before the policy reads them.
     """
-    out, probs = paged_decode_attention(keys, values, positions, owner, q, q_pos, spec)
-    if not policy.needs_probs:
+    out, probs = paged_decode_attention(keys, values, positions, owner, q, q_pos, spec, policy.needs_probs)
+    if probs is None:
         return out, state
     attended = None
     if policy.needs_attended:  # keys each stream attended to (its own included): [NB, 1]

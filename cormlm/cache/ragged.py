@@ -57,6 +57,7 @@ class RaggedCache(KVCache):
                  query_group: QueryGroup | None = None, **kwargs) -> None:
         super().__init__(**kwargs)
         self.policy = policy
+        self._policy_evicts = type(policy).evict is not EvictionPolicy.evict  # "full" never does
         self.query_group = query_group
         self.block_size = block_size
         self.prefill_chunk = prefill_chunk
@@ -98,7 +99,7 @@ class RaggedCache(KVCache):
             slots = pool.append_one(new_keys[:, 0], v.reshape(b * hkv, d), stream_pos[:, 0])
             for name, value in self._stored(new_keys[:, 0]).items():
                 pool.state[name].view(-1).index_copy_(0, slots, value.to(pool.state[name].dtype))
-            block_t = self._block_t(pool)
+            block_t = self._block_t(pool) if self._evicts(spec) or self.policy.needs_probs else None
             out, state = decode_layer_step(pool.keys, pool.values, pool.positions, pool.owner, pool.state,
                                            q.reshape(b * hkv, g, d), stream_pos[:, 0], block_t, self._stream_t,
                                            spec, self.policy, self.query_group)
@@ -111,10 +112,15 @@ class RaggedCache(KVCache):
             for name, value in self._stored(new_keys).items():
                 stored = slots >= 0
                 pool.state[name].view(-1)[slots[stored]] = value[stored].to(pool.state[name].dtype)
-            block_t = self._block_t(pool)
+            block_t = self._block_t(pool) if self._evicts(spec) else None
             out = self._attend_many(pool, q, k, v, positions, slots, spec)
-        self._evict(pool, block_t, spec)
+        if block_t is not None and self._evicts(spec):
+            self._evict(pool, block_t, spec)
         return out
+
+    def _evicts(self, spec: AttentionSpec) -> bool:
+        """Whether this layer can drop keys at all (a full cache without a sliding window never does)."""
+        return self._policy_evicts or spec.sliding_window is not None
 
     def _stored(self, keys: torch.Tensor) -> dict[str, torch.Tensor]:
         """The policy's state of fresh keys; for a replicated KV head, the same on every replica
