@@ -40,7 +40,7 @@ def decode(model, cfg: cormlm.CacheConfig, prompt: list[int], steps: int, after_
 
 
 @torch.inference_mode()
-@pytest.mark.parametrize("cfg,dense", [(cormlm.CacheConfig("full"), True),
+@pytest.mark.parametrize("cfg,dense", [(cormlm.CacheConfig("full", block_size=16), True),  # small blocks: the pool grows
                                        (cormlm.CacheConfig("corm", window=8, recent=4), True),
                                        (cormlm.CacheConfig("corm", window=8, recent=4), False),
                                        (cormlm.CacheConfig("h2o", budget=24), True)],

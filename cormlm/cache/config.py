@@ -42,7 +42,7 @@ class CacheConfig:
     sink: int | None = None  # streaming only; None: 4
     threshold: float | None = None  # corm only: alpha in a >= alpha / t; None: 1
     magnitude: float | None = None  # corm only: m, strong marks remembered longer; None: the rule
-    block_size: int = 16  # slots per storage block: memory granularity per (row, layer, KV head)
+    block_size: int | None = None  # slots per storage block (memory granularity per row, layer, KV head); see below
     prefill_chunk: int | None = None  # split long prompts into chunks, evicting between them
 
     def __post_init__(self) -> None:
@@ -62,7 +62,7 @@ class CacheConfig:
                                    ("sink", 0, "first positions kept"), ("block_size", 1, "slots per block"),
                                    ("prefill_chunk", 1, "tokens per prefill chunk")):
             value = getattr(self, name)
-            if value is None and name in ("window", "recent", "sink", "prefill_chunk"):
+            if value is None and name in ("window", "recent", "sink", "block_size", "prefill_chunk"):
                 continue
             if isinstance(value, bool) or not isinstance(value, int):
                 raise CacheConfigError(f"{{{name}}} must be an integer, got {value!r}", name)
@@ -70,6 +70,20 @@ class CacheConfig:
                 raise CacheConfigError(f"{{{name}}} must be >= {low} ({meaning}), got {value}", name)
         self._check_budget()
         cls.check({name: getattr(self, name) for name in cls.parameters})
+
+    def slots_per_block(self, sliding_window: int | None = None) -> int:
+        """``block_size``, or when unset the default for this policy on a model with this
+        ``sliding_window``: 64 for a cache that never evicts (fewer, larger blocks make decode
+        attention cheaper and cost only the tail block's spare slots), 16 for one that does
+        (a hole stays held until its whole block empties or the pool compacts, so smaller
+        blocks keep held bytes near retained ones)."""
+        if self.block_size is not None:
+            return self.block_size
+        from .policy import EvictionPolicy
+        from .registry import policy_class
+
+        never_evicts = policy_class(self.policy).evict is EvictionPolicy.evict and sliding_window is None
+        return 64 if never_evicts else 16
 
     def _check_budget(self) -> None:
         budget = self.budget

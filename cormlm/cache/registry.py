@@ -54,13 +54,14 @@ def make_cache(model, cfg: CacheConfig | None = None, batch_size: int = 1) -> KV
     tp = getattr(model, "tp", None)
     return build_cache(cfg or CacheConfig(), batch_size=batch_size, num_layers=config.num_layers,
                        num_kv_heads=config.num_kv_heads, head_dim=config.head_dim,
-                       dtype=model.dtype, device=model.device,
+                       dtype=model.dtype, device=model.device, sliding_window=config.sliding_window,
                        query_group=tp if tp is not None and tp.plan.kv_replicated else None)
 
 
 def build_cache(cfg: CacheConfig, *, batch_size: int, num_layers: int, num_kv_heads: int,
-                head_dim: int, dtype, device, query_group: QueryGroup | None = None) -> KVCache:
-    return RaggedCache(policy_class(cfg.policy).from_config(cfg), block_size=cfg.block_size,
+                head_dim: int, dtype, device, sliding_window: int | None = None,
+                query_group: QueryGroup | None = None) -> KVCache:
+    return RaggedCache(policy_class(cfg.policy).from_config(cfg), block_size=cfg.slots_per_block(sliding_window),
                        prefill_chunk=cfg.prefill_chunk, batch_size=batch_size, num_layers=num_layers,
                        num_kv_heads=num_kv_heads, head_dim=head_dim, dtype=dtype, device=device,
                        query_group=query_group)

@@ -82,7 +82,8 @@ def add_cache_arguments(parser: argparse.ArgumentParser) -> None:
     cache.add_argument("--policy", choices=available_policies(), default="corm", help="eviction policy (default corm)")
     for name, kind in POLICY_FLAGS:
         cache.add_argument(flag(name), type=kind, default=None, help=policy_help(name))
-    cache.add_argument("--block-size", type=int, default=16, help="cache slots per storage block")
+    cache.add_argument("--block-size", type=int, default=None,
+                       help="cache slots per storage block (default: 64 for the full cache, 16 for evicting policies)")
     cache.add_argument("--prefill-chunk", type=int, default=None, help="prefill long prompts in chunks, evicting")
 
 

@@ -161,7 +161,8 @@ def _run(args: argparse.Namespace, tp: int | None) -> None:
                         "decode_seconds": out.decode_seconds, "prefill_tokens_per_second": prefill_rate,
                         "decode_tokens_per_second": out.decode_tokens_per_second},
             "cache": {"policy": cfg.policy, "window": cfg.window, "recent": cfg.recent, "budget": cfg.budget,
-                      "sink": cfg.sink, "threshold": cfg.threshold, "block_size": cfg.block_size, **stats.as_dict()},
+                      "sink": cfg.sink, "threshold": cfg.threshold, "block_size": out.cache.block_size,
+                      **stats.as_dict()},
             # under torchrun: the cache above is rank 0's (its KV heads)
             **({} if tp is None else {"tensor_parallel": {"ranks": tp, "cache_of_rank": 0}}),
         }))

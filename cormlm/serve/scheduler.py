@@ -132,6 +132,7 @@ class Engine:
         self.stop_ids = set(stop_ids if stop_ids is not None else model.config.eos_token_ids)
         probe = make_cache(model, cache_config, batch_size=1)
         self._block_bytes = probe.pools[0].block_nbytes()
+        self._block_slots = probe.block_size
         self._streams_per_row = probe.num_layers * probe.num_kv_heads
         self._lock = threading.Condition()
         self._waiting: deque[_Job] = deque()
@@ -191,7 +192,7 @@ class Engine:
     def prompt_bytes(self, tokens: int) -> int:
         """KV bytes a prompt's prefill may hold, in whole blocks, plus one block per stream
         for its first decoded tokens."""
-        blocks = -(-tokens // self.cache_config.block_size) + 1
+        blocks = -(-tokens // self._block_slots) + 1
         return blocks * self._streams_per_row * self._block_bytes
 
     # ------------------------------------------------------------- engine thread
