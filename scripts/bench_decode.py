@@ -18,12 +18,14 @@ are random token ids within the model's vocabulary.
 Before the tables a header names the machine: CPU model, its vector/matrix ISA flags, cores
 and torch threads, torch version, and the BLAS / MKL / oneDNN torch was built with.
 
-For each context, each repeat runs every implementation in turn (transformers with SDPA and
-its dynamic cache, cormlm with a full cache, cormlm with CORM): a prefill of ``context``
-tokens, two warm-up decode steps, then ``--steps`` greedy decode steps. Figures are medians
-over ``--repeats`` and ratios are to the first implementation (transformers) measured in the
-same run. Beside every speed figure, KV memory: "KV MiB held" is the storage of the cache's
-tensors (keys, values and bookkeeping) after decoding, "retained KV MiB" the keys + values
+For each context, each repeat prefills ``context`` tokens with every implementation in turn
+(transformers with SDPA and its dynamic cache, cormlm with a full cache, cormlm with CORM),
+runs two warm-up decode steps each, then ``--steps`` greedy decode steps in alternation, one
+step of each implementation at a time, each step timed: a machine whose speed drifts slows
+all of them alike. Decode speed is the median step; figures are medians over ``--repeats``
+and ratios are to the first implementation (transformers) measured in the same run. Beside
+every speed figure, KV memory: "KV MiB held" is the storage of the cache's tensors (keys,
+values and bookkeeping) after decoding, "retained KV MiB" the keys + values
 of the tokens cormlm's cache still holds (retained tokens x 2 x head_dim x element size),
 and "held / retained" their ratio (1.00 = no slack; transformers: its key/value tensors,
 "-"). Peak memory is the resident-set high-water mark of one extra prefill + decode per
@@ -220,10 +222,11 @@ def cache_memory(cache) -> KVMemory:
     return KVMemory(stats.bytes_held, tokens * per_token, stats.retained_fraction)
 
 
-def cormlm_runner(model, policy: str, window: int, recent: int) -> Runner:
+def cormlm_runner(model, policy: str, window: int, recent: int, block_size: int) -> Runner:
     import cormlm
 
-    cfg = cormlm.CacheConfig(policy, window=window, recent=recent) if policy == "corm" else cormlm.CacheConfig(policy)
+    options = {"window": window, "recent": recent} if policy == "corm" else {}
+    cfg = cormlm.CacheConfig(policy, block_size=block_size, **options)
 
     def prefill(ids):
         cache = cormlm.make_cache(model, cfg, batch_size=ids.shape[0])
@@ -279,26 +282,40 @@ def read_bandwidth(device: torch.device, gib: float = 1.0) -> float:
     return data.numel() * 4 / statistics.median(times[1:])
 
 
-def timed_repeat(runner: Runner, ids: torch.Tensor, steps: int) -> None:
-    record = runner.results.setdefault
-    sync(ids.device)
-    started = time.perf_counter()
-    logits, state = runner.prefill(ids)
-    sync(ids.device)
-    record("prefill_tps", []).append(ids.numel() / (time.perf_counter() - started))
-    logits, state = decode(runner, logits, state, 2)  # warm-up (compiled: the decode graphs)
-    graphs = graphs_built()
-    sync(ids.device)
-    started = time.perf_counter()
-    logits, state = decode(runner, logits, state, steps)
-    sync(ids.device)
-    record("decode_tps", []).append(steps * ids.shape[0] / (time.perf_counter() - started))
-    record("decode_recompiles", []).append(graphs_built() - graphs)
-    kv = runner.memory(state)
-    record("retained", []).append(kv.fraction)
-    record("kv_mib", []).append(kv.held / 2**20)
-    record("retained_kv_mib", []).append(None if kv.retained is None else kv.retained / 2**20)
-    record("held_over_retained", []).append(kv.held / kv.retained if kv.retained else None)
+def timed_round(runners: list[Runner], ids: torch.Tensor, steps: int) -> None:
+    """One repeat: each implementation prefills in turn, then they decode in alternation,
+    one step each, every step timed on its own. A machine whose speed drifts (shared cores,
+    frequency changes) then slows every implementation alike, and the median step time is
+    the figure."""
+    states, tokens, step_s, recompiles = {}, {}, {}, {}
+    for runner in runners:
+        sync(ids.device)
+        started = time.perf_counter()
+        logits, state = runner.prefill(ids)
+        sync(ids.device)
+        runner.results.setdefault("prefill_tps", []).append(ids.numel() / (time.perf_counter() - started))
+        logits, states[runner.name] = decode(runner, logits, state, 2)  # warm-up (compiled: the decode graphs)
+        tokens[runner.name] = logits.argmax(-1, keepdim=True)
+        step_s[runner.name], recompiles[runner.name] = [], 0
+    for _ in range(steps):
+        for runner in runners:
+            graphs = graphs_built()
+            sync(ids.device)
+            started = time.perf_counter()
+            logits, states[runner.name] = runner.step(tokens[runner.name], states[runner.name])
+            tokens[runner.name] = logits.argmax(-1, keepdim=True)
+            sync(ids.device)
+            step_s[runner.name].append(time.perf_counter() - started)
+            recompiles[runner.name] += graphs_built() - graphs
+    for runner in runners:
+        record = runner.results.setdefault
+        record("decode_tps", []).append(ids.shape[0] / statistics.median(step_s[runner.name]))
+        record("decode_recompiles", []).append(recompiles[runner.name])
+        kv = runner.memory(states.pop(runner.name))
+        record("retained", []).append(kv.fraction)
+        record("kv_mib", []).append(kv.held / 2**20)
+        record("retained_kv_mib", []).append(None if kv.retained is None else kv.retained / 2**20)
+        record("held_over_retained", []).append(kv.held / kv.retained if kv.retained else None)
 
 
 def _median(values: list) -> float | None:
@@ -324,9 +341,8 @@ def run_context(runners: list[Runner], context: int, args, mode: str, vocab: int
         runner.results["peak_mib"] = [measure_memory(runner, ids, args.steps)]
         graphs_before[runner.name] = graphs_built() - before
     for repeat in range(args.repeats):
-        for runner in runners:
-            print(f"  [{mode} {context}] repeat {repeat + 1}/{args.repeats}: {runner.name}", file=sys.stderr, flush=True)
-            timed_repeat(runner, ids, args.steps)
+        print(f"  [{mode} {context}] repeat {repeat + 1}/{args.repeats}", file=sys.stderr, flush=True)
+        timed_round(runners, ids, args.steps)
     b = {key: _median(v) for key, v in runners[0].results.items()}
     for runner in runners:
         r = {key: _median(v) for key, v in runner.results.items()}
@@ -405,8 +421,9 @@ def bench_model(spec: str, args, modes: list[str], bandwidth: float, scratch: Pa
               "trained positions (speed and memory are still measured)", file=sys.stderr)
     print(f"\n## {spec}: {loaded.label}\n\n{params / 1e6:.1f}M parameters, {config.num_layers} layers, "
           f"{config.num_heads}/{config.num_kv_heads} heads of {config.head_dim}, vocab {config.vocab_size}, "
-          f"{args.dtype}, batch {args.batch}; corm w={args.window} r={args.recent}; medians of {args.repeats} "
-          f"repeats, {args.steps} decode steps each", flush=True)
+          f"{args.dtype}, batch {args.batch}; corm w={args.window} r={args.recent}; "
+          f"cache blocks of {args.block_size or 'each policy default'}; medians of {args.repeats} repeats, "
+          f"{args.steps} decode steps each", flush=True)
     for mode in modes:
         if mode == "compiled":
             if compiled_before:  # a fresh dynamo state, so graph counts are this model's alone
@@ -417,7 +434,7 @@ def bench_model(spec: str, args, modes: list[str], bandwidth: float, scratch: Pa
             if name == "transformers":
                 runners.append(transformers_runner(loaded.hf_model, mode == "compiled"))
             else:
-                runners.append(cormlm_runner(model, name.split("-")[1], args.window, args.recent))
+                runners.append(cormlm_runner(model, name.split("-")[1], args.window, args.recent, args.block_size))
         print(f"\n### {spec}, {mode}\n\n{table_header(args.impls[0])}", flush=True)
         for context in args.contexts:
             run_context(runners, context, args, mode, config.vocab_size, weight_bytes, bandwidth)
@@ -469,6 +486,8 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--window", type=int, default=256, help="CORM w")
     parser.add_argument("--recent", type=int, default=256, help="CORM r")
+    parser.add_argument("--block-size", type=int, default=None,
+                        help="slots per cache block (CacheConfig.block_size; default: each policy's)")
     parser.add_argument("--bandwidth-gib", type=float, default=1.0, help="size of the read-bandwidth probe")
     args = parser.parse_args()
     if args.no_compile and args.compile_only:
