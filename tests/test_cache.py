@@ -70,6 +70,20 @@ def test_results_do_not_depend_on_block_size(gqa, policy):
     assert all(run == runs[0] for run in runs[1:])
 
 
+def test_default_block_size_follows_whether_the_cache_evicts(gqa, mistral):
+    """Unset, a block is 64 slots for a cache that never evicts and 16 when keys can go
+    (a policy that evicts, or a sliding-window model under the full policy); set, it is kept."""
+    def slots(model, cfg):
+        return cormlm.make_cache(model, cfg).pools[0].block_size
+
+    assert slots(gqa, cormlm.CacheConfig("full")) == 64
+    assert slots(mistral, cormlm.CacheConfig("full")) == 16
+    for policy, params in (("corm", CORM_PARAMS["corm"]), ("h2o", {"budget": 8}), ("streaming", {"recent": 8})):
+        assert slots(gqa, cormlm.CacheConfig(policy, **params)) == 16
+    assert slots(gqa, cormlm.CacheConfig("full", block_size=5)) == 5
+    assert slots(gqa, cormlm.CacheConfig("corm", **CORM_PARAMS["corm"], block_size=32)) == 32
+
+
 def _slot_bytes(cache) -> int:
     """Bytes one slot costs: key, value, position and policy state."""
     pool = cache.pools[0]
