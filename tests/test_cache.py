@@ -9,7 +9,7 @@ from checkpoints import save_hf_model
 from safetensors.torch import load_file, save_file
 
 import cormlm
-from cormlm.cache.paged import BlockPool
+from cormlm.cache.paged import BlockPool, bucket
 
 CORM_PARAMS = {"corm": {"window": 8, "recent": 4}}
 
@@ -82,6 +82,14 @@ def test_default_block_size_follows_whether_the_cache_evicts(gqa, mistral):
         assert slots(gqa, cormlm.CacheConfig(policy, **params)) == 16
     assert slots(gqa, cormlm.CacheConfig("full", block_size=5)) == 5
     assert slots(gqa, cormlm.CacheConfig("corm", **CORM_PARAMS["corm"], block_size=32)) == 32
+
+
+def test_pool_buckets_cost_at_most_a_sixteenth_of_an_octave():
+    """Pool sizes round up by <= 6.25% (above the smallest size), so a compacted pool stays
+    within the 10% slack at which the cache compacts again."""
+    for n in range(1, 5000):
+        assert n <= bucket(n) <= max(8, n + n // 16 + 1), n
+    assert bucket(bucket(1000)) == bucket(1000)
 
 
 def _slot_bytes(cache) -> int:

@@ -34,10 +34,11 @@ import torch
 
 
 def bucket(n: int) -> int:
-    """Round a block count up to one of few sizes (eighth-octave steps, <= 12.5% slack)."""
+    """Round a block count up to one of few sizes (sixteenth-octave steps, <= 6.25% slack):
+    a growing pool is reallocated (and copied) once per step, not per block."""
     if n <= 8:
         return 8
-    step = 2 ** (max(n - 1, 1).bit_length() - 4)
+    step = 2 ** max(0, (n - 1).bit_length() - 5)
     return math.ceil(n / step) * step
 
 

@@ -14,12 +14,12 @@ import torch
 
 from ..models.attention_ops import AttentionSpec, attend, key_alibi_bias, upcast, visibility_mask
 from .base import CacheStats, KVCache
-from .paged import BlockPool
+from .paged import BlockPool, bucket
 from .paged_attention import decode_layer_step
 from .policy import EvictionPolicy, SlotView
 
 COMPACT_CHECK_EVERY = 16  # decode steps between (synchronising) fragmentation checks
-COMPACT_SLACK = 1.25  # compact a pool holding more than this times its live slots (+ tail room)
+COMPACT_SLACK = 1.10  # compact a pool holding more than this times its live slots (+ tail room)
 SCORE_CHUNK = 256  # query rows scored at once for a policy: bounds the [rows x keys] matrix
 
 
@@ -148,7 +148,10 @@ class RaggedCache(KVCache):
             pool.release_empty_blocks()
         live = torch.stack([pool.live_counts().sum() for pool in self.pools]).tolist()  # one sync
         for pool, kept in zip(self.pools, live):
-            if pool.capacity * pool.block_size > COMPACT_SLACK * (kept + pool.num_streams * pool.block_size):
+            bs, streams = pool.block_size, pool.num_streams
+            slack = pool.capacity * bs > COMPACT_SLACK * (kept + streams * bs)
+            # and repacking would shrink it (a repacked pool holds at most bucket(this) blocks)
+            if slack and pool.capacity > bucket(-(-kept // bs) + 2 * streams):
                 pool.compact()
 
     def _attend_many(self, pool: BlockPool, q, k, v, positions, slots, spec) -> torch.Tensor:
