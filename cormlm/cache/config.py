@@ -79,11 +79,10 @@ class CacheConfig:
         blocks keep held bytes near retained ones)."""
         if self.block_size is not None:
             return self.block_size
-        from .policy import EvictionPolicy
         from .registry import policy_class
 
-        never_evicts = policy_class(self.policy).evict is EvictionPolicy.evict and sliding_window is None
-        return 64 if never_evicts else 16
+        evicts = policy_class(self.policy).can_evict() or sliding_window is not None
+        return 16 if evicts else 64
 
     def _check_budget(self) -> None:
         budget = self.budget

@@ -62,9 +62,10 @@ def _segment_sum(x: torch.Tensor, owner: torch.Tensor, num_streams: int) -> torc
 def paged_decode_attention(keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
                            owner: torch.Tensor, q: torch.Tensor, q_pos: torch.Tensor,
                            spec: AttentionSpec, with_probs: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One query per stream over a block pool (``keys`` [NB, D, block] and ``values`` [NB, block, D]
-    as the pool stores them, ``positions`` [NB, block], ``owner`` [NB], -1 = free): ``q`` [S, G, D], ``q_pos`` [S] -> output [S, G, D],
-    probs [NB, G, block] (None unless ``with_probs``)."""
+    """One query per stream over a block pool (``keys`` [NB, D, block] and ``values``
+    [NB, block, D] as the pool stores them, ``positions`` [NB, block], ``owner`` [NB], -1 =
+    free): ``q`` [S, G, D], ``q_pos`` [S] -> output [S, G, D], probs [NB, G, block] (None
+    unless ``with_probs``)."""
     s, g, d = q.shape
     owner = owner.clamp(min=0)
     block_q = q[owner]  # [NB, G, D]: a few rows per block, not a copy of the cache

@@ -111,5 +111,10 @@ class EvictionPolicy(ABC):
         """Bool [NB, block]: slots to drop now (None = nothing)."""
         return None
 
+    @classmethod
+    def can_evict(cls) -> bool:
+        """Whether the policy ever drops a key (it overrides ``evict``); the full cache does not."""
+        return cls.evict is not EvictionPolicy.evict
+
 
 POLICIES[EvictionPolicy.name] = EvictionPolicy

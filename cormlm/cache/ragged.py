@@ -57,7 +57,7 @@ class RaggedCache(KVCache):
                  query_group: QueryGroup | None = None, **kwargs) -> None:
         super().__init__(**kwargs)
         self.policy = policy
-        self._policy_evicts = type(policy).evict is not EvictionPolicy.evict  # "full" never does
+        self._policy_evicts = policy.can_evict()
         self.query_group = query_group
         self.block_size = block_size
         self.prefill_chunk = prefill_chunk
@@ -114,7 +114,7 @@ class RaggedCache(KVCache):
                 pool.state[name].view(-1)[slots[stored]] = value[stored].to(pool.state[name].dtype)
             block_t = self._block_t(pool) if self._evicts(spec) else None
             out = self._attend_many(pool, q, k, v, positions, slots, spec)
-        if block_t is not None and self._evicts(spec):
+        if self._evicts(spec):
             self._evict(pool, block_t, spec)
         return out
 
