@@ -89,7 +89,17 @@ def test_pool_buckets_cost_at_most_a_sixteenth_of_an_octave():
     within the 10% slack at which the cache compacts again."""
     for n in range(1, 5000):
         assert n <= bucket(n) <= max(8, n + n // 16 + 1), n
+        assert bucket(n, 2) == max(bucket(n), 2) if n > 8 else bucket(n, 2) == max(n, 2)
     assert bucket(bucket(1000)) == bucket(1000)
+
+
+def test_the_smallest_pool_is_the_same_in_slots_for_every_block_size(gqa):
+    """A short prompt's pool: larger blocks do not hold more slots than the minimum needs."""
+    for block_size in (16, 64):
+        cache = cormlm.make_cache(gqa, cormlm.CacheConfig("full", block_size=block_size))
+        with torch.inference_mode():
+            gqa(_ids(1, 3), cache=cache)
+        assert cache.pools[0].capacity * block_size == 128
 
 
 def _slot_bytes(cache) -> int:

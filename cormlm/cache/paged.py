@@ -32,12 +32,14 @@ import math
 
 import torch
 
+MIN_POOL_SLOTS = 128  # the smallest pool, in slots (so larger blocks do not raise a short cache's floor)
 
-def bucket(n: int) -> int:
-    """Round a block count up to one of few sizes (sixteenth-octave steps, <= 6.25% slack):
-    a growing pool is reallocated (and copied) once per step, not per block."""
-    if n <= 8:
-        return 8
+
+def bucket(n: int, smallest: int = 8) -> int:
+    """Round a block count up to one of few sizes (sixteenth-octave steps, <= 6.25% slack),
+    at least ``smallest``: a growing pool is reallocated (and copied) once per step, not per block."""
+    if n <= smallest:
+        return smallest
     step = 2 ** max(0, (n - 1).bit_length() - 5)
     return math.ceil(n / step) * step
 
@@ -89,6 +91,10 @@ class BlockPool:
         """Flat slot ids -> (block, index in block), to address ``key_slots``."""
         return slots // self.block_size, slots % self.block_size
 
+    def bucket(self, blocks: int) -> int:
+        """The pool size (in blocks) that holds ``blocks``: see :func:`bucket`."""
+        return bucket(blocks, max(1, MIN_POOL_SLOTS // self.block_size))
+
     @property
     def capacity(self) -> int:
         return self.keys.shape[0]
@@ -102,7 +108,7 @@ class BlockPool:
     def _grow(self, needed_blocks: int) -> None:
         old = (self.keys, self.values, self.positions, self.owner, self.state)
         n = self.capacity
-        self._allocate(bucket(needed_blocks))
+        self._allocate(self.bucket(needed_blocks))
         self.keys[:n], self.values[:n], self.positions[:n], self.owner[:n] = old[:4]
         for name, tensor in old[4].items():
             self.state[name][:n] = tensor
@@ -325,7 +331,7 @@ class BlockPool:
         rank = torch.arange(len(slot), device=self.device) - (counts.cumsum(0) - counts)[stream]
         new_slot = (first_block[stream] + rank // bs) * bs + rank % bs
         old = (self.keys, self.values, self.positions, self.state)
-        self._allocate(bucket(total + self.num_streams))
+        self._allocate(self.bucket(total + self.num_streams))
         d = self.head_dim
         self.key_slots()[self._split_slots(new_slot)] = old[0].transpose(1, 2)[self._split_slots(slot)]
         self.values.view(-1, d)[new_slot] = old[1].view(-1, d)[slot]

@@ -14,7 +14,7 @@ import torch
 
 from ..models.attention_ops import AttentionSpec, attend, key_alibi_bias, upcast, visibility_mask
 from .base import CacheStats, KVCache
-from .paged import BlockPool, bucket
+from .paged import BlockPool
 from .paged_attention import decode_layer_step
 from .policy import EvictionPolicy, SlotView
 
@@ -150,8 +150,8 @@ class RaggedCache(KVCache):
         for pool, kept in zip(self.pools, live):
             bs, streams = pool.block_size, pool.num_streams
             slack = pool.capacity * bs > COMPACT_SLACK * (kept + streams * bs)
-            # and repacking would shrink it (a repacked pool holds at most bucket(this) blocks)
-            if slack and pool.capacity > bucket(-(-kept // bs) + 2 * streams):
+            # and repacking would shrink it (a repacked pool holds at most this many blocks)
+            if slack and pool.capacity > pool.bucket(-(-kept // bs) + 2 * streams):
                 pool.compact()
 
     def _attend_many(self, pool: BlockPool, q, k, v, positions, slots, spec) -> torch.Tensor:
