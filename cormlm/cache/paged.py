@@ -210,9 +210,10 @@ class BlockPool:
         """One token per stream (``keys`` [S, D], ``positions`` [S]) into each tail block's next
         slot; returns the slots [S]. Tensor operations only (traceable): the caller made tail
         room before the step and calls :meth:`appended_one` after it."""
-        slots = self.tail * self.block_size + self.fill.to(self.device)
+        fill = self.fill.to(self.device)
+        slots = self.tail * self.block_size + fill
         d = self.head_dim
-        self.key_slots().index_put_(self._split_slots(slots), keys.to(self.dtype))
+        self.key_slots().index_put_((self.tail, fill), keys.to(self.dtype))  # (block, index in block) as held
         self.values.view(-1, d).index_copy_(0, slots, values.to(self.dtype))
         self.positions.view(-1).index_copy_(0, slots, positions.to(torch.int32))
         for name, (_, fresh) in self.state_fields.items():
