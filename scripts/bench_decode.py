@@ -36,7 +36,7 @@ built, and how many of those appeared during timed decoding (recompilations as c
 or shrink), are printed. "Of bandwidth limit": decode tokens/s times the bytes a step must
 read (weights but the embedding, plus the KV cache held) over the read bandwidth measured in
 the same run (a reduction over ``--bandwidth-gib`` GiB). After the tables, the kernel
-cormlm's linear layer chose for each matrix-vector product shape (``gemv_choices``).
+cormlm's linear layer chose for each product shape (``kernel_choices``).
 ``--device cuda --dtype bfloat16`` runs the same comparison on a GPU. Requires transformers
 (the test extra) and, for GGUF models, gguf.
 """
@@ -134,7 +134,7 @@ def describe_machine(device: str | torch.device = "cpu") -> list[str]:
          f"oneDNN (mkldnn) available: {torch.backends.mkldnn.is_available()}, "
          f"MKL available: {torch.backends.mkl.is_available()}"),
     ]
-    env = [f"{name}={os.environ[name]}" for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "CORMLM_GEMV")
+    env = [f"{name}={os.environ[name]}" for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "CORMLM_LINEAR_KERNEL")
            if name in os.environ]
     if env:
         lines.append("environment: " + ", ".join(env))
@@ -443,21 +443,18 @@ def bench_model(spec: str, args, modes: list[str], bandwidth: float, scratch: Pa
     _malloc_trim()
 
 
-def print_gemv_choices() -> None:
+def print_kernel_choices() -> None:
+    from cormlm.models.linear import FORCE_ENV, kernel_choices
+
     print("\ncormlm linear-layer kernel per product shape (measured at first use):")
-    try:
-        from cormlm.models.linear import gemv_choices
-    except ImportError:
-        print("- (this cormlm has no gemv_choices)")
-        return
-    choices = gemv_choices()
-    forced = os.environ.get("CORMLM_GEMV")
+    choices = kernel_choices()
+    forced = os.environ.get(FORCE_ENV)
     if forced:
-        print(f"- CORMLM_GEMV={forced} forces the kernel")
+        print(f"- {FORCE_ENV}={forced} forces the kernel")
     for choice in choices:
         print(f"- {choice}")
     if not choices and not forced:
-        print("- (none measured: no eager CPU matrix-vector products ran)")
+        print("- (none measured: no eager CPU products ran)")
 
 
 # -------------------------------------------------------------------------- main
@@ -505,7 +502,7 @@ def main() -> None:
             scratch = Path(stack.enter_context(tempfile.TemporaryDirectory()))
             bench_model(spec, args, modes, bandwidth, scratch, compiled_before)
             compiled_before = compiled_before or "compiled" in modes
-        print_gemv_choices()
+        print_kernel_choices()
 
 
 if __name__ == "__main__":

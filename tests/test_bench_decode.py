@@ -29,7 +29,7 @@ def _expected_cpu_name() -> str | None:
 
 @pytest.fixture(scope="module")
 def output():
-    env = {k: v for k, v in os.environ.items() if k != "CORMLM_GEMV"}  # let the linear layer measure
+    env = {k: v for k, v in os.environ.items() if k != "CORMLM_LINEAR_KERNEL"}  # let the linear layer measure
     env["OMP_NUM_THREADS"] = "1"  # a toy model: one thread is fastest, and kind to a busy machine
     done = run_script("bench_decode", *TOY, env=env, timeout=180)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -84,8 +84,8 @@ def test_one_row_per_implementation_with_ratios_and_kv_held_against_retained(out
             assert row["retained"] == "100.0%"
 
 
-def test_gemv_choices_are_printed(output):
+def test_kernel_choices_are_printed(output):
     tail = output[output.index("linear-layer kernel per product shape"):]
-    choices = re.findall(r"^- (\d+)x(\d+), 1 row, float32, 1 threads: (F\.linear|split GEMV)$", tail, re.MULTILINE)
+    choices = re.findall(r"^- (\d+)x(\d+), 1 row, float32, 1 threads: (F\.linear|split GEMV|oneDNN)$", tail, re.MULTILINE)
     assert choices, tail
     assert (256, 64) in {(int(o), int(i)) for o, i, _ in choices}  # the LM head: vocab x hidden, one row

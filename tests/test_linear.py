@@ -1,4 +1,4 @@
-"""The split decode GEMV must compute what F.linear computes, and be chosen by measurement, not by constants."""
+"""Every linear kernel must compute what F.linear computes, and be chosen by measurement, not by constants."""
 
 from __future__ import annotations
 
@@ -8,67 +8,86 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from cormlm.errors import InputError
 from cormlm.models import linear as linear_module
-from cormlm.models.linear import MEASURED_MAX_ROWS, TRIALS, Linear, gemv_choices
+from cormlm.models.linear import FORCE_ENV, SPLIT_MAX_ROWS, TRIALS, Linear, kernel_choices, row_bucket
 
 
 @pytest.fixture(autouse=True)
 def _fresh_choices(monkeypatch):
     monkeypatch.setattr(linear_module, "_choices", {})
     monkeypatch.setattr(linear_module, "_trials", {})
-    monkeypatch.delenv("CORMLM_GEMV", raising=False)
+    monkeypatch.setattr(linear_module, "_broken", set())
+    monkeypatch.delenv(FORCE_ENV, raising=False)
 
 
-@pytest.mark.parametrize("kernel", ["split", "linear", None])
-@pytest.mark.parametrize("shape", [(1, 1), (1, 3), (2, 1), (2, 2), (4, 1), (2, 4)])
+def _all_kernels() -> list[str]:
+    with torch.inference_mode():
+        return linear_module.candidates(torch.ones(1, 4), torch.ones(2, 4))
+
+
+@pytest.mark.parametrize("kernel", ["split", "linear", "onednn", None])
+@pytest.mark.parametrize("shape", [(1, 1), (1, 3), (2, 1), (2, 2), (4, 1), (2, 4), (3, 7)])
 @pytest.mark.parametrize("bias", [False, True])
-def test_both_kernels_match_f_linear(monkeypatch, kernel, shape, bias):
+@torch.inference_mode()
+def test_every_kernel_matches_f_linear(monkeypatch, kernel, shape, bias):
     if kernel is not None:
-        monkeypatch.setenv("CORMLM_GEMV", kernel)
+        monkeypatch.setenv(FORCE_ENV, kernel)
     torch.manual_seed(0)
     layer = Linear(96, 250, bias=bias)
     x = torch.randn(*shape, 96)
     expected = F.linear(x.double(), layer.weight.double(), None if layer.bias is None else layer.bias.double())
-    for _ in range(2 * TRIALS + 3 if kernel is None else 1):  # measuring: every trial call is right too
+    for _ in range(3 * TRIALS + 4 if kernel is None else 1):  # measuring: every trial call is right too
         got = layer(x)
         assert got.shape == (*shape, 250)
         torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
 
 
-def _slow_kernel(monkeypatch, slow: str) -> list[str]:
-    """Make one kernel 2 ms slower than the other; returns the kernels run, in order."""
+def test_onednn_is_offered_where_torch_has_it():
+    """This machine's torch (an x86 CPU wheel) is built with oneDNN: all three kernels compete."""
+    assert _all_kernels() == ["linear", "split", "onednn"]
+
+
+def test_bfloat16_products_match_f_linear_on_every_kernel(monkeypatch):
+    torch.manual_seed(0)
+    layer = Linear(64, 32).to(torch.bfloat16)
+    x = torch.randn(2, 64, dtype=torch.bfloat16)
+    expected = F.linear(x.float(), layer.weight.float(), layer.bias.float())
+    for kernel in _all_kernels():
+        monkeypatch.setenv(FORCE_ENV, kernel)
+        with torch.inference_mode():
+            torch.testing.assert_close(layer(x).float(), expected, rtol=2e-2, atol=2e-2)
+
+
+def _slow_kernel(monkeypatch, *slow: str) -> list[str]:
+    """Make the ``slow`` kernels 2 ms slower than the others; returns the kernels run, in order."""
     ran: list[str] = []
-    real_split, real_linear = linear_module.split_gemv, F.linear
+    kernels = dict(linear_module.KERNELS)
 
-    def split(x, w):
-        ran.append("split")
-        if slow == "split":
-            time.sleep(0.002)
-        return real_split(x, w)
+    def timed(name):
+        def kernel(x, w, b=None):
+            ran.append(name)
+            if name in slow:
+                time.sleep(0.002)
+            return kernels[name](x, w, b)
+        return kernel
 
-    def linear(x, w, b=None):
-        ran.append("linear")
-        if slow == "linear":
-            time.sleep(0.002)
-        return real_linear(x, w, b)
-
-    monkeypatch.setattr(linear_module, "split_gemv", split)
-    monkeypatch.setattr(linear_module.F, "linear", linear)
+    monkeypatch.setattr(linear_module, "KERNELS", {name: timed(name) for name in kernels})
+    monkeypatch.setattr(linear_module.F, "linear", timed("linear"))
     return ran
 
 
-@pytest.mark.parametrize("slow", ["split", "linear"])
-def test_kernels_alternate_in_place_then_the_faster_is_kept_per_shape(monkeypatch, slow):
-    ran = _slow_kernel(monkeypatch, slow)
+@pytest.mark.parametrize("fast", ["linear", "split", "onednn"])
+@torch.inference_mode()
+def test_kernels_rotate_in_place_then_the_fastest_is_kept_per_shape(monkeypatch, fast):
+    kernels = _all_kernels()
+    ran = _slow_kernel(monkeypatch, *(name for name in kernels if name != fast))
     layer, other_rows = Linear(16, 8), Linear(16, 8)
-    for _ in range(2 * TRIALS + 1):  # trials, one call each: alternating, one untimed warm-up of each kernel
+    for _ in range(len(kernels) * (TRIALS + 1) - 1):  # trials, one call each, rotating; one untimed warm-up of each
         layer(torch.randn(1, 1, 16))
-    assert ran == ["linear", "split"] * TRIALS + ["linear"] and gemv_choices() == []
-    ran.clear()
+    assert ran == kernels * TRIALS + kernels[:-1] and kernel_choices() == []
     layer(torch.randn(1, 1, 16))  # the last trial: now decided
-    fast = "linear" if slow == "split" else "split"
-    assert gemv_choices() == [f"8x16, 1 row, float32, {torch.get_num_threads()} threads: "
-                              f"{'split GEMV' if fast == 'split' else 'F.linear'}"]
+    assert kernel_choices() == [f"8x16, 1 row, float32, {torch.get_num_threads()} threads: {linear_module.NAMES[fast]}"]
     ran.clear()
     for _ in range(3):
         layer(torch.randn(1, 1, 16))
@@ -79,20 +98,58 @@ def test_kernels_alternate_in_place_then_the_faster_is_kept_per_shape(monkeypatc
     assert ran == ["linear"]
 
 
-def test_products_outside_the_gemv_range_never_measure(monkeypatch):
-    ran = _slow_kernel(monkeypatch, "split")
-    Linear(16, 8)(torch.randn(1, MEASURED_MAX_ROWS + 1, 16))  # prefill-sized: F.linear
-    Linear(16, 7)(torch.randn(1, 1, 16))  # odd output width cannot be halved
-    assert ran == ["linear", "linear"] and linear_module._trials == {}
+def test_rows_share_a_choice_within_a_power_of_two_bucket():
+    assert [row_bucket(n) for n in (1, 2, 7, 8, 9, 16, 17, 1000, 1024, 1025)] == [1, 2, 7, 8, 16, 16, 32, 1024, 1024, 2048]
 
 
-def test_forced_kernel_skips_measurement(monkeypatch):
+@torch.inference_mode()
+def test_prefill_sized_products_are_measured_without_the_split(monkeypatch):
+    ran = _slow_kernel(monkeypatch)
+    layer = Linear(16, 8)
+    for _ in range(2 * (TRIALS + 1)):
+        layer(torch.randn(1, SPLIT_MAX_ROWS + 1 + _, 16))  # 9..26 rows: buckets 16 and 32
+    assert "split" not in ran and set(ran) == {"linear", "onednn"}
+    assert Linear(16, 7)(torch.randn(1, 1, 16)).shape == (1, 1, 7) and "split" not in ran  # odd width: no halves
+
+
+def test_products_that_need_gradients_never_go_through_onednn(monkeypatch):
+    ran = _slow_kernel(monkeypatch)
+    layer = Linear(16, 8)
+    x = torch.randn(2, 16, requires_grad=True)
+    for _ in range(3 * (TRIALS + 1)):
+        layer(x).sum().backward()
+    assert "onednn" not in ran and x.grad is not None
+
+
+def test_forced_kernel_skips_measurement_and_falls_back_where_it_cannot_run(monkeypatch):
     ran = _slow_kernel(monkeypatch, "split")
-    monkeypatch.setenv("CORMLM_GEMV", "split")
-    Linear(16, 8)(torch.randn(1, 1, 16))
-    monkeypatch.setenv("CORMLM_GEMV", "linear")
-    Linear(16, 8)(torch.randn(1, 1, 16))
-    assert ran == ["split", "linear"] and linear_module._trials == {}
+    with torch.inference_mode():
+        for kernel in ("split", "onednn", "linear"):
+            monkeypatch.setenv(FORCE_ENV, kernel)
+            Linear(16, 8)(torch.randn(1, 1, 16))
+        monkeypatch.setenv(FORCE_ENV, "split")
+        Linear(16, 8)(torch.randn(1, SPLIT_MAX_ROWS + 1, 16))  # too many rows for the split: F.linear
+    assert ran == ["split", "onednn", "linear", "linear"] and linear_module._trials == {}
+
+
+def test_a_misspelt_forced_kernel_is_an_error_that_names_the_choices(monkeypatch):
+    monkeypatch.setenv(FORCE_ENV, "mkl")
+    with pytest.raises(InputError, match=r"CORMLM_LINEAR_KERNEL='mkl' is not a kernel; use one of linear, split, onednn"):
+        with torch.inference_mode():
+            Linear(16, 8)(torch.randn(1, 1, 16))
+
+
+@torch.inference_mode()
+def test_a_kernel_that_fails_on_this_machine_is_dropped_for_f_linear(monkeypatch):
+    def broken(x, w, b=None):
+        raise RuntimeError("could not create a primitive")
+
+    monkeypatch.setattr(linear_module, "KERNELS", {**linear_module.KERNELS, "onednn": broken})
+    layer = Linear(16, 8)
+    x = torch.randn(3, 16)
+    for _ in range(3 * (TRIALS + 1)):
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias))
+    assert linear_module._broken == {"onednn"} and "oneDNN" not in " ".join(kernel_choices())
 
 
 def test_state_dict_is_that_of_nn_linear():
@@ -105,10 +162,10 @@ def test_state_dict_is_that_of_nn_linear():
 
 @torch.inference_mode()
 def test_compiled_linear_matches_f_linear_for_one_and_several_rows(monkeypatch):
-    monkeypatch.setenv("CORMLM_GEMV", "split")  # eager would split; compiled graphs use F.linear
+    monkeypatch.setenv(FORCE_ENV, "split")  # eager would split; compiled graphs use F.linear
     torch.manual_seed(0)
     layer = Linear(48, 20, bias=True)
     compiled = torch.compile(layer, dynamic=True)
-    for rows in (1, 3, MEASURED_MAX_ROWS, 17):
+    for rows in (1, 3, SPLIT_MAX_ROWS, 17):
         x = torch.randn(1, rows, 48)
         torch.testing.assert_close(compiled(x), F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)

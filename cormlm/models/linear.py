@@ -1,114 +1,173 @@
-"""The one linear layer every projection uses; decode-sized CPU products take whichever
-kernel is faster on the machine the code runs on.
+"""The one linear layer every projection uses; CPU products take whichever kernel is
+faster on the machine the code runs on.
 
-A decode step at batch 1 is a chain of matrix-vector products bounded by how fast the
-weights stream from memory. On CPU two kernels compute it: the BLAS call behind
-``F.linear``, and the same product as a batched GEMM over the two halves of the weight
-(``[out, in]`` viewed as ``[2, out/2, in]``: a free view, nothing copied). Which streams
-faster depends on the CPU and its BLAS (each has been 2-3x faster than the other on some
-machine), so nothing here is tuned in advance: the first products of each (shape, rows,
-dtype, threads) alternate between the two kernels and are timed where they run, inside the
-model's own steps, so the weights are as cold or as hot in cache as they are when decoding
-(timing one weight over and over, as a micro-benchmark does, finds it hot and misjudges a
-model that streams from DRAM). After ``TRIALS`` timed calls of each, the faster one is kept
-for the process. :func:`gemv_choices` lists what was chosen (``scripts/bench_decode.py``
-prints it); ``CORMLM_GEMV=linear`` or ``=split`` forces one kernel. Products of more rows
-(prefill), GPU tensors and compiled graphs (inductor picks its own kernels) always use
-``F.linear``.
+Three kernels compute ``x @ weight.T`` on CPU, and which is fastest depends on the CPU and
+its BLAS (each has been 1.5-3x faster than another on some machine, for some row count):
+
+- ``linear``: ``F.linear``, the BLAS torch was built with (MKL on x86 wheels);
+- ``split``: matrix-vector-like products (at most ``SPLIT_MAX_ROWS`` rows) as a batched
+  GEMM over the weight's two halves (``[out, in]`` viewed as ``[2, out/2, in]``, a free view);
+- ``onednn``: oneDNN's inner product straight from the stored weight (no packed copy, so no
+  extra memory), where torch was built with oneDNN (float32 and bfloat16).
+
+Nothing is tuned in advance: the first products of each (shape, row bucket, dtype, threads)
+rotate over the kernels that can run them and are timed where they run, inside the model's
+own steps, so the weights are as cold or as hot in cache as they are in real use (timing one
+weight over and over, as a micro-benchmark does, finds it hot and misjudges a model that
+streams from DRAM). After ``TRIALS`` timed calls of each, the fastest is kept for the process
+(another kernel only where it beats ``F.linear`` by ``MARGIN``). Rows are bucketed (exact up to
+8, then powers of two), so prompts of any length share a few decisions. :func:`kernel_choices`
+lists what was chosen (``scripts/bench_decode.py`` prints it); ``CORMLM_LINEAR_KERNEL`` forces
+one kernel wherever it can run. GPU tensors, float64, products that need gradients through
+oneDNN, and compiled graphs (inductor picks its own kernels) use ``F.linear``.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-MEASURED_MAX_ROWS = 8  # the split only ever targets matrix-vector-like products
+from ..errors import InputError
+
+SPLIT_MAX_ROWS = 8  # the split only ever targets matrix-vector-like products
 SPLIT_PARTS = 2
-SPLIT_MARGIN = 0.9  # the split must be at least 10% faster to replace the standard kernel
-TRIALS = 8  # timed calls of each kernel per shape (after one untimed warm-up call each)
-_choices: dict[tuple, bool] = {}  # (out, in, rows, dtype, threads) -> split is faster
-_trials: dict[tuple, tuple[list[float], list[float]]] = {}  # same key -> (F.linear, split) seconds
+MARGIN = 0.9  # another kernel must be at least 10% faster to replace F.linear
+TRIALS = 8  # timed calls of each kernel per key (after one untimed warm-up call each)
+FORCE_ENV = "CORMLM_LINEAR_KERNEL"
+ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
+_choices: dict[tuple, str] = {}  # (out, in, row bucket, dtype, threads) -> kernel name
+_trials: dict[tuple, dict[str, list[float]]] = {}  # same key -> kernel -> seconds of each trial call
+_broken: set[str] = set()  # kernels that raised on this machine (not offered again)
 
 
-def split_gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``x`` [rows, in] @ ``weight``.T for ``weight`` [out, in] with ``out`` even: [rows, out]."""
+def split_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x`` [rows, in] @ ``weight``.T (+ ``bias``) for ``weight`` [out, in] with ``out`` even: [rows, out]."""
     out_features, in_features = weight.shape
     rows = x.shape[0]
     halves = weight.view(SPLIT_PARTS, out_features // SPLIT_PARTS, in_features)
     y = torch.bmm(halves, x.t().expand(SPLIT_PARTS, in_features, rows))  # [2, out/2, rows]
-    return y.permute(2, 0, 1).reshape(rows, out_features).contiguous()
-
-
-def _run(split: bool, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    if not split:
-        return F.linear(x, weight, bias)
-    y = split_gemv(x, weight)
+    y = y.permute(2, 0, 1).reshape(rows, out_features).contiguous()
     return y if bias is None else y + bias
 
 
+def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """oneDNN's inner product on the weight as stored (it is not reordered into a packed copy)."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+KERNELS: dict[str, Callable[..., torch.Tensor]] = {"linear": F.linear, "split": split_gemv, "onednn": onednn_linear}
+NAMES = {"linear": "F.linear", "split": "split GEMV", "onednn": "oneDNN"}
+
+
+@functools.cache
+def _onednn_available() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def row_bucket(rows: int) -> int:
+    """Rows as a choice is keyed: exact up to 8 (decode batches), then the next power of two."""
+    return rows if rows <= SPLIT_MAX_ROWS else 1 << (rows - 1).bit_length()
+
+
 def _forced() -> str | None:
-    value = os.environ.get("CORMLM_GEMV")
-    if value is None:
+    value = os.environ.get(FORCE_ENV)
+    if value is None or not value.strip():
         return None
     value = value.strip().lower()
-    return value if value in ("linear", "split") else None
+    if value not in KERNELS:
+        raise InputError(f"{FORCE_ENV}={value!r} is not a kernel; use one of {', '.join(KERNELS)} (or unset it to "
+                         "let each product be measured)")
+    return value
 
 
-def _measured(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether the split GEMV is measured for this product at all (decode-sized CPU eager)."""
-    return not (x.shape[0] > MEASURED_MAX_ROWS or weight.device.type != "cpu" or not weight.is_contiguous()
-                or weight.shape[0] % SPLIT_PARTS or torch.compiler.is_compiling())
+def candidates(x: torch.Tensor, weight: torch.Tensor) -> list[str]:
+    """The kernels that can run this product ([rows, in] ``x``), F.linear first; only F.linear
+    for GPU tensors, float64 and compiled graphs."""
+    if weight.device.type != "cpu" or torch.compiler.is_compiling() or not weight.is_contiguous():
+        return ["linear"]
+    names = ["linear"]
+    if x.shape[0] <= SPLIT_MAX_ROWS and weight.shape[0] % SPLIT_PARTS == 0:
+        names.append("split")
+    grad = torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad)
+    if weight.dtype in ONEDNN_DTYPES and x.dtype == weight.dtype and not grad and _onednn_available():
+        names.append("onednn")
+    return [name for name in names if name not in _broken]
 
 
-def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def _key(weight: torch.Tensor, rows: int) -> tuple:
+    return (*weight.shape, row_bucket(rows), weight.dtype, torch.get_num_threads(), weight.device.type)
+
+
+def _call(name: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    if name == "linear":
+        return KERNELS["linear"](x, weight, bias)
+    try:
+        return KERNELS[name](x, weight, bias)
+    except RuntimeError:  # e.g. a oneDNN build without this primitive: never offered again
+        _broken.add(name)
+        for key, choice in list(_choices.items()):
+            if choice == name:
+                del _choices[key]
+        return F.linear(x, weight, bias)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x`` [rows, in] @ ``weight``.T (+ ``bias``) by the kernel chosen for this product on
-    this machine; while the choice is open, this call is one of the timed trials (the slower
-    kernel runs at most ``TRIALS + 1`` times per shape)."""
-    if not _measured(x, weight):
+    this machine; while the choice is open, this call is one of the timed trials (a slower
+    kernel runs at most ``TRIALS + 1`` times per key)."""
+    names = candidates(x, weight)
+    if len(names) == 1:
         return F.linear(x, weight, bias)
     forced = _forced()
     if forced is not None:
-        return _run(forced == "split", x, weight, bias)
-    key = (*weight.shape, x.shape[0], weight.dtype, torch.get_num_threads())
+        return _call(forced if forced in names else "linear", x, weight, bias)
+    key = _key(weight, x.shape[0])
     choice = _choices.get(key)
-    if choice is not None:
-        return _run(choice, x, weight, bias)
-    times = _trials.setdefault(key, ([], []))
-    split = len(times[1]) < len(times[0])  # alternate: F.linear first, then whichever ran less
+    if choice is not None and choice in names:
+        return _call(choice, x, weight, bias)
+    times = _trials.setdefault(key, {})
+    name = min(names, key=lambda n: len(times.get(n, ())))  # rotate: F.linear first, then whichever ran least
     started = time.perf_counter()
-    y = _run(split, x, weight, bias)
-    times[split].append(time.perf_counter() - started)
-    if min(map(len, times)) > TRIALS:  # the first call of each is a warm-up, not counted
-        linear_s, split_s = (statistics.median(t[1:]) for t in times)
-        _choices[key] = split_s < SPLIT_MARGIN * linear_s
+    y = _call(name, x, weight, bias)
+    times.setdefault(name, []).append(time.perf_counter() - started)
+    runnable = [n for n in names if n not in _broken]
+    if all(len(times.get(n, ())) > TRIALS for n in runnable):  # the first call of each is a warm-up
+        median = {n: statistics.median(times[n][1:]) for n in runnable}
+        best = min(median, key=median.get)
+        _choices[key] = best if median[best] < MARGIN * median["linear"] else "linear"
         del _trials[key]
     return y
 
 
-def gemv_choices() -> list[str]:
-    """What each measured product shape runs as, e.g. '576x576, 1 row, float32: F.linear'."""
-    return [f"{out}x{inp}, {rows} row{'s' * (rows > 1)}, {str(dtype).removeprefix('torch.')}, {threads} threads: "
-            f"{'split GEMV' if split else 'F.linear'}"
-            for (out, inp, rows, dtype, threads), split in sorted(_choices.items(), key=str)]
+def kernel_choices() -> list[str]:
+    """What each measured product runs as, e.g. '576x576, 1 row, float32, 2 threads: F.linear'."""
+    return [f"{out}x{inp}, {rows} row{'s' * (rows > 1)}{' (bucket)' * (rows > SPLIT_MAX_ROWS)}, "
+            f"{str(dtype).removeprefix('torch.')}, {threads} threads: {NAMES[name]}"
+            for (out, inp, rows, dtype, threads, _), name in sorted(_choices.items(), key=str)]
 
 
 class Linear(nn.Linear):
-    """``nn.Linear`` (same parameters, same state dict) with the split GEMV where it measured faster."""
+    """``nn.Linear`` (same parameters, same state dict) with the kernel measured fastest here."""
 
     def forward(self, x: torch.Tensor, bias: bool = True) -> torch.Tensor:
         """``x @ weight.T + bias``; ``bias=False`` leaves the bias out (a row-parallel shard's
         partial product, whose bias is added once after the all-reduce)."""
         b = self.bias if bias else None
+        if torch.compiler.is_compiling():
+            return F.linear(x, self.weight, b)
         rows = x.numel() // self.in_features
-        if rows > MEASURED_MAX_ROWS or torch.compiler.is_compiling():
-            return F.linear(x, self.weight, b)
-        # decided for F.linear and not forced otherwise: no reshapes (the decode hot path)
-        key = (self.out_features, self.in_features, rows, self.weight.dtype, torch.get_num_threads())
-        if _choices.get(key) is False and _forced() is None:
-            return F.linear(x, self.weight, b)
-        return gemv(x.reshape(rows, self.in_features), self.weight, b).view(*x.shape[:-1], self.out_features)
+        choice = _choices.get(_key(self.weight, rows))
+        # decided, not forced, no gradient: straight to the kernel (the decode hot path)
+        if choice is not None and os.environ.get(FORCE_ENV) is None \
+                and not (torch.is_grad_enabled() and self.weight.requires_grad):
+            if choice == "linear":
+                return F.linear(x, self.weight, b)
+            return _call(choice, x.reshape(rows, self.in_features), self.weight, b).view(*x.shape[:-1], self.out_features)
+        return linear(x.reshape(rows, self.in_features), self.weight, b).view(*x.shape[:-1], self.out_features)
