@@ -8,7 +8,9 @@ count of its kind. A decode step (one token per row) runs as one graph: every la
 the cache appends, decode attention, the policy's state update and evictions
 (``CausalLM.body``); the pools' block counts are symbolic, so caches that grow,
 evict and compact reuse it. Allocation of blocks and compaction run eagerly between steps.
-Compiled functions use the modules' parameters: nothing is copied. Inductor keeps its
+Compiled functions use the modules' parameters: nothing is copied. Their linear layers call
+the kernel measured fastest on this machine (``cormlm.models.linear.calibrate`` decides
+before tracing), not whatever inductor would pick. Inductor keeps its
 compiled kernels in its on-disk cache, so only a machine's first run pays for compiling.
 """
 
@@ -20,6 +22,7 @@ from collections.abc import Callable
 import torch
 
 from .errors import CormlmError
+from .models.linear import calibrate
 
 
 def compile_model(model: torch.nn.Module) -> torch.nn.Module:
@@ -31,6 +34,7 @@ def compile_model(model: torch.nn.Module) -> torch.nn.Module:
     if getattr(model, "tp", None) is not None:
         raise CormlmError("torch.compile is not supported with tensor parallelism (its all-reduces run eagerly); "
                           "drop --compile or compile_model() for a model loaded with tp=")
+    calibrate(model)  # graphs cannot time kernels: decide decode- and prefill-sized products now
     for block in model.blocks:
         block.pre_attention = torch.compile(block.pre_attention, dynamic=True)
         block.post_attention = torch.compile(block.post_attention, dynamic=True)

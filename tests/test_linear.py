@@ -7,6 +7,7 @@ import time
 import pytest
 import torch
 import torch.nn.functional as F
+from torch._dynamo.utils import counters
 
 from cormlm.errors import InputError
 from cormlm.models import linear as linear_module
@@ -18,6 +19,7 @@ def _fresh_choices(monkeypatch):
     monkeypatch.setattr(linear_module, "_choices", {})
     monkeypatch.setattr(linear_module, "_trials", {})
     monkeypatch.setattr(linear_module, "_broken", set())
+    monkeypatch.setattr(linear_module, "_graph_choices", {})
     monkeypatch.delenv(FORCE_ENV, raising=False)
 
 
@@ -169,3 +171,39 @@ def test_compiled_linear_matches_f_linear_for_one_and_several_rows(monkeypatch):
     for rows in (1, 3, SPLIT_MAX_ROWS, 17):
         x = torch.randn(1, rows, 48)
         torch.testing.assert_close(compiled(x), F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
+
+
+@torch.inference_mode()
+def test_compiled_graphs_call_the_kernel_measured_for_their_rows(monkeypatch):
+    """A graph cannot time kernels: it calls what was decided before tracing (oneDNN as an
+    opaque op), for concrete rows by their bucket and for symbolic rows by the prefill bucket."""
+    torch._dynamo.reset()
+    calls: list[tuple[int, int]] = []
+    real = linear_module.onednn_linear
+
+    def counting(x, w, b=None):
+        calls.append((x.shape[0], w.shape[0]))
+        return real(x, w, b)
+
+    monkeypatch.setattr(linear_module, "onednn_linear", counting)
+    torch.manual_seed(0)
+    first, second = Linear(48, 20), Linear(20, 48)
+    for rows in (1, row_bucket(linear_module.CALIBRATION_ROWS[-1])):  # 48 -> 20 through oneDNN, 20 -> 48 by F.linear
+        monkeypatch.setitem(linear_module._graph_choices, (20, 48, rows, torch.float32), "onednn")
+        monkeypatch.setitem(linear_module._graph_choices, (48, 20, rows, torch.float32), "linear")
+    compiled = torch.compile(lambda x: second(first(x)), dynamic=True)
+    frames = counters["stats"]["unique_graphs"]
+    for rows in (1, 17, 30):  # 1: one token (decode); 17 and 30: one symbolic graph (the prefill bucket's choice)
+        x = torch.randn(rows, 48)
+        torch.testing.assert_close(compiled(x), F.linear(F.linear(x, first.weight, first.bias), second.weight, second.bias),
+                                   rtol=1e-5, atol=1e-5)
+    assert [w for _, w in calls] == [20, 20, 20] and [r for r, _ in calls] == [1, 17, 30]
+    assert counters["stats"]["unique_graphs"] - frames == 2  # rows 1, then every other row count
+
+
+def test_calibrate_decides_every_product_of_a_model_before_compiling():
+    model = torch.nn.Sequential(Linear(32, 64), Linear(64, 32), Linear(32, 64))
+    linear_module.calibrate(model, rows=(1, 40))
+    decided = {key[:3] for key in linear_module._choices}
+    assert decided == {(64, 32, 1), (32, 64, 1), (64, 32, 64), (32, 64, 64)} and linear_module._trials == {}
+    assert {key[:3] for key in linear_module._graph_choices} == decided  # what compiled graphs will call

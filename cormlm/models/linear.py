@@ -18,8 +18,10 @@ streams from DRAM). After ``TRIALS`` timed calls of each, the fastest is kept fo
 (another kernel only where it beats ``F.linear`` by ``MARGIN``). Rows are bucketed (exact up to
 8, then powers of two), so prompts of any length share a few decisions. :func:`kernel_choices`
 lists what was chosen (``scripts/bench_decode.py`` prints it); ``CORMLM_LINEAR_KERNEL`` forces
-one kernel wherever it can run. GPU tensors, float64, products that need gradients through
-oneDNN, and compiled graphs (inductor picks its own kernels) use ``F.linear``.
+one kernel wherever it can run. GPU tensors, float64 and products that need gradients through
+oneDNN use ``F.linear``. A compiled graph cannot time anything: ``cormlm.compile_model``
+decides decode- and prefill-sized products first (:func:`calibrate`), and its graphs call
+those kernels (oneDNN as an opaque custom op), F.linear for anything left undecided.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
 _choices: dict[tuple, str] = {}  # (out, in, row bucket, dtype, threads) -> kernel name
 _trials: dict[tuple, dict[str, list[float]]] = {}  # same key -> kernel -> seconds of each trial call
 _broken: set[str] = set()  # kernels that raised on this machine (not offered again)
+_graph_choices: dict[tuple, str] = {}  # (out, in, row bucket, dtype) -> kernel: what compiled graphs call (see calibrate)
 
 
 def split_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -62,7 +65,20 @@ def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
+@torch.library.custom_op("cormlm::onednn_linear", mutates_args=())
+def _onednn_graph_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """:func:`onednn_linear` as one opaque operation of a compiled graph (inductor would not call it)."""
+    return onednn_linear(x, weight, bias)
+
+
+@_onednn_graph_op.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
 KERNELS: dict[str, Callable[..., torch.Tensor]] = {"linear": F.linear, "split": split_gemv, "onednn": onednn_linear}
+GRAPH_KERNELS: dict[str, Callable[..., torch.Tensor]] = {**KERNELS, "onednn": _onednn_graph_op}
+CALIBRATION_ROWS = (1, 256)  # compile_model decides these before tracing: decode, and any symbolic (prefill) row count
 NAMES = {"linear": "F.linear", "split": "split GEMV", "onednn": "oneDNN"}
 
 
@@ -153,6 +169,52 @@ def kernel_choices() -> list[str]:
             for (out, inp, rows, dtype, threads, _), name in sorted(_choices.items(), key=str)]
 
 
+def graph_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Inside a compiled graph: the kernel already measured for this product (a graph cannot
+    time anything), F.linear where none was. Products of several tokens per row (graphs for
+    any prompt length) take the choice of ``CALIBRATION_ROWS[-1]`` rows."""
+    # One token per row is the decode graph, whose sizes are static; any other graph may have
+    # symbolic lengths, and asking their value would specialise it (a graph per prompt length).
+    one_token = x.dim() >= 2 and x.shape[-2] == 1
+    bucket_rows = row_bucket(x.numel() // weight.shape[1] if one_token else CALIBRATION_ROWS[-1])
+    choice = "linear"
+    if weight.device.type == "cpu" and weight.is_contiguous():  # a plain dict lookup: nothing for dynamo to break on
+        choice = _graph_choices.get((weight.shape[0], weight.shape[1], bucket_rows, weight.dtype), "linear")
+    if choice == "split" and (bucket_rows > SPLIT_MAX_ROWS or weight.shape[0] % SPLIT_PARTS):
+        choice = "linear"
+    if choice == "onednn" and x.dtype != weight.dtype:
+        choice = "linear"
+    if choice == "linear":
+        return F.linear(x, weight, bias)
+    flat = x.reshape(-1, weight.shape[1])
+    return GRAPH_KERNELS[choice](flat, weight, bias).view(*x.shape[:-1], weight.shape[0])
+
+
+@torch.inference_mode()
+def calibrate(model: nn.Module, rows: tuple[int, ...] = CALIBRATION_ROWS) -> None:
+    """Decide now, by the same in-place trials, the kernel of every product of ``model``'s
+    linear layers at these row counts (what a compiled graph will use). Trials go through
+    the layers in model order, so each weight is as cold as in a forward pass."""
+    layers = [m for m in model.modules() if isinstance(m, Linear)]
+    forced = _forced()
+    for n in rows:
+        inputs: dict[tuple, torch.Tensor] = {}
+        pending = True
+        while pending:
+            pending = False
+            for layer in layers:
+                w = layer.weight
+                x = inputs.setdefault((w.shape[1], w.dtype, w.device), torch.randn(n, w.shape[1], dtype=w.dtype, device=w.device))
+                if _key(w, n) in _choices or len(candidates(x, w)) == 1:
+                    continue
+                pending = True
+                linear(x, w, layer.bias)
+    threads = torch.get_num_threads()
+    _graph_choices.clear()
+    _graph_choices.update({(out, inp, n, dtype): forced or name for (out, inp, n, dtype, t, device), name in _choices.items()
+                           if t == threads and device == "cpu" and name not in _broken})
+
+
 class Linear(nn.Linear):
     """``nn.Linear`` (same parameters, same state dict) with the kernel measured fastest here."""
 
@@ -161,7 +223,7 @@ class Linear(nn.Linear):
         partial product, whose bias is added once after the all-reduce)."""
         b = self.bias if bias else None
         if torch.compiler.is_compiling():
-            return F.linear(x, self.weight, b)
+            return graph_linear(x, self.weight, b)
         rows = x.numel() // self.in_features
         choice = _choices.get(_key(self.weight, rows))
         # decided, not forced, no gradient: straight to the kernel (the decode hot path)
