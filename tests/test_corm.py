@@ -533,3 +533,25 @@ def test_bounded_corm_parameters():
     with pytest.raises(cormlm.CacheConfigError, match=r"recent \(256, the default\) must be smaller than corm's budget"):
         cormlm.CacheConfig("corm", budget=128)
     assert cormlm.CacheConfig("corm", window=32, recent=16, budget=0.25).budget == 0.25
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data(), window=st.integers(1, 64), threshold=st.sampled_from([1.0, 0.5, 0.25]))
+def test_decode_update_is_observe_then_merge(data, window, threshold):
+    """The fused one-query update (where() instead of amax + maximum) decides exactly as the
+    general observe -> merge, for any probabilities and any state a cache can hold (marks from
+    earlier queries: at most t - 1 + w; the fresh w)."""
+    from cormlm.cache.corm import CormPolicy
+
+    blocks, group, block = data.draw(st.integers(1, 5)), data.draw(st.integers(1, 4)), data.draw(st.integers(1, 8))
+    seed = data.draw(st.integers(0, 2**31 - 1))
+    gen = torch.Generator().manual_seed(seed)
+    query_t = torch.randint(1, 40, (blocks, 1), generator=gen)
+    probs = torch.rand(blocks, group, 1, block, generator=gen) * (2.0 / query_t.float())[:, :, None, None]
+    probs[probs < 0.3 / query_t.float()[:, :, None, None]] = 0.0  # empty slots and minor keys
+    earlier = torch.randint(0, 40, (blocks, block), generator=gen).clamp(max=query_t - 1)  # 0 = never marked
+    state = {"keep_until": torch.where(earlier > 0, earlier + window, window).float()}
+    policy = CormPolicy(window=window, recent=2, threshold=threshold)
+    fused = policy.decode_update(state, probs, query_t, None)
+    general = policy.merge(state, policy.observe(probs, query_t, None, None))
+    assert torch.equal(fused["keep_until"], general["keep_until"])

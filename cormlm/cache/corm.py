@@ -88,6 +88,17 @@ class CormPolicy(EvictionPolicy):
     def merge(self, state: dict[str, torch.Tensor], observed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {"keep_until": torch.maximum(state["keep_until"], observed["keep_until"])}
 
+    def decode_update(self, state: dict[str, torch.Tensor], probs: torch.Tensor, query_t: torch.Tensor,
+                      attended: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """One query per stream: a key it marks gets t + w, which is past every mark it held
+        (those came from earlier queries, or are the fresh w), so where() replaces observe's
+        amax and merge's maximum (magnitude's lifetimes vary: the general path)."""
+        if self.magnitude:
+            return super().decode_update(state, probs, query_t, attended)
+        t = query_t.float()  # [NB, 1]
+        important = probs.amax(dim=-3)[:, 0] >= self.threshold / t  # [NB, block]
+        return {"keep_until": torch.where(important, t + float(self.window), state["keep_until"])}
+
     def evict(self, view: SlotView) -> torch.Tensor:
         t = view.query_t
         # empty slots hold position -1 and are dropped again harmlessly

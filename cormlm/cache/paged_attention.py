@@ -69,17 +69,18 @@ def paged_decode_attention(keys: torch.Tensor, values: torch.Tensor, positions: 
     s, g, d = q.shape
     owner = owner.clamp(min=0)
     block_q = q[owner]  # [NB, G, D]: a few rows per block, not a copy of the cache
-    scores = upcast(torch.bmm(block_q, keys)) * spec.scale  # [NB, G, bs]
+    # [NB, G, bs]; the scale applied inside the product (GEMM's alpha: no pass of its own)
+    scores = upcast(torch.baddbmm(block_q.new_empty(1, 1, 1), block_q, keys, beta=0, alpha=spec.scale))
     pos = positions
     # Every stored key precedes the query (it was appended first) and free or empty slots
-    # hold position -1, so "stored" is the whole causal mask.
-    visible = pos >= 0
+    # hold position -1, so "not stored" is the whole causal mask.
+    hidden = pos < 0
     if spec.sliding_window is not None:
-        visible &= (q_pos[owner][:, None] - pos) < spec.sliding_window
+        hidden |= (q_pos[owner][:, None] - pos) >= spec.sliding_window
     if spec.alibi_slopes is not None:
         slopes = spec.alibi_slopes.view(-1, g).repeat(s // (spec.alibi_slopes.numel() // g), 1)  # [S, G]
         scores = scores + alibi_bias(slopes[owner][:, :, None], pos[:, None, :], spec.scale)
-    scores = scores.masked_fill(~visible[:, None, :], float("-inf"))
+    scores = scores.masked_fill(hidden[:, None, :], float("-inf"))
     peak = _segment_max(scores.amax(dim=-1), owner, s)  # [S, G]
     weights = torch.exp(scores - peak[owner][:, :, None])  # invisible slots: exp(-inf) = 0
     denom = _segment_sum(weights.sum(dim=-1), owner, s)
@@ -111,5 +112,4 @@ def decode_layer_step(keys: torch.Tensor, values: torch.Tensor, positions: torch
     grouped = probs[:, :, None, :]  # [NB, G, 1, block]: the group at -3, as observe() expects
     if query_group is not None:
         grouped = query_group.combine(grouped, policy.group_reduce)
-    observed = policy.observe(grouped, block_t, attended, None)
-    return out, policy.merge(state, observed)
+    return out, policy.decode_update(state, grouped, block_t, attended)

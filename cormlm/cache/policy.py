@@ -103,6 +103,13 @@ class EvictionPolicy(ABC):
         """New values of the observed slots' state fields (same shapes as ``observed``)."""
         return {}
 
+    def decode_update(self, state: dict[str, torch.Tensor], probs: torch.Tensor, query_t: torch.Tensor,
+                      attended: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """A decode step's ``observe`` then ``merge`` over pool blocks: ``probs`` [NB, G, 1, block],
+        ``query_t`` and ``attended`` [NB, 1]; returns the new ``state`` (a policy may fuse the two
+        when one query per stream allows it, with the same result)."""
+        return self.merge(state, self.observe(probs, query_t, attended, None))
+
     def stored(self, keys: torch.Tensor) -> dict[str, torch.Tensor]:
         """State of freshly stored keys [..., D] computed from the keys themselves ([...])."""
         return {}

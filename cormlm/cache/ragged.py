@@ -69,17 +69,20 @@ class RaggedCache(KVCache):
         self._step_counts: torch.Tensor | None = None  # host, per row: valid tokens of this call
         self._seen_before = 0
         self._stream_t = torch.zeros(self.batch_size * self.num_kv_heads, dtype=torch.long, device=self.device)
+        self._stream_pos = self._stream_t  # decode: [S] 0-indexed position of each stream's new token
 
     def begin_step(self, valid: torch.Tensor | None, num_tokens: int) -> tuple[torch.Tensor, int]:
         self._seen_before = self.max_length
         self._step_counts = None if valid is None else valid.sum(dim=1).cpu()
-        positions = super().begin_step(valid, num_tokens)
+        positions, max_position = super().begin_step(valid, num_tokens)
         self._stream_t = self.lengths.repeat_interleave(self.num_kv_heads)  # once per step, not per layer
         self._single = num_tokens == 1 and valid is None
         if self._single:  # decode: every stream gets room for its token now, so attend() allocates nothing
+            # [S]: each stream's new position, as the pool stores positions (once per step, not per layer)
+            self._stream_pos = positions.repeat_interleave(self.num_kv_heads).to(torch.int32)
             for pool in self.pools:
                 pool.make_tail_room()
-        return positions
+        return positions, max_position
 
     def _stream_counts(self) -> torch.Tensor | None:
         if self._step_counts is None:
@@ -93,21 +96,21 @@ class RaggedCache(KVCache):
         b, hq, t, d = q.shape
         hkv, g = self.num_kv_heads, spec.group_size
         pool = self.pools[layer]
-        stream_pos = positions[:, None, :].expand(b, hkv, t).reshape(b * hkv, t)
         new_keys = k.reshape(b * hkv, t, d)
-        if self._single:
-            slots = pool.append_one(new_keys[:, 0], v.reshape(b * hkv, d), stream_pos[:, 0])
+        if self._single:  # ``positions`` are the ones begin_step made: their per-stream copy is at hand
+            slots = pool.append_one(new_keys[:, 0], v.reshape(b * hkv, d), self._stream_pos)
             for name, value in self._stored(new_keys[:, 0]).items():
                 pool.state[name].view(-1).index_copy_(0, slots, value.to(pool.state[name].dtype))
             block_t = self._block_t(pool) if self._evicts(spec) or self.policy.needs_probs else None
             out, state = decode_layer_step(pool.keys, pool.values, pool.positions, pool.owner, pool.state,
-                                           q.reshape(b * hkv, g, d), stream_pos[:, 0], block_t, self._stream_t,
+                                           q.reshape(b * hkv, g, d), self._stream_pos, block_t, self._stream_t,
                                            spec, self.policy, self.query_group)
             out = out.view(b, hq, 1, d)
             for name, value in state.items():
                 if value is not pool.state[name]:
                     pool.state[name].copy_(value)
         else:
+            stream_pos = positions[:, None, :].expand(b, hkv, t).reshape(b * hkv, t)
             slots = pool.append(new_keys, v.reshape(b * hkv, t, d), stream_pos, self._stream_counts())
             for name, value in self._stored(new_keys).items():
                 stored = slots >= 0
