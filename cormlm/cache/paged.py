@@ -36,11 +36,11 @@ MIN_POOL_SLOTS = 128  # the smallest pool, in slots (so larger blocks do not rai
 
 
 def bucket(n: int, smallest: int = 8) -> int:
-    """Round a block count up to one of few sizes (sixteenth-octave steps, <= 6.25% slack),
-    at least ``smallest``: a growing pool is reallocated (and copied) once per step, not per block."""
+    """Round a block count up to one of few sizes (1/32-octave steps, <= 3.2% slack), at least
+    ``smallest``: a growing pool is reallocated (and copied) once per 3% of growth, not per block."""
     if n <= smallest:
         return smallest
-    step = 2 ** max(0, (n - 1).bit_length() - 5)
+    step = 2 ** max(0, (n - 1).bit_length() - 6)
     return math.ceil(n / step) * step
 
 

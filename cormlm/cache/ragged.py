@@ -18,8 +18,10 @@ from .paged import BlockPool
 from .paged_attention import decode_layer_step
 from .policy import EvictionPolicy, SlotView
 
-COMPACT_CHECK_EVERY = 16  # decode steps between (synchronising) fragmentation checks
-COMPACT_SLACK = 1.10  # compact a pool holding more than this times its live slots (+ tail room)
+COMPACT_CHECK_EVERY = 16  # decode steps between releases of emptied blocks to the free lists
+# compact a pool holding more slots than this times its live keys: with positions and policy
+# state (1.6% of a 64-dim float key + value) and bucket rounding, held bytes stay near 1.10x
+COMPACT_SLACK = 1.06
 SCORE_CHUNK = 256  # query rows scored at once for a policy: bounds the [rows x keys] matrix
 
 
@@ -29,8 +31,10 @@ def explicit_probs(q: torch.Tensor, k: torch.Tensor, q_pos: torch.Tensor, k_pos:
     and which keys each row could see [B, Hkv, Q, S]."""
     b, hq, nq, d = q.shape
     g = spec.group_size
-    grouped = q.reshape(b, spec.num_kv_heads, g * nq, d)
-    scores = upcast(torch.matmul(grouped, k.transpose(-1, -2))) * spec.scale
+    # the scale on the few query rows, not on the [rows x keys] scores (the copy the reshape
+    # makes of the strided queries anyway; exact for power-of-two scales such as 1/8)
+    grouped = (q * spec.scale).reshape(b, spec.num_kv_heads, g * nq, d)
+    scores = upcast(torch.matmul(grouped, k.transpose(-1, -2)))
     scores = scores.view(b, spec.num_kv_heads, g, nq, -1)
     if spec.alibi_slopes is not None:
         bias = key_alibi_bias(spec, k_pos)  # [B, Hq, 1, S]
@@ -65,17 +69,20 @@ class RaggedCache(KVCache):
         self.pools = [BlockPool(streams, block_size, self.head_dim, self.dtype, self.device, policy.state_fields())
                       for _ in range(self.num_layers)]
         self._decode_steps = 0
+        self._dropped = False  # some layer ran an eviction pass this step
         self._single = False  # this step appends exactly one token per row (decode)
         self._step_counts: torch.Tensor | None = None  # host, per row: valid tokens of this call
         self._seen_before = 0
         self._stream_t = torch.zeros(self.batch_size * self.num_kv_heads, dtype=torch.long, device=self.device)
-        self._stream_pos = self._stream_t  # decode: [S] 0-indexed position of each stream's new token
+        self._stream_t32 = self._stream_t.to(torch.int32)
+        self._stream_pos = self._stream_t32  # decode: [S] 0-indexed position of each stream's new token
 
     def begin_step(self, valid: torch.Tensor | None, num_tokens: int) -> tuple[torch.Tensor, int]:
         self._seen_before = self.max_length
         self._step_counts = None if valid is None else valid.sum(dim=1).cpu()
         positions, max_position = super().begin_step(valid, num_tokens)
         self._stream_t = self.lengths.repeat_interleave(self.num_kv_heads)  # once per step, not per layer
+        self._stream_t32 = self._stream_t.to(torch.int32)
         self._single = num_tokens == 1 and valid is None
         if self._single:  # decode: every stream gets room for its token now, so attend() allocates nothing
             # [S]: each stream's new position, as the pool stores positions (once per step, not per layer)
@@ -119,6 +126,7 @@ class RaggedCache(KVCache):
             out = self._attend_many(pool, q, k, v, positions, slots, spec)
         if self._evicts(spec):
             self._evict(pool, block_t, spec)
+            self._dropped = True
         return out
 
     def _evicts(self, spec: AttentionSpec) -> bool:
@@ -135,8 +143,9 @@ class RaggedCache(KVCache):
         return {name: self.query_group.agree(value) for name, value in stored.items()}
 
     def _block_t(self, pool: BlockPool) -> torch.Tensor:
-        """[NB, 1]: the 1-indexed position of the latest query of the stream owning each block."""
-        return self._stream_t[pool.owner.clamp(min=0)][:, None]
+        """[NB, 1]: the 1-indexed position of the latest query of the stream owning each block,
+        int32 as the pool's positions (comparing them with a long would copy them each time)."""
+        return self._stream_t32[pool.owner.clamp(min=0)][:, None]
 
     def end_step(self) -> None:
         """After the last layer: host bookkeeping, and now and then compaction of pools that
@@ -145,14 +154,19 @@ class RaggedCache(KVCache):
             for pool in self.pools:
                 pool.appended_one()
         self._decode_steps = self._decode_steps + 1 if self._single else 0
-        if self._decode_steps and self._decode_steps % COMPACT_CHECK_EVERY:
+        dropped, self._dropped = self._dropped, False
+        if not self._decode_steps or self._decode_steps % COMPACT_CHECK_EVERY == 0:
+            for pool in self.pools:
+                pool.release_empty_blocks()
+        elif not dropped:  # no key left this step: no new hole to check for
             return
-        for pool in self.pools:
-            pool.release_empty_blocks()
-        live = torch.stack([pool.live_counts().sum() for pool in self.pools]).tolist()  # one sync
+        # every step that evicted: held bytes stay within COMPACT_SLACK of the live keys at
+        # every step, not only at periodic checks (an eviction wave after a prompt can empty
+        # several percent of the slots per step)
+        live = torch.stack([(pool.positions >= 0).sum() for pool in self.pools]).tolist()  # one sync
         for pool, kept in zip(self.pools, live):
             bs, streams = pool.block_size, pool.num_streams
-            slack = pool.capacity * bs > COMPACT_SLACK * (kept + streams * bs)
+            slack = pool.capacity * bs > COMPACT_SLACK * kept
             # and repacking would shrink it (a repacked pool holds at most this many blocks)
             if slack and pool.capacity > pool.bucket(-(-kept // bs) + 2 * streams):
                 pool.compact()
@@ -230,6 +244,7 @@ class RaggedCache(KVCache):
         self.batch_size = len(self.lengths)
         self.max_length = int(self.lengths.max()) if self.batch_size else 0
         self._stream_t = self.lengths.repeat_interleave(self.num_kv_heads)
+        self._stream_t32 = self._stream_t.to(torch.int32)
 
     def release_empty_blocks(self) -> None:
         """Return blocks that evictions emptied to the free lists now (decoding does it every
