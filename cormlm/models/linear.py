@@ -1,14 +1,16 @@
 """The one linear layer every projection uses; CPU products take whichever kernel is
 faster on the machine the code runs on.
 
-Three kernels compute ``x @ weight.T`` on CPU, and which is fastest depends on the CPU and
+Five kernels compute ``x @ weight.T`` on CPU, and which is fastest depends on the CPU and
 its BLAS (each has been 1.5-3x faster than another on some machine, for some row count):
 
 - ``linear``: ``F.linear``, the BLAS torch was built with (MKL on x86 wheels);
 - ``split``: matrix-vector-like products (at most ``SPLIT_MAX_ROWS`` rows) as a batched
   GEMM over the weight's two halves (``[out, in]`` viewed as ``[2, out/2, in]``, a free view);
 - ``onednn``: oneDNN's inner product straight from the stored weight (no packed copy, so no
-  extra memory), where torch was built with oneDNN (float32 and bfloat16).
+  extra memory), where torch was built with oneDNN (float32 and bfloat16);
+- ``linear_t`` and ``onednn_t``: products of at most ``TRANSPOSED_MAX_ROWS`` rows as
+  ``weight @ x.T``, transposed back (the large matrix as the rows of the product).
 
 Nothing is tuned in advance: the first products of each (shape, row bucket, dtype, threads)
 rotate over the kernels that can run them and are timed where they run, inside the model's
@@ -39,6 +41,7 @@ from torch import nn
 from ..errors import InputError
 
 SPLIT_MAX_ROWS = 8  # the split only ever targets matrix-vector-like products
+TRANSPOSED_MAX_ROWS = 16  # weight @ x.T only pays for a few input rows
 SPLIT_PARTS = 2
 MARGIN = 0.9  # another kernel must be at least 10% faster to replace F.linear
 TRIALS = 8  # timed calls of each kernel per key (after one untimed warm-up call each)
@@ -76,10 +79,24 @@ def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
-KERNELS: dict[str, Callable[..., torch.Tensor]] = {"linear": F.linear, "split": split_gemv, "onednn": onednn_linear}
-GRAPH_KERNELS: dict[str, Callable[..., torch.Tensor]] = {**KERNELS, "onednn": _onednn_graph_op}
+def transposed(kernel: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """``kernel`` run as ``weight @ x.T`` (the weight as the product's rows, the few input rows
+    as its small operand) and transposed back: oneDNN then never reorders the large matrix,
+    and the BLAS takes a different GEMM path."""
+    def run(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        y = kernel(weight, x).t().contiguous()
+        return y if bias is None else y + bias
+    return run
+
+
+KERNELS: dict[str, Callable[..., torch.Tensor]] = {
+    "linear": F.linear, "split": split_gemv, "onednn": onednn_linear,
+    "linear_t": transposed(F.linear), "onednn_t": transposed(onednn_linear)}
+GRAPH_KERNELS: dict[str, Callable[..., torch.Tensor]] = {
+    **KERNELS, "onednn": _onednn_graph_op, "onednn_t": transposed(_onednn_graph_op)}
 CALIBRATION_ROWS = (1, 256)  # compile_model decides these before tracing: decode, and any symbolic (prefill) row count
-NAMES = {"linear": "F.linear", "split": "split GEMV", "onednn": "oneDNN"}
+NAMES = {"linear": "F.linear", "split": "split GEMV", "onednn": "oneDNN", "linear_t": "F.linear, transposed",
+         "onednn_t": "oneDNN, transposed"}
 
 
 @functools.cache
@@ -109,11 +126,12 @@ def candidates(x: torch.Tensor, weight: torch.Tensor) -> list[str]:
     if weight.device.type != "cpu" or torch.compiler.is_compiling() or not weight.is_contiguous():
         return ["linear"]
     names = ["linear"]
+    few = x.shape[0] <= TRANSPOSED_MAX_ROWS
     if x.shape[0] <= SPLIT_MAX_ROWS and weight.shape[0] % SPLIT_PARTS == 0:
         names.append("split")
     grad = torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad)
-    if weight.dtype in ONEDNN_DTYPES and x.dtype == weight.dtype and not grad and _onednn_available():
-        names.append("onednn")
+    onednn = weight.dtype in ONEDNN_DTYPES and x.dtype == weight.dtype and not grad and _onednn_available()
+    names += ["onednn"] * onednn + ["linear_t"] * few + ["onednn_t"] * (few and onednn)
     return [name for name in names if name not in _broken]
 
 
@@ -182,7 +200,9 @@ def graph_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
         choice = _graph_choices.get((weight.shape[0], weight.shape[1], bucket_rows, weight.dtype), "linear")
     if choice == "split" and (bucket_rows > SPLIT_MAX_ROWS or weight.shape[0] % SPLIT_PARTS):
         choice = "linear"
-    if choice == "onednn" and x.dtype != weight.dtype:
+    if choice.endswith("_t") and bucket_rows > TRANSPOSED_MAX_ROWS:
+        choice = "linear"
+    if choice.startswith("onednn") and x.dtype != weight.dtype:
         choice = "linear"
     if choice == "linear":
         return F.linear(x, weight, bias)
