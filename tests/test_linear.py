@@ -195,13 +195,14 @@ def test_compiled_graphs_call_the_kernel_measured_for_their_rows(monkeypatch):
     for rows in (1, row_bucket(linear_module.CALIBRATION_ROWS[-1])):  # 48 -> 20 through oneDNN, 20 -> 48 by F.linear
         monkeypatch.setitem(linear_module._graph_choices, (20, 48, rows, torch.float32), "onednn")
         monkeypatch.setitem(linear_module._graph_choices, (48, 20, rows, torch.float32), "linear")
+    monkeypatch.setitem(linear_module._graph_choices, (48, 20, 1, torch.float32), "onednn_t")  # one token: transposed
     compiled = torch.compile(lambda x: second(first(x)), dynamic=True)
     frames = counters["stats"]["unique_graphs"]
     for rows in (1, 17, 30):  # 1: one token (decode); 17 and 30: one symbolic graph (the prefill bucket's choice)
         x = torch.randn(rows, 48)
         torch.testing.assert_close(compiled(x), F.linear(F.linear(x, first.weight, first.bias), second.weight, second.bias),
                                    rtol=1e-5, atol=1e-5)
-    assert [w for _, w in calls] == [20, 20, 20] and [r for r, _ in calls] == [1, 17, 30]
+    assert calls == [(1, 20), (48, 1), (17, 20), (30, 20)]  # transposed: the weight is the rows
     assert counters["stats"]["unique_graphs"] - frames == 2  # rows 1, then every other row count
 
 
@@ -211,3 +212,12 @@ def test_calibrate_decides_every_product_of_a_model_before_compiling():
     decided = {key[:3] for key in linear_module._choices}
     assert decided == {(64, 32, 1), (32, 64, 1), (64, 32, 64), (32, 64, 64)} and linear_module._trials == {}
     assert {key[:3] for key in linear_module._graph_choices} == decided  # what compiled graphs will call
+
+
+def test_calibrate_under_a_forced_kernel_runs_no_trials_and_graphs_take_that_kernel(monkeypatch):
+    monkeypatch.setenv(FORCE_ENV, "onednn")
+    model = torch.nn.Sequential(Linear(32, 64), Linear(64, 32))
+    linear_module.calibrate(model, rows=(1, 40))  # returns at once: nothing is measured
+    assert linear_module._choices == {} and linear_module._trials == {}
+    assert linear_module._graph_choices == {(64, 32, 1, torch.float32): "onednn", (32, 64, 1, torch.float32): "onednn",
+                                            (64, 32, 64, torch.float32): "onednn", (32, 64, 64, torch.float32): "onednn"}

@@ -38,13 +38,21 @@ def test_config_from_metadata(ours):
     assert config.norm_eps == 1e-5
 
 
-def test_logits_equal_transformers_gguf_loader(ours, theirs):
+@pytest.mark.parametrize("kernel, tolerance", [("linear", 1e-4), (None, 5e-4)], ids=["f-linear", "measured"])
+def test_logits_equal_transformers_gguf_loader(ours, theirs, kernel, tolerance, monkeypatch):
+    """Through F.linear (transformers' kernel) to 1e-4; through the kernels this machine measured
+    fastest (oneDNN's products add up in another order) to 5e-4 over 30 layers."""
+    if kernel is None:
+        monkeypatch.delenv("CORMLM_LINEAR_KERNEL", raising=False)
+    else:
+        monkeypatch.setenv("CORMLM_LINEAR_KERNEL", kernel)
     model, tokenizer = ours
     ids = torch.tensor([tokenizer.encode(TEXT)])
     with torch.no_grad():
         expected = theirs(ids).logits
-        got = model(ids)
-    assert (got - expected).abs().max().item() <= 1e-4
+        for _ in range(2 if kernel is None else 1):  # measured: while trials run, then with the choices made
+            got = model(ids)
+            assert (got - expected).abs().max().item() <= tolerance
 
 
 def test_greedy_chat_answer_equals_transformers(ours, theirs):

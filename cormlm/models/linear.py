@@ -84,7 +84,7 @@ def transposed(kernel: Callable[..., torch.Tensor]) -> Callable[..., torch.Tenso
     as its small operand) and transposed back: oneDNN then never reorders the large matrix,
     and the BLAS takes a different GEMM path."""
     def run(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        y = kernel(weight, x).t().contiguous()
+        y = kernel(weight, x, None).t().contiguous()
         return y if bias is None else y + bias
     return run
 
@@ -217,10 +217,12 @@ def calibrate(model: nn.Module, rows: tuple[int, ...] = CALIBRATION_ROWS) -> Non
     the layers in model order, so each weight is as cold as in a forward pass."""
     layers = [m for m in model.modules() if isinstance(m, Linear)]
     forced = _forced()
-    for n in rows:
+    for n in rows if forced is None else ():  # a forced kernel needs no trials
         inputs: dict[tuple, torch.Tensor] = {}
         pending = True
-        while pending:
+        for _ in range(len(KERNELS) * (TRIALS + 1)):  # every key is decided within this many passes
+            if not pending:
+                break
             pending = False
             for layer in layers:
                 w = layer.weight
@@ -231,8 +233,11 @@ def calibrate(model: nn.Module, rows: tuple[int, ...] = CALIBRATION_ROWS) -> Non
                 linear(x, w, layer.bias)
     threads = torch.get_num_threads()
     _graph_choices.clear()
-    _graph_choices.update({(out, inp, n, dtype): forced or name for (out, inp, n, dtype, t, device), name in _choices.items()
+    _graph_choices.update({(out, inp, n, dtype): name for (out, inp, n, dtype, t, device), name in _choices.items()
                            if t == threads and device == "cpu" and name not in _broken})
+    if forced is not None:
+        _graph_choices.update({(*layer.weight.shape, row_bucket(n), layer.weight.dtype): forced
+                               for layer in layers for n in rows})
 
 
 class Linear(nn.Linear):
