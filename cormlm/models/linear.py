@@ -120,19 +120,25 @@ def _forced() -> str | None:
     return value
 
 
+def _fits(name: str, rows: int, x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether kernel ``name`` can compute a product of ``rows`` rows of these shapes and dtypes
+    (what both eager trials and compiled graphs obey)."""
+    if name == "split":
+        return rows <= SPLIT_MAX_ROWS and weight.shape[0] % SPLIT_PARTS == 0
+    if name.endswith("_t") and rows > TRANSPOSED_MAX_ROWS:
+        return False
+    return not name.startswith("onednn") or weight.dtype in ONEDNN_DTYPES and x.dtype == weight.dtype
+
+
 def candidates(x: torch.Tensor, weight: torch.Tensor) -> list[str]:
     """The kernels that can run this product ([rows, in] ``x``), F.linear first; only F.linear
     for GPU tensors, float64 and compiled graphs."""
     if weight.device.type != "cpu" or torch.compiler.is_compiling() or not weight.is_contiguous():
         return ["linear"]
-    names = ["linear"]
-    few = x.shape[0] <= TRANSPOSED_MAX_ROWS
-    if x.shape[0] <= SPLIT_MAX_ROWS and weight.shape[0] % SPLIT_PARTS == 0:
-        names.append("split")
     grad = torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad)
-    onednn = weight.dtype in ONEDNN_DTYPES and x.dtype == weight.dtype and not grad and _onednn_available()
-    names += ["onednn"] * onednn + ["linear_t"] * few + ["onednn_t"] * (few and onednn)
-    return [name for name in names if name not in _broken]
+    onednn = not grad and _onednn_available()
+    return [name for name in KERNELS if name not in _broken and _fits(name, x.shape[0], x, weight)
+            and (onednn or not name.startswith("onednn"))]
 
 
 def _key(weight: torch.Tensor, rows: int) -> tuple:
@@ -198,13 +204,7 @@ def graph_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     choice = "linear"
     if weight.device.type == "cpu" and weight.is_contiguous():  # a plain dict lookup: nothing for dynamo to break on
         choice = _graph_choices.get((weight.shape[0], weight.shape[1], bucket_rows, weight.dtype), "linear")
-    if choice == "split" and (bucket_rows > SPLIT_MAX_ROWS or weight.shape[0] % SPLIT_PARTS):
-        choice = "linear"
-    if choice.endswith("_t") and bucket_rows > TRANSPOSED_MAX_ROWS:
-        choice = "linear"
-    if choice.startswith("onednn") and x.dtype != weight.dtype:
-        choice = "linear"
-    if choice == "linear":
+    if choice == "linear" or not _fits(choice, bucket_rows, x, weight):
         return F.linear(x, weight, bias)
     flat = x.reshape(-1, weight.shape[1])
     return GRAPH_KERNELS[choice](flat, weight, bias).view(*x.shape[:-1], weight.shape[0])
