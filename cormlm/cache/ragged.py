@@ -73,16 +73,14 @@ class RaggedCache(KVCache):
         self._single = False  # this step appends exactly one token per row (decode)
         self._step_counts: torch.Tensor | None = None  # host, per row: valid tokens of this call
         self._seen_before = 0
-        self._stream_t = torch.zeros(self.batch_size * self.num_kv_heads, dtype=torch.long, device=self.device)
-        self._stream_t32 = self._stream_t.to(torch.int32)
+        self._set_stream_t()
         self._stream_pos = self._stream_t32  # decode: [S] 0-indexed position of each stream's new token
 
     def begin_step(self, valid: torch.Tensor | None, num_tokens: int) -> tuple[torch.Tensor, int]:
         self._seen_before = self.max_length
         self._step_counts = None if valid is None else valid.sum(dim=1).cpu()
         positions, max_position = super().begin_step(valid, num_tokens)
-        self._stream_t = self.lengths.repeat_interleave(self.num_kv_heads)  # once per step, not per layer
-        self._stream_t32 = self._stream_t.to(torch.int32)
+        self._set_stream_t()  # once per step, not per layer
         self._single = num_tokens == 1 and valid is None
         if self._single:  # decode: every stream gets room for its token now, so attend() allocates nothing
             # [S]: each stream's new position, as the pool stores positions (once per step, not per layer)
@@ -243,6 +241,10 @@ class RaggedCache(KVCache):
     def _set_batch_size(self) -> None:
         self.batch_size = len(self.lengths)
         self.max_length = int(self.lengths.max()) if self.batch_size else 0
+        self._set_stream_t()
+
+    def _set_stream_t(self) -> None:
+        """Each stream's query count [S] (long), and as int32 for comparisons with positions."""
         self._stream_t = self.lengths.repeat_interleave(self.num_kv_heads)
         self._stream_t32 = self._stream_t.to(torch.int32)
 
