@@ -24,7 +24,7 @@ import torch
 
 from ..errors import CacheConfigError
 from .budget import check_recent_within_budget, drop_over_budget
-from .policy import EvictionPolicy, SlotView
+from .policy import EvictionPolicy, SlotView, group_max
 
 DEFAULT_WINDOW_AND_RECENT = 256
 
@@ -76,7 +76,7 @@ class CormPolicy(EvictionPolicy):
                 visible: torch.Tensor | None) -> dict[str, torch.Tensor]:
         t = query_t.float()[..., :, None]  # [..., Q, 1]
         threshold = self.threshold / t  # padding queries: t = 0 -> inf, never important
-        strongest = probs.amax(dim=-3)  # union over the group: a >= x for some head iff max >= x
+        strongest = group_max(probs).squeeze(-3)  # union over the group: a >= x for some head iff max >= x
         important = strongest >= threshold
         lifetime = float(self.window)
         if self.magnitude:
@@ -96,7 +96,7 @@ class CormPolicy(EvictionPolicy):
         if self.magnitude:
             return super().decode_update(state, probs, query_t, attended)
         t = query_t.float()  # [NB, 1]
-        important = probs.amax(dim=-3)[:, 0] >= self.threshold / t  # [NB, block]
+        important = group_max(probs)[:, 0, 0] >= self.threshold / t  # [NB, block]
         return {"keep_until": torch.where(important, t + float(self.window), state["keep_until"])}
 
     def evict(self, view: SlotView) -> torch.Tensor:

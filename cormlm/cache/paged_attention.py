@@ -36,18 +36,19 @@ def _dense_segments(owner: torch.Tensor, num_streams: int) -> bool:
 
 
 def _segment_max(x: torch.Tensor, owner: torch.Tensor, num_streams: int) -> torch.Tensor:
-    """Per-stream max of block rows ``x`` [NB, G] -> [S, G].
+    """Per-stream max of block scores ``x`` [NB, G, block] -> [S, G].
 
-    Eager: a scatter. Compiled on CPU: a masked max over a [S, NB, G] view, since inductor
-    turns scatters into atomic updates that contend on a 2-core CPU (3-4x slower than
-    eager); see :func:`_dense_segments` for when.
+    Eager: one scatter of the whole blocks, then a max over the few [S, G, block] rows (a
+    max over each block first is the slower reduction). Compiled on CPU: a masked max over
+    a [S, NB, G] view, since inductor turns scatters into atomic updates that contend on a
+    2-core CPU (3-4x slower than eager); see :func:`_dense_segments` for when.
     """
     if _dense_segments(owner, num_streams):
         member = owner[None, :, None] == torch.arange(num_streams, device=owner.device)[:, None, None]
-        return torch.where(member, x[None], float("-inf")).amax(dim=1)
-    index = owner[:, None].expand_as(x)
-    return torch.full((num_streams, x.shape[1]), float("-inf"), dtype=x.dtype, device=x.device).scatter_reduce(
-        0, index, x, reduce="amax", include_self=True)
+        return torch.where(member, x.amax(dim=-1)[None], float("-inf")).amax(dim=1)
+    index = owner[:, None, None].expand_as(x)
+    return torch.full((num_streams, *x.shape[1:]), float("-inf"), dtype=x.dtype, device=x.device).scatter_reduce(
+        0, index, x, reduce="amax", include_self=True).amax(dim=-1)
 
 
 def _segment_sum(x: torch.Tensor, owner: torch.Tensor, num_streams: int) -> torch.Tensor:
@@ -81,7 +82,7 @@ def paged_decode_attention(keys: torch.Tensor, values: torch.Tensor, positions: 
         slopes = spec.alibi_slopes.view(-1, g).repeat(s // (spec.alibi_slopes.numel() // g), 1)  # [S, G]
         scores = scores + alibi_bias(slopes[owner][:, :, None], pos[:, None, :], spec.scale)
     scores = scores.masked_fill(hidden[:, None, :], float("-inf"))
-    peak = _segment_max(scores.amax(dim=-1), owner, s)  # [S, G]
+    peak = _segment_max(scores, owner, s)  # [S, G]
     weights = torch.exp(scores - peak[owner][:, :, None])  # invisible slots: exp(-inf) = 0
     denom = _segment_sum(weights.sum(dim=-1), owner, s)
     partial = torch.bmm(weights.to(values.dtype), values)  # [NB, G, D]

@@ -28,6 +28,16 @@ import torch
 POLICIES: dict[str, type[EvictionPolicy]] = {}  # name -> class, filled as policy classes are defined
 
 
+def group_max(x: torch.Tensor, dim: int = -3) -> torch.Tensor:
+    """Max over ``dim`` (kept, size 1) by pairwise maxima of overlapping halves: ceil(log2 n)
+    elementwise operations. A query group is a short middle dimension, over which CPU
+    reduction kernels run several times slower than elementwise ones; the result is exact."""
+    while (n := x.shape[dim]) > 1:
+        half = (n + 1) // 2  # the halves overlap by one row when n is odd: harmless for a max
+        x = torch.maximum(x.narrow(dim, 0, half), x.narrow(dim, n - half, half))
+    return x
+
+
 @dataclass
 class SlotView:
     """One layer's pool as a policy sees it at eviction time (all [NB, block] unless noted)."""

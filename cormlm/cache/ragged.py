@@ -2,8 +2,11 @@
 
 Per call and layer: the new tokens are appended to the pool; attention runs (decode: over
 the pool directly, probabilities included; multi-token calls: SDPA, plus explicit scores
-for only the query rows the policy needs); the policy updates its per-key state and
-evicts. Keys that a sliding window has left behind are dropped under every policy.
+for only the query rows the policy needs); the policy updates its per-key state. After the
+last layer the policy evicts from every layer at once (a layer's pool is not read again
+before the next call, so this is the rule's "after the step"): one pass over all layers'
+positions instead of a dozen small operations per layer. Keys that a sliding window has
+left behind are dropped under every policy.
 """
 
 from __future__ import annotations
@@ -69,7 +72,10 @@ class RaggedCache(KVCache):
         self.pools = [BlockPool(streams, block_size, self.head_dim, self.dtype, self.device, policy.state_fields())
                       for _ in range(self.num_layers)]
         self._decode_steps = 0
-        self._dropped = False  # some layer ran an eviction pass this step
+        self._window: int | None = None  # the layers' sliding window (None: none)
+        self._uniform = True  # host: every row has seen as many tokens (batch 1, unpadded batches)
+        self._layout_key: tuple[int, ...] = ()  # pool capacities _block_layer_ids was made for
+        self._block_layer_ids = torch.zeros(0, dtype=torch.long)
         self._single = False  # this step appends exactly one token per row (decode)
         self._step_counts: torch.Tensor | None = None  # host, per row: valid tokens of this call
         self._seen_before = 0
@@ -79,6 +85,8 @@ class RaggedCache(KVCache):
     def begin_step(self, valid: torch.Tensor | None, num_tokens: int) -> tuple[torch.Tensor, int]:
         self._seen_before = self.max_length
         self._step_counts = None if valid is None else valid.sum(dim=1).cpu()
+        if self._step_counts is not None and self.batch_size:
+            self._uniform = self._uniform and bool((self._step_counts == self._step_counts[0]).all())
         positions, max_position = super().begin_step(valid, num_tokens)
         self._set_stream_t()  # once per step, not per layer
         self._single = num_tokens == 1 and valid is None
@@ -106,7 +114,7 @@ class RaggedCache(KVCache):
             slots = pool.append_one(new_keys[:, 0], v.reshape(b * hkv, d), self._stream_pos)
             for name, value in self._stored(new_keys[:, 0]).items():
                 pool.state[name].view(-1).index_copy_(0, slots, value.to(pool.state[name].dtype))
-            block_t = self._block_t(pool) if self._evicts(spec) or self.policy.needs_probs else None
+            block_t = self._block_t(pool) if self.policy.needs_probs else None
             out, state = decode_layer_step(pool.keys, pool.values, pool.positions, pool.owner, pool.state,
                                            q.reshape(b * hkv, g, d), self._stream_pos, block_t, self._stream_t,
                                            spec, self.policy, self.query_group)
@@ -120,16 +128,13 @@ class RaggedCache(KVCache):
             for name, value in self._stored(new_keys).items():
                 stored = slots >= 0
                 pool.state[name].view(-1)[slots[stored]] = value[stored].to(pool.state[name].dtype)
-            block_t = self._block_t(pool) if self._evicts(spec) else None
             out = self._attend_many(pool, q, k, v, positions, slots, spec)
-        if self._evicts(spec):
-            self._evict(pool, block_t, spec)
-            self._dropped = True
+        if spec.sliding_window != self._window:
+            if layer and self._window is not None:
+                raise NotImplementedError("the ragged cache evicts every layer with one sliding window; "
+                                          f"layer {layer} has {spec.sliding_window}, others {self._window}")
+            self._window = spec.sliding_window
         return out
-
-    def _evicts(self, spec: AttentionSpec) -> bool:
-        """Whether this layer can drop keys at all (a full cache without a sliding window never does)."""
-        return self._policy_evicts or spec.sliding_window is not None
 
     def _stored(self, keys: torch.Tensor) -> dict[str, torch.Tensor]:
         """The policy's state of fresh keys; for a replicated KV head, the same on every replica
@@ -142,32 +147,69 @@ class RaggedCache(KVCache):
 
     def _block_t(self, pool: BlockPool) -> torch.Tensor:
         """[NB, 1]: the 1-indexed position of the latest query of the stream owning each block,
-        int32 as the pool's positions (comparing them with a long would copy them each time)."""
+        int32 as the pool's positions (comparing them with a long would copy them each time);
+        [1, 1] when every stream has seen as many tokens (no lookup per layer)."""
+        if self._uniform:
+            return self._stream_t32[:1, None]
         return self._stream_t32[pool.owner.clamp(min=0)][:, None]
 
     def end_step(self) -> None:
-        """After the last layer: host bookkeeping, and now and then compaction of pools that
-        holes or free blocks bloat."""
+        """After the last layer: evictions in every layer, host bookkeeping, and compaction of
+        pools that holes or free blocks bloat."""
         if self._single:
             for pool in self.pools:
                 pool.appended_one()
         self._decode_steps = self._decode_steps + 1 if self._single else 0
-        dropped, self._dropped = self._dropped, False
+        live = self._evict_all() if self._policy_evicts or self._window is not None else None
         if not self._decode_steps or self._decode_steps % COMPACT_CHECK_EVERY == 0:
             for pool in self.pools:
                 pool.release_empty_blocks()
-        elif not dropped:  # no key left this step: no new hole to check for
+        if live is None:  # nothing can have left: no new hole to check for
             return
         # every step that evicted: held bytes stay within COMPACT_SLACK of the live keys at
         # every step, not only at periodic checks (an eviction wave after a prompt can empty
         # several percent of the slots per step)
-        live = torch.stack([(pool.positions >= 0).sum() for pool in self.pools]).tolist()  # one sync
         for pool, kept in zip(self.pools, live):
             bs, streams = pool.block_size, pool.num_streams
             slack = pool.capacity * bs > COMPACT_SLACK * kept
             # and repacking would shrink it (a repacked pool holds at most this many blocks)
             if slack and pool.capacity > pool.bucket(-(-kept // bs) + 2 * streams):
                 pool.compact()
+
+    def _evict_all(self) -> list[int]:
+        """Evict from every layer in one pass (the policy sees all pools as one, each layer's
+        streams numbered after the previous layer's); returns each layer's live keys (one sync)."""
+        pools = self.pools
+        sizes = [pool.capacity for pool in pools]
+        positions = torch.cat([pool.positions for pool in pools])  # [sum NB, block]
+        owner = torch.cat([pool.owner for pool in pools])
+        block_layer = self._block_layer(sizes)
+        streams = self.batch_size * self.num_kv_heads
+        owner = torch.where(owner >= 0, owner + block_layer * streams, -1)
+        stream_t = self._stream_t.repeat(len(pools))
+        query_t = self._stream_t32[:1, None] if self._uniform else stream_t.to(torch.int32)[owner.clamp(min=0)][:, None]
+        drop = None
+        if self._policy_evicts:
+            state = {name: torch.cat([pool.state[name] for pool in pools]) for name in self.policy.state_fields()}
+            drop = self.policy.evict(SlotView(positions, state, query_t, owner, stream_t, single_step=self._single))
+        if self._window is not None:
+            # no future query (position >= t) can see a key at position <= t - window
+            behind = (positions >= 0) & (positions <= query_t - self._window)
+            drop = behind if drop is None else drop | behind
+        if drop is not None:
+            positions.masked_fill_(drop, -1)
+            torch.split_with_sizes_copy(positions, sizes, out=[pool.positions for pool in pools])
+        live = torch.zeros(len(pools), dtype=torch.long, device=self.device)
+        return live.index_add_(0, block_layer, (positions >= 0).sum(dim=1)).tolist()
+
+    def _block_layer(self, sizes: list[int]) -> torch.Tensor:
+        """[sum NB]: the layer of each block when the pools are laid end to end (made again
+        only when a pool changes size)."""
+        if tuple(sizes) != self._layout_key:
+            self._layout_key = tuple(sizes)
+            self._block_layer_ids = torch.arange(len(sizes), device=self.device).repeat_interleave(
+                torch.tensor(sizes, device=self.device))
+        return self._block_layer_ids
 
     def _attend_many(self, pool: BlockPool, q, k, v, positions, slots, spec) -> torch.Tensor:
         """A multi-token call: SDPA for the output, explicit scores for the policy's rows."""
@@ -201,16 +243,6 @@ class RaggedCache(KVCache):
                 pool.state[name].view(-1)[flat] = value.to(pool.state[name].dtype)
         return out
 
-    def _evict(self, pool: BlockPool, qt: torch.Tensor, spec: AttentionSpec) -> None:
-        view = SlotView(pool.positions, pool.state, qt, pool.owner, self._stream_t, single_step=self._single)
-        drop = self.policy.evict(view)
-        if spec.sliding_window is not None:
-            # no future query (position >= t) can see a key at position <= t - window
-            behind = (pool.positions >= 0) & (pool.positions <= qt - spec.sliding_window)
-            drop = behind if drop is None else drop | behind
-        if drop is not None:
-            pool.evict(drop)
-
     # ------------------------------------------------- rows joining and leaving (serving)
     @torch.inference_mode()
     def remove_rows(self, rows: list[int]) -> None:
@@ -241,6 +273,7 @@ class RaggedCache(KVCache):
     def _set_batch_size(self) -> None:
         self.batch_size = len(self.lengths)
         self.max_length = int(self.lengths.max()) if self.batch_size else 0
+        self._uniform = not self.batch_size or bool((self.lengths == self.lengths[0]).all())
         self._set_stream_t()
 
     def _set_stream_t(self) -> None:
