@@ -208,3 +208,67 @@ def test_chunked_prefill_with_full_policy_is_exact(gqa):
     chunked = cormlm.generate(gqa, ids, attention_mask=mask, max_new_tokens=12, eos_token_id=[],
                               cache=cormlm.CacheConfig("full", prefill_chunk=16))
     assert chunked.new_tokens == one.new_tokens
+
+
+@pytest.mark.parametrize("shape, dim", [((5, 1, 4), 1), ((5, 3, 1, 4), -3), ((2, 8, 3), 1), ((7, 71, 2), 1), ((4, 6), 0)])
+def test_group_max_equals_amax(shape, dim):
+    from cormlm.cache.policy import group_max
+
+    x = torch.randn(shape, dtype=torch.float64)
+    assert torch.equal(group_max(x, dim), x.amax(dim=dim, keepdim=True))
+
+
+@pytest.mark.parametrize("alibi", [False, True])
+@pytest.mark.parametrize("start, rows", [(0, 6), (3, 4), (13, 3)])
+def test_prompt_scores_masked_from_the_first_row_equal_the_general_mask(alibi, start, rows):
+    from cormlm.cache.ragged import explicit_probs
+    from cormlm.models.attention_ops import AttentionSpec
+
+    torch.manual_seed(start)
+    b, hkv, g, length, d = 2, 2, 3, 16, 8
+    spec = AttentionSpec(hkv * g, hkv, d, d ** -0.5,
+                         alibi_slopes=torch.rand(hkv * g, dtype=torch.float64) if alibi else None)
+    q = torch.randn(b, hkv * g, rows, d, dtype=torch.float64)
+    k = torch.randn(b, hkv, length, d, dtype=torch.float64)
+    k_pos = torch.arange(length).expand(b, length)
+    q_pos = k_pos[:, start:start + rows]
+    general, seen = explicit_probs(q, k, q_pos, k_pos, spec)
+    fast, fast_seen = explicit_probs(q, k, q_pos, k_pos, spec, causal_start=start)
+    assert torch.equal(fast, general) and torch.equal(fast_seen, seen)
+
+
+def test_layers_with_different_sliding_windows_are_refused():
+    from cormlm.cache.registry import build_cache
+    from cormlm.models.attention_ops import AttentionSpec
+
+    cache = build_cache(cormlm.CacheConfig("corm"), batch_size=1, num_layers=2, num_kv_heads=1, head_dim=4,
+                        dtype=torch.float32, device=torch.device("cpu"), sliding_window=None, query_group=None)
+    positions, _ = cache.begin_step(None, 2)
+    x = torch.randn(1, 1, 2, 4)
+    cache.attend(0, x, x, x, positions, AttentionSpec(1, 1, 4, 0.5, sliding_window=4))
+    with pytest.raises(NotImplementedError, match="one sliding window"):
+        cache.attend(1, x, x, x, positions, AttentionSpec(1, 1, 4, 0.5, sliding_window=8))
+
+
+@pytest.mark.parametrize("policy, params", [("corm", {"window": 8, "recent": 4}), ("corm", {"magnitude": 1.0}),
+                                            ("h2o", {"budget": 0.5}), ("scissorhands", {"budget": 0.5})])
+def test_prompt_scoring_in_chunks_of_any_size(gqa, policy, params, monkeypatch):
+    """However many rows a chunk of explicit scores holds (one chunk, or SCORE_MIN_ROWS at a
+    time), the policy's state after a prompt is the same and every position's logits equal
+    the full cache's."""
+    import cormlm.cache.ragged as ragged
+
+    torch.manual_seed(1)
+    ids = torch.randint(0, gqa.config.vocab_size, (2, 40))
+    with torch.inference_mode():
+        full = gqa.forward_unchecked(ids, None, cormlm.make_cache(gqa, cormlm.CacheConfig("full"), 2))
+        states = []
+        for score_bytes in (2**30, 1):  # one chunk; SCORE_MIN_ROWS rows at a time
+            monkeypatch.setattr(ragged, "SCORE_BYTES", score_bytes)
+            cache = cormlm.make_cache(gqa, cormlm.CacheConfig(policy, **params), 2)
+            logits = gqa.forward_unchecked(ids, None, cache)
+            torch.testing.assert_close(logits, full, rtol=1e-5, atol=1e-5)
+            states.append([{name: t.clone() for name, t in pool.state.items()} for pool in cache.pools])
+    for layer_one, layer_many in zip(*states):
+        for name in layer_one:
+            torch.testing.assert_close(layer_many[name], layer_one[name], rtol=1e-6, atol=1e-7)

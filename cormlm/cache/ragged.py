@@ -25,13 +25,28 @@ COMPACT_CHECK_EVERY = 16  # decode steps between releases of emptied blocks to t
 # compact a pool holding more slots than this times its live keys: with positions and policy
 # state (1.6% of a 64-dim float key + value) and bucket rounding, held bytes stay near 1.10x
 COMPACT_SLACK = 1.06
-SCORE_CHUNK = 256  # query rows scored at once for a policy: bounds the [rows x keys] matrix
+# Query rows a policy scores at once: as many as keep one [heads x rows x keys] float32 score
+# matrix within SCORE_BYTES, at least SCORE_MIN_ROWS (products of fewer rows are slow). A
+# memory bound first (256-row chunks made 300 MB of scores at batch 8 and 4k keys); a few MiB
+# also keep the passes over it (softmax, the policy's reductions) mostly in cache.
+SCORE_BYTES = 8 * 2**20
+SCORE_MIN_ROWS = 16
+
+
+def score_rows(heads: int, keys: int) -> int:
+    """Rows per chunk of explicit scores for ``heads`` query heads (all rows) over ``keys`` keys."""
+    return max(SCORE_MIN_ROWS, SCORE_BYTES // (4 * heads * max(keys, 1)))
 
 
 def explicit_probs(q: torch.Tensor, k: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor,
-                   spec: AttentionSpec) -> tuple[torch.Tensor, torch.Tensor]:
+                   spec: AttentionSpec, causal_start: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax probabilities [B, Hkv, G, Q, S] (float32) for a few query rows ``q`` [B, Hq, Q, D],
-    and which keys each row could see [B, Hkv, Q, S]."""
+    and which keys each row could see [B, Hkv, Q, S].
+
+    ``causal_start``: the keys are a prompt's own tokens at positions 0..S-1 (nothing cached
+    before, no padding) and the rows consecutive positions from ``causal_start``, so that only
+    the keys after it can be hidden: the mask is made and applied there alone.
+    """
     b, hq, nq, d = q.shape
     g = spec.group_size
     # the scale on the few query rows, not on the [rows x keys] scores (the copy the reshape
@@ -42,6 +57,11 @@ def explicit_probs(q: torch.Tensor, k: torch.Tensor, q_pos: torch.Tensor, k_pos:
     if spec.alibi_slopes is not None:
         bias = key_alibi_bias(spec, k_pos)  # [B, Hq, 1, S]
         scores = scores + bias.view(b, spec.num_kv_heads, g, 1, -1)
+    if causal_start is not None and spec.sliding_window is None:
+        keys = torch.arange(scores.shape[-1], device=scores.device)
+        visible = keys <= torch.arange(causal_start, causal_start + nq, device=scores.device)[:, None]  # [Q, S]
+        scores[..., causal_start + 1:].masked_fill_(~visible[:, causal_start + 1:], float("-inf"))
+        return torch.softmax(scores, dim=-1), visible.expand(b, spec.num_kv_heads, nq, visible.shape[-1])
     mask = visibility_mask(q_pos, k_pos, spec.sliding_window)  # [B, Hk, Q, S]
     scores.masked_fill_(~mask[:, :, None], float("-inf"))
     return torch.softmax(scores, dim=-1), mask.expand(b, spec.num_kv_heads, nq, mask.shape[-1])
@@ -212,14 +232,18 @@ class RaggedCache(KVCache):
         return self._block_layer_ids
 
     def _attend_many(self, pool: BlockPool, q, k, v, positions, slots, spec) -> torch.Tensor:
-        """A multi-token call: SDPA for the output, explicit scores for the policy's rows."""
+        """A multi-token call: SDPA for the output, explicit scores for the policy's rows.
+
+        (Taking the scored rows' outputs from those scores instead of SDPA saved a few percent
+        of a prompt, but rounded them otherwise than SDPA: tensor-parallel ranks, whose
+        layers sum their heads' shares, then kept other keys than one process at a tie.)"""
         b, hq, t, d = q.shape
         hkv = self.num_kv_heads
+        fresh = self._seen_before == 0 and self._step_counts is None  # a whole unpadded prompt, nothing before
         if self._seen_before == 0:  # nothing cached before: attend over the new tokens as they are
             keys, values, key_pos = k, v, positions
             key_slots = slots.view(b, hkv, t)
-            unpadded = self._step_counts is None
-            out = attend(q, k, v, spec, causal=True) if unpadded else attend(q, k, v, spec, positions, positions)
+            out = attend(q, k, v, spec, causal=True) if fresh else attend(q, k, v, spec, positions, positions)
         else:
             keys, values, key_pos, key_slots = pool.gather_dense()
             length = keys.shape[1]
@@ -229,14 +253,16 @@ class RaggedCache(KVCache):
         rows = self.policy.query_rows(t) if self.policy.needs_probs else 0
         held = key_slots >= 0
         flat = key_slots[held]
-        for start in range(t - rows, t, SCORE_CHUNK):  # chunks of rows: never a full rows x keys matrix
-            stop = min(start + SCORE_CHUNK, t)
+        chunk = score_rows(b * hq, keys.shape[-2])
+        for start in range(t - rows, t, chunk):  # chunks of rows: never a full rows x keys matrix
+            stop = min(start + chunk, t)
             q_pos = positions[:, start:stop]
-            probs, visible = explicit_probs(q[:, :, start:stop], keys, q_pos, key_pos, spec)
+            probs, visible = explicit_probs(q[:, :, start:stop], keys, q_pos, key_pos, spec, start if fresh else None)
             if self.query_group is not None:
                 probs = self.query_group.combine(probs, self.policy.group_reduce)
             query_t = (q_pos + 1).clamp(min=0)[:, None, :].expand(b, hkv, stop - start)
-            observed = self.policy.observe(probs, query_t, visible.sum(dim=-1), visible)
+            attended = visible.sum(dim=-1) if self.policy.needs_attended else None
+            observed = self.policy.observe(probs, query_t, attended, visible)
             current = {name: state.view(-1)[flat] for name, state in pool.state.items()}
             merged = self.policy.merge(current, {name: o[held] for name, o in observed.items()})
             for name, value in merged.items():
