@@ -1,0 +1,84 @@
+"""scripts/bench_attention.py end to end on a toy shape: the machine header, one table row per
+(batch, context, implementation) with a positive time, SDPA as the 1.00x reference, pools
+that hold every key, and one summary line per (batch, context)."""
+
+import math
+import os
+import re
+from pathlib import Path
+
+import pytest
+from script_runs import run_script
+
+from cormlm import CacheConfig
+
+BATCHES, CONTEXT, KV_HEADS = (1, 2), 40, 2
+TOY = ["--batch", *BATCHES, "--contexts", CONTEXT, "--rounds", 3, "--warmup", 1, "--heads", 4, "--kv-heads", KV_HEADS,
+       "--head-dim", 8]
+IMPLEMENTATIONS = ("dense-sdpa", "paged-full", "paged-corm-probs")
+COLUMNS = ["batch", "context", "implementation", "blocks in pool", "µs per call", "vs dense SDPA"]
+
+
+def _expected_cpu_name() -> str | None:
+    """/proc/cpuinfo's model name (as tests/test_bench_decode.py reads it; not imported from there,
+    whose module skips without transformers)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
+@pytest.fixture(scope="module")
+def output() -> str:
+    env = dict(os.environ, OMP_NUM_THREADS="1")  # toy tensors: one thread, kind to a busy machine
+    done = run_script("bench_attention", *TOY, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def _rows(output: str) -> list[dict[str, str]]:
+    lines = output.splitlines()
+    header = next(line for line in lines if line.startswith("| batch |"))
+    assert [c.strip() for c in header.strip("|").split("|")] == COLUMNS
+    rows = []
+    for line in lines[lines.index(header) + 2:]:
+        if not line.startswith("|"):
+            break
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert len(cells) == len(COLUMNS), line
+        rows.append(dict(zip(COLUMNS, cells)))
+    return rows
+
+
+def test_header_names_the_cpu_before_the_table(output):
+    cpu = next(line for line in output.splitlines() if line.startswith("- CPU: "))
+    name = _expected_cpu_name()
+    if name:
+        assert name in cpu
+    assert re.search(r"^- torch \S+; BLAS: ", output, re.MULTILINE)
+    assert output.index("- CPU: ") < output.index("| batch |")
+
+
+def test_one_row_per_batch_context_and_implementation(output):
+    rows = _rows(output)
+    keys = [(int(r["batch"]), int(r["context"]), r["implementation"]) for r in rows]
+    assert sorted(keys) == sorted((b, CONTEXT, name) for b in BATCHES for name in IMPLEMENTATIONS)
+    block = {"paged-full": CacheConfig("full").slots_per_block(), "paged-corm-probs": CacheConfig("corm").slots_per_block()}
+    for row in rows:
+        assert float(row["µs per call"]) > 0
+        assert re.fullmatch(r"\d+\.\d\dx", row["vs dense SDPA"]), row
+        if row["implementation"] == "dense-sdpa":
+            assert row["vs dense SDPA"] == "1.00x" and row["blocks in pool"] == "-"
+        else:  # the pool holds every stream's CONTEXT keys, in blocks of its policy's size
+            streams = int(row["batch"]) * KV_HEADS
+            assert int(row["blocks in pool"]) >= streams * math.ceil(CONTEXT / block[row["implementation"]])
+
+
+def test_one_summary_line_per_batch_and_context(output):
+    summary = re.findall(r"^- batch (\d+), context (\d+): paged \d+\.\d\dx dense SDPA's time, .* (\d+\.\d\d)x paged$",
+                         output, re.MULTILINE)
+    assert [(int(b), int(c)) for b, c, _ in summary] == [(b, CONTEXT) for b in BATCHES]
+    assert all(float(ratio) > 0 for _, _, ratio in summary)
