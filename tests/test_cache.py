@@ -245,9 +245,10 @@ def test_layers_with_different_sliding_windows_are_refused():
                         dtype=torch.float32, device=torch.device("cpu"), sliding_window=None, query_group=None)
     positions, _ = cache.begin_step(None, 2)
     x = torch.randn(1, 1, 2, 4)
-    cache.attend(0, x, x, x, positions, AttentionSpec(1, 1, 4, 0.5, sliding_window=4))
-    with pytest.raises(NotImplementedError, match="one sliding window"):
-        cache.attend(1, x, x, x, positions, AttentionSpec(1, 1, 4, 0.5, sliding_window=8))
+    for first, second in ((4, 8), (None, 8), (4, None)):
+        cache.attend(0, x, x, x, positions, AttentionSpec(1, 1, 4, 0.5, sliding_window=first))
+        with pytest.raises(NotImplementedError, match="one sliding window"):
+            cache.attend(1, x, x, x, positions, AttentionSpec(1, 1, 4, 0.5, sliding_window=second))
 
 
 @pytest.mark.parametrize("policy, params", [("corm", {"window": 8, "recent": 4}), ("corm", {"magnitude": 1.0}),

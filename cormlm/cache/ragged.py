@@ -149,11 +149,11 @@ class RaggedCache(KVCache):
                 stored = slots >= 0
                 pool.state[name].view(-1)[slots[stored]] = value[stored].to(pool.state[name].dtype)
             out = self._attend_many(pool, q, k, v, positions, slots, spec)
-        if spec.sliding_window != self._window:
-            if layer and self._window is not None:
-                raise NotImplementedError("the ragged cache evicts every layer with one sliding window; "
-                                          f"layer {layer} has {spec.sliding_window}, others {self._window}")
+        if layer == 0:
             self._window = spec.sliding_window
+        elif spec.sliding_window != self._window:
+            raise NotImplementedError("the ragged cache evicts every layer with one sliding window; "
+                                      f"layer {layer} has {spec.sliding_window}, layer 0 {self._window}")
         return out
 
     def _stored(self, keys: torch.Tensor) -> dict[str, torch.Tensor]:
