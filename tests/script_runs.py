@@ -9,6 +9,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def cpu_model_name() -> str | None:
+    """/proc/cpuinfo's model name, which a benchmark's header must name (None where unreadable)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
 def run_script(name: str, *args: object, timeout: float = 300, env: dict[str, str] | None = None
                ) -> subprocess.CompletedProcess:
     """The finished run (output captured as text); the caller checks its return code."""

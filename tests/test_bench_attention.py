@@ -5,10 +5,9 @@ that hold every key, and one summary line per (batch, context)."""
 import math
 import os
 import re
-from pathlib import Path
 
 import pytest
-from script_runs import run_script
+from script_runs import cpu_model_name, run_script
 
 from cormlm import CacheConfig
 
@@ -17,18 +16,6 @@ TOY = ["--batch", *BATCHES, "--contexts", CONTEXT, "--rounds", 3, "--warmup", 1,
        "--head-dim", 8]
 IMPLEMENTATIONS = ("dense-sdpa", "paged-full", "paged-corm-probs")
 COLUMNS = ["batch", "context", "implementation", "blocks in pool", "µs per call", "vs dense SDPA"]
-
-
-def _expected_cpu_name() -> str | None:
-    """/proc/cpuinfo's model name (as tests/test_bench_decode.py reads it; not imported from there,
-    whose module skips without transformers)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return None
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +42,7 @@ def _rows(output: str) -> list[dict[str, str]]:
 
 def test_header_names_the_cpu_before_the_table(output):
     cpu = next(line for line in output.splitlines() if line.startswith("- CPU: "))
-    name = _expected_cpu_name()
+    name = cpu_model_name()
     if name:
         assert name in cpu
     assert re.search(r"^- torch \S+; BLAS: ", output, re.MULTILINE)

@@ -3,11 +3,10 @@ row per implementation with ratios and KV held against retained, and the GEMV ch
 
 import os
 import re
-from pathlib import Path
 
 import pytest
 import torch
-from script_runs import run_script
+from script_runs import cpu_model_name, run_script
 
 pytest.importorskip("transformers")
 
@@ -15,16 +14,6 @@ TOY = ["--model", "random", "--hidden", "64", "--layers", "2", "--heads", "4", "
        "--intermediate", "128", "--vocab", "256", "--contexts", "32", "--repeats", "1", "--steps", "2",
        "--no-compile", "--bandwidth-gib", "0.0625"]
 IMPLEMENTATIONS = ("transformers", "cormlm-full", "cormlm-corm")
-
-
-def _expected_cpu_name() -> str | None:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return None
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +27,7 @@ def output():
 
 def test_header_names_the_cpu_and_blas(output):
     cpu = next(line for line in output.splitlines() if line.startswith("- CPU: "))
-    name = _expected_cpu_name()
+    name = cpu_model_name()
     if name:
         assert name in cpu
     assert "threads" in cpu and "cores" in cpu
