@@ -134,7 +134,7 @@ class RaggedCache(KVCache):
             slots = pool.append_one(new_keys[:, 0], v.reshape(b * hkv, d), self._stream_pos)
             for name, value in self._stored(new_keys[:, 0]).items():
                 pool.state[name].view(-1).index_copy_(0, slots, value.to(pool.state[name].dtype))
-            block_t = self._block_t(pool) if self.policy.needs_probs else None
+            block_t = self._block_t(pool.owner) if self.policy.needs_probs else None
             out, state = decode_layer_step(pool.keys, pool.values, pool.positions, pool.owner, pool.state,
                                            q.reshape(b * hkv, g, d), self._stream_pos, block_t, self._stream_t,
                                            spec, self.policy, self.query_group)
@@ -165,13 +165,15 @@ class RaggedCache(KVCache):
             return stored
         return {name: self.query_group.agree(value) for name, value in stored.items()}
 
-    def _block_t(self, pool: BlockPool) -> torch.Tensor:
-        """[NB, 1]: the 1-indexed position of the latest query of the stream owning each block,
-        int32 as the pool's positions (comparing them with a long would copy them each time);
-        [1, 1] when every stream has seen as many tokens (no lookup per layer)."""
+    def _block_t(self, owner: torch.Tensor, layers: int = 1) -> torch.Tensor:
+        """[NB, 1]: the 1-indexed position of the latest query of the stream owning each block
+        (``owner`` numbers the streams of ``layers`` layers one after the other), int32 as the
+        pool's positions (comparing them with a long would copy them each time); [1, 1] when
+        every stream has seen as many tokens (no lookup)."""
         if self._uniform:
             return self._stream_t32[:1, None]
-        return self._stream_t32[pool.owner.clamp(min=0)][:, None]
+        stream_t = self._stream_t32 if layers == 1 else self._stream_t32.repeat(layers)
+        return stream_t[owner.clamp(min=0)][:, None]
 
     def end_step(self) -> None:
         """After the last layer: evictions in every layer, host bookkeeping, and compaction of
@@ -207,7 +209,7 @@ class RaggedCache(KVCache):
         streams = self.batch_size * self.num_kv_heads
         owner = torch.where(owner >= 0, owner + block_layer * streams, -1)
         stream_t = self._stream_t.repeat(len(pools))
-        query_t = self._stream_t32[:1, None] if self._uniform else stream_t.to(torch.int32)[owner.clamp(min=0)][:, None]
+        query_t = self._block_t(owner, len(pools))
         drop = None
         if self._policy_evicts:
             state = {name: torch.cat([pool.state[name] for pool in pools]) for name in self.policy.state_fields()}
