@@ -17,7 +17,7 @@ import torch
 
 from ..errors import CacheConfigError
 from .budget import BudgetPolicy
-from .policy import SlotView
+from .policy import SlotView, group_max
 
 RING = 64  # verdicts remembered per key: the history window's upper bound
 
@@ -64,7 +64,8 @@ class ScissorhandsPolicy(BudgetPolicy):
     def observe(self, probs: torch.Tensor, query_t: torch.Tensor, attended: torch.Tensor | None,
                 visible: torch.Tensor | None) -> dict[str, torch.Tensor]:
         threshold = 1.0 / attended.float().clamp(min=1)
-        important = (probs >= threshold[..., None, :, None]).any(dim=-3)  # [..., Q, S]
+        # some head of the group gives the key its share iff the group's max does (one threshold per query)
+        important = group_max(probs).squeeze(-3) >= threshold[..., :, None]  # [..., Q, S]
         bits = query_bits(query_t)[..., :, None]  # [..., Q, 1]
         unimportant = torch.where(important, 0, bits.expand_as(important))
         if visible is not None:  # a query judges only the keys it could see (that existed)
