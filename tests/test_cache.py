@@ -273,3 +273,35 @@ def test_prompt_scoring_in_chunks_of_any_size(gqa, policy, params, monkeypatch):
     for layer_one, layer_many in zip(*states):
         for name in layer_one:
             torch.testing.assert_close(layer_many[name], layer_one[name], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("policy, params", [("corm", {"window": 8, "recent": 4}), ("corm", {"window": 8, "recent": 4, "magnitude": 1.0}),
+                                            ("corm", {"window": 8, "recent": 4, "budget": 20}),
+                                            ("h2o", {"budget": 0.5}), ("scissorhands", {"budget": 0.5})])
+def test_state_update_after_the_step_equals_per_layer(gqa, policy, params, monkeypatch):
+    """An eager decode step updates every layer's policy state at once after the last layer;
+    a compiled one updates each layer with its attention. Both give the same state bit for
+    bit, hence the same evictions and logits (rows of different lengths: per-block query
+    positions)."""
+    from cormlm.cache.ragged import RaggedCache
+
+    torch.manual_seed(2)
+    ids = torch.randint(0, gqa.config.vocab_size, (2, 24))
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0  # the second row is shorter: its streams' query positions differ
+    runs = []
+    with torch.inference_mode():
+        for per_layer in (False, True):
+            monkeypatch.setattr(RaggedCache, "_state_per_layer", staticmethod(lambda per_layer=per_layer: per_layer))
+            out = cormlm.generate(gqa, ids, attention_mask=mask, max_new_tokens=30, eos_token_id=[],
+                                  cache=cormlm.CacheConfig(policy, **params))
+            pools = out.cache.pools
+            assert out.cache.retained_fraction() < 1, "nothing was evicted: the test shows nothing"
+            runs.append((out.new_tokens, [pool.positions.clone() for pool in pools],
+                         [{name: t.clone() for name, t in pool.state.items()} for pool in pools]))
+    (tokens, positions, states), (tokens_ref, positions_ref, states_ref) = runs
+    assert tokens == tokens_ref
+    for got, want in zip(positions, positions_ref):
+        assert torch.equal(got, want)
+    for got, want in zip(states, states_ref):
+        assert got.keys() == want.keys() and all(torch.equal(got[name], want[name]) for name in got)

@@ -5,7 +5,8 @@ blocks); the softmax is a segmented one over each stream's blocks (scatter max, 
 index_add). The normalised probabilities fall out of the same computation, so a policy
 that needs them (CORM) costs no second pass: they are the ones the output is made from.
 ``decode_layer_step`` adds the policy's state update; a compiled model runs it inside its
-one-graph decode step (``cormlm.compile_model``).
+one-graph decode step (``cormlm.compile_model``), an eager one updates all layers at once
+after the step (``decode_layer_observation`` gives what the update reads).
 """
 
 from __future__ import annotations
@@ -91,6 +92,29 @@ def paged_decode_attention(keys: torch.Tensor, values: torch.Tensor, positions: 
     return out.to(q.dtype), probs
 
 
+def decode_layer_observation(keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
+                             owner: torch.Tensor, q: torch.Tensor, q_pos: torch.Tensor, stream_t: torch.Tensor,
+                             spec: AttentionSpec, policy: EvictionPolicy, query_group: QueryGroup | None = None
+                             ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """One layer's decode attention and what the policy reads of it: output [S, G, D], the
+    probabilities as ``decode_update`` takes them ([NB, G, 1, block]; None when the policy
+    reads none) and the keys each stream attended to ([NB, 1]; None unless the policy asks).
+
+    ``query_group`` (tensor parallelism, a replicated KV head) completes the group's
+    probabilities from the other ranks before the policy reads them.
+    """
+    out, probs = paged_decode_attention(keys, values, positions, owner, q, q_pos, spec, policy.needs_probs)
+    if probs is None:
+        return out, None, None
+    attended = None
+    if policy.needs_attended:  # keys each stream attended to (its own included): [NB, 1]
+        attended = stream_live_counts(positions, owner, stream_t.shape[0])[owner.clamp(min=0)][:, None]
+    grouped = probs[:, :, None, :]  # [NB, G, 1, block]: the group at -3, as observe() expects
+    if query_group is not None:
+        grouped = query_group.combine(grouped, policy.group_reduce)
+    return out, grouped, attended
+
+
 def decode_layer_step(keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, owner: torch.Tensor,
                       state: dict[str, torch.Tensor], q: torch.Tensor, q_pos: torch.Tensor,
                       block_t: torch.Tensor | None, stream_t: torch.Tensor, spec: AttentionSpec,
@@ -100,17 +124,11 @@ def decode_layer_step(keys: torch.Tensor, values: torch.Tensor, positions: torch
 
     Tensors in, tensors out (no host syncs, no storage changes), so that ``torch.compile``
     can fuse it whole; ``block_t`` [NB, 1] is the owning stream's 1-indexed query position (None
-    when the policy reads no probabilities).
-    ``query_group`` (tensor parallelism, a replicated KV head) completes the group's
-    probabilities from the other ranks before the policy reads them.
+    when the policy reads no probabilities). An eager step instead keeps each layer's
+    observation and updates every layer's state at once (``RaggedCache.end_step``).
     """
-    out, probs = paged_decode_attention(keys, values, positions, owner, q, q_pos, spec, policy.needs_probs)
-    if probs is None:
+    out, grouped, attended = decode_layer_observation(keys, values, positions, owner, q, q_pos, stream_t, spec,
+                                                      policy, query_group)
+    if grouped is None:
         return out, state
-    attended = None
-    if policy.needs_attended:  # keys each stream attended to (its own included): [NB, 1]
-        attended = stream_live_counts(positions, owner, stream_t.shape[0])[owner.clamp(min=0)][:, None]
-    grouped = probs[:, :, None, :]  # [NB, G, 1, block]: the group at -3, as observe() expects
-    if query_group is not None:
-        grouped = query_group.combine(grouped, policy.group_reduce)
     return out, policy.decode_update(state, grouped, block_t, attended)

@@ -2,10 +2,11 @@
 
 Per call and layer: the new tokens are appended to the pool; attention runs (decode: over
 the pool directly, probabilities included; multi-token calls: SDPA, plus explicit scores
-for only the query rows the policy needs); the policy updates its per-key state. After the
-last layer the policy evicts from every layer at once (a layer's pool is not read again
-before the next call, so this is the rule's "after the step"): one pass over all layers'
-positions instead of a dozen small operations per layer. Keys that a sliding window has
+for only the query rows the policy needs); the policy updates its per-key state (an eager
+decode step only keeps each layer's probabilities and updates every layer after the last).
+After the last layer the policy evicts from every layer at once (a layer's pool is not read
+again before the next call, so this is the rule's "after the step"): one pass over all
+layers' pools instead of a dozen small operations per layer. Keys that a sliding window has
 left behind are dropped under every policy.
 """
 
@@ -18,7 +19,7 @@ import torch
 from ..models.attention_ops import AttentionSpec, attend, key_alibi_bias, upcast, visibility_mask
 from .base import CacheStats, KVCache
 from .paged import BlockPool
-from .paged_attention import decode_layer_step
+from .paged_attention import decode_layer_observation, decode_layer_step
 from .policy import EvictionPolicy, SlotView
 
 COMPACT_CHECK_EVERY = 16  # decode steps between releases of emptied blocks to the free lists
@@ -97,6 +98,8 @@ class RaggedCache(KVCache):
         self._layout_key: tuple[int, ...] = ()  # pool capacities _block_layer_ids was made for
         self._block_layer_ids = torch.zeros(0, dtype=torch.long)
         self._single = False  # this step appends exactly one token per row (decode)
+        # an eager decode step's per-layer (probs, attended), for the state update in end_step
+        self._observed: list[tuple[torch.Tensor, torch.Tensor | None]] = []
         self._step_counts: torch.Tensor | None = None  # host, per row: valid tokens of this call
         self._seen_before = 0
         self._set_stream_t()
@@ -104,6 +107,7 @@ class RaggedCache(KVCache):
 
     def begin_step(self, valid: torch.Tensor | None, num_tokens: int) -> tuple[torch.Tensor, int]:
         self._seen_before = self.max_length
+        self._observed = []
         self._step_counts = None if valid is None else valid.sum(dim=1).cpu()
         if self._step_counts is not None and self.batch_size:
             self._uniform = self._uniform and bool((self._step_counts == self._step_counts[0]).all())
@@ -124,8 +128,10 @@ class RaggedCache(KVCache):
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                positions: torch.Tensor, spec: AttentionSpec) -> torch.Tensor:
-        """Store, attend, update the policy's state and evict. A decode step (one token per
-        row, no padding) runs tensor operations only, no host sync: it can be compiled whole."""
+        """Store and attend; the policy's state is updated here (prompts, compiled decode) or,
+        in an eager decode step, for all layers at once in end_step, which also evicts. A decode
+        step (one token per row, no padding) runs tensor operations only, no host sync: it can
+        be compiled whole."""
         b, hq, t, d = q.shape
         hkv, g = self.num_kv_heads, spec.group_size
         pool = self.pools[layer]
@@ -134,14 +140,22 @@ class RaggedCache(KVCache):
             slots = pool.append_one(new_keys[:, 0], v.reshape(b * hkv, d), self._stream_pos)
             for name, value in self._stored(new_keys[:, 0]).items():
                 pool.state[name].view(-1).index_copy_(0, slots, value.to(pool.state[name].dtype))
-            block_t = self._block_t(pool.owner) if self.policy.needs_probs else None
-            out, state = decode_layer_step(pool.keys, pool.values, pool.positions, pool.owner, pool.state,
-                                           q.reshape(b * hkv, g, d), self._stream_pos, block_t, self._stream_t,
-                                           spec, self.policy, self.query_group)
+            queries = q.reshape(b * hkv, g, d)
+            if self._state_per_layer():
+                block_t = self._block_t(pool.owner) if self.policy.needs_probs else None
+                out, state = decode_layer_step(pool.keys, pool.values, pool.positions, pool.owner, pool.state,
+                                               queries, self._stream_pos, block_t, self._stream_t,
+                                               spec, self.policy, self.query_group)
+                for name, value in state.items():
+                    if value is not pool.state[name]:
+                        pool.state[name].copy_(value)
+            else:  # eagerly, one update of every layer's state after the step (end_step) costs less
+                out, probs, attended = decode_layer_observation(pool.keys, pool.values, pool.positions, pool.owner,
+                                                                queries, self._stream_pos, self._stream_t, spec,
+                                                                self.policy, self.query_group)
+                if probs is not None:
+                    self._observed.append((probs, attended))
             out = out.view(b, hq, 1, d)
-            for name, value in state.items():
-                if value is not pool.state[name]:
-                    pool.state[name].copy_(value)
         else:
             stream_pos = positions[:, None, :].expand(b, hkv, t).reshape(b * hkv, t)
             slots = pool.append(new_keys, v.reshape(b * hkv, t, d), stream_pos, self._stream_counts())
@@ -155,6 +169,12 @@ class RaggedCache(KVCache):
             raise NotImplementedError("the ragged cache evicts every layer with one sliding window; "
                                       f"layer {layer} has {spec.sliding_window}, layer 0 {self._window}")
         return out
+
+    @staticmethod
+    def _state_per_layer() -> bool:
+        """Whether a decode step updates each layer's policy state with its attention: inside a
+        compiled graph, which fuses the two; eagerly, end_step updates every layer at once."""
+        return torch.compiler.is_compiling()
 
     def _stored(self, keys: torch.Tensor) -> dict[str, torch.Tensor]:
         """The policy's state of fresh keys; for a replicated KV head, the same on every replica
@@ -182,7 +202,8 @@ class RaggedCache(KVCache):
             for pool in self.pools:
                 pool.appended_one()
         self._decode_steps = self._decode_steps + 1 if self._single else 0
-        live = self._evict_all() if self._policy_evicts or self._window is not None else None
+        observed, self._observed = self._observed, []
+        live = self._evict_all(observed) if observed or self._policy_evicts or self._window is not None else None
         if not self._decode_steps or self._decode_steps % COMPACT_CHECK_EVERY == 0:
             for pool in self.pools:
                 pool.release_empty_blocks()
@@ -198,9 +219,13 @@ class RaggedCache(KVCache):
             if slack and pool.capacity > pool.bucket(-(-kept // bs) + 2 * streams):
                 pool.compact()
 
-    def _evict_all(self) -> list[int]:
-        """Evict from every layer in one pass (the policy sees all pools as one, each layer's
-        streams numbered after the previous layer's); returns each layer's live keys (one sync)."""
+    def _evict_all(self, observed: list[tuple[torch.Tensor, torch.Tensor | None]]) -> list[int]:
+        """Update the policy's state from an eager decode step's ``observed`` layers (if any),
+        then evict from every layer, in one pass (the policy sees all pools as one, each layer's
+        streams numbered after the previous layer's); returns each layer's live keys (one sync).
+
+        Per slot, the update and eviction are the same whether they run per layer or over
+        all layers laid end to end: one pass costs a few operations instead of a few per layer."""
         pools = self.pools
         sizes = [pool.capacity for pool in pools]
         positions = torch.cat([pool.positions for pool in pools])  # [sum NB, block]
@@ -210,9 +235,18 @@ class RaggedCache(KVCache):
         owner = torch.where(owner >= 0, owner + block_layer * streams, -1)
         stream_t = self._stream_t.repeat(len(pools))
         query_t = self._block_t(owner, len(pools))
+        state = {}
+        if observed or self._policy_evicts:
+            state = {name: torch.cat([pool.state[name] for pool in pools]) for name in self.policy.state_fields()}
+        if observed:
+            probs = torch.cat([layer_probs for layer_probs, _ in observed])
+            attended = None if observed[0][1] is None else torch.cat([layer_attended for _, layer_attended in observed])
+            updated = self.policy.decode_update(state, probs, query_t, attended)
+            for name, value in updated.items():
+                torch.split_with_sizes_copy(value.to(state[name].dtype), sizes, out=[pool.state[name] for pool in pools])
+            state = {**state, **updated}
         drop = None
         if self._policy_evicts:
-            state = {name: torch.cat([pool.state[name] for pool in pools]) for name in self.policy.state_fields()}
             drop = self.policy.evict(SlotView(positions, state, query_t, owner, stream_t, single_step=self._single))
         if self._window is not None:
             # no future query (position >= t) can see a key at position <= t - window
