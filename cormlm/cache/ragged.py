@@ -287,8 +287,12 @@ class RaggedCache(KVCache):
             key_pos, key_slots = key_pos.view(b, hkv, length), key_slots.view(b, hkv, length)
             out = attend(q, keys, values, spec, positions, key_pos)
         rows = self.policy.query_rows(t) if self.policy.needs_probs else 0
-        held = key_slots >= 0
-        flat = key_slots[held]
+        if not rows:
+            return out
+        # the attended keys' state laid out as the keys are ([B, Hkv, S]; padding reads slot 0
+        # and is never written back): each chunk's observation merges in place, and the pool
+        # is written once
+        state = {name: value.view(-1)[key_slots.clamp(min=0)] for name, value in pool.state.items()}
         chunk = score_rows(b * hq, keys.shape[-2])
         for start in range(t - rows, t, chunk):  # chunks of rows: never a full rows x keys matrix
             stop = min(start + chunk, t)
@@ -299,10 +303,11 @@ class RaggedCache(KVCache):
             query_t = (q_pos + 1).clamp(min=0)[:, None, :].expand(b, hkv, stop - start)
             attended = visible.sum(dim=-1) if self.policy.needs_attended else None
             observed = self.policy.observe(probs, query_t, attended, visible)
-            current = {name: state.view(-1)[flat] for name, state in pool.state.items()}
-            merged = self.policy.merge(current, {name: o[held] for name, o in observed.items()})
-            for name, value in merged.items():
-                pool.state[name].view(-1)[flat] = value.to(pool.state[name].dtype)
+            state.update({name: value.to(state[name].dtype) for name, value in self.policy.merge(state, observed).items()})
+        held = key_slots >= 0
+        flat = key_slots[held]
+        for name, value in state.items():
+            pool.state[name].view(-1)[flat] = value[held]
         return out
 
     # ------------------------------------------------- rows joining and leaving (serving)
