@@ -82,13 +82,14 @@ def paged_decode_attention(keys: torch.Tensor, values: torch.Tensor, positions: 
     if spec.alibi_slopes is not None:
         slopes = spec.alibi_slopes.view(-1, g).repeat(s // (spec.alibi_slopes.numel() // g), 1)  # [S, G]
         scores = scores + alibi_bias(slopes[owner][:, :, None], pos[:, None, :], spec.scale)
-    scores = scores.masked_fill(hidden[:, None, :], float("-inf"))
+    # in place from here on: ``scores`` is this call's own (fewer allocations, same bits)
+    scores.masked_fill_(hidden[:, None, :], float("-inf"))
     peak = _segment_max(scores, owner, s)  # [S, G]
-    weights = torch.exp(scores - peak[owner][:, :, None])  # invisible slots: exp(-inf) = 0
+    weights = scores.sub_(peak[owner][:, :, None]).exp_()  # invisible slots: exp(-inf) = 0
     denom = _segment_sum(weights.sum(dim=-1), owner, s)
     partial = torch.bmm(weights.to(values.dtype), values)  # [NB, G, D]
-    out = _segment_sum(upcast(partial), owner, s) / denom[:, :, None]
-    probs = weights / denom[owner][:, :, None] if with_probs else None
+    out = _segment_sum(upcast(partial), owner, s).div_(denom[:, :, None])
+    probs = weights.div_(denom[owner][:, :, None]) if with_probs else None
     return out.to(q.dtype), probs
 
 
