@@ -29,6 +29,7 @@ from .errors import (
     UnsupportedModelError,
 )
 from .generate import GenerationOutput, generate
+from .pack import pack_weights
 
 
 def load_tokenizer(model: str | os.PathLike, *, revision: str | None = None,
@@ -46,5 +47,5 @@ __all__ = [
     "CacheConfig", "CacheConfigError", "CacheStats", "CheckpointError", "CheckpointNotFoundError", "ConfigError",
     "CormlmError", "GenerationOutput", "HubError", "InputError", "KVCache", "ModelConfig", "Tokenizer",
     "UnsupportedModelError", "available_policies", "compile_model", "generate", "load_model", "load_tokenizer", "make_cache",
-    "supported_model_types",
+    "pack_weights", "supported_model_types",
 ]

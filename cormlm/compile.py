@@ -31,6 +31,11 @@ def compile_model(model: torch.nn.Module) -> torch.nn.Module:
         raise CormlmError(f"torch {torch.__version__} has no torch.compile; drop --compile")
     if model.compiled:
         return model
+    from .pack import is_packed
+
+    if is_packed(model):
+        raise CormlmError("compile_model on a model with packed weights (pack_weights): its graphs would need the "
+                          "plain weights; load the model again to compile it, or decode it packed and eager")
     if getattr(model, "tp", None) is not None:
         raise CormlmError("torch.compile is not supported with tensor parallelism (its all-reduces run eagerly); "
                           "drop --compile or compile_model() for a model loaded with tp=")

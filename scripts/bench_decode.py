@@ -36,7 +36,9 @@ built, and how many of those appeared during timed decoding (recompilations as c
 or shrink), are printed. "Of bandwidth limit": decode tokens/s times the bytes a step must
 read (weights but the embedding, plus the KV cache held) over the read bandwidth measured in
 the same run (a reduction over ``--bandwidth-gib`` GiB). After the tables, the kernel
-cormlm's linear layer chose for each product shape (``kernel_choices``).
+cormlm's linear layer chose for each product shape (``kernel_choices``). ``--pack-weights``
+adds, in eager mode, each cormlm implementation on a copy of the model whose weights are
+packed for ``--batch`` rows (``cormlm.pack_weights``), timed in the same alternation.
 ``--device cuda --dtype bfloat16`` runs the same comparison on a GPU. Requires transformers
 (the test extra) and, for GGUF models, gguf.
 """
@@ -45,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import ctypes
 import gc
 import os
@@ -222,7 +225,7 @@ def cache_memory(cache) -> KVMemory:
     return KVMemory(stats.bytes_held, tokens * per_token, stats.retained_fraction)
 
 
-def cormlm_runner(model, policy: str, window: int, recent: int, block_size: int) -> Runner:
+def cormlm_runner(model, policy: str, window: int, recent: int, block_size: int, suffix: str = "") -> Runner:
     import cormlm
 
     options = {"window": window, "recent": recent} if policy == "corm" else {}
@@ -235,7 +238,7 @@ def cormlm_runner(model, policy: str, window: int, recent: int, block_size: int)
     def step(token, cache):
         return model(token, cache=cache)[:, -1], cache
 
-    return Runner(f"cormlm-{policy}", prefill, step, cache_memory)
+    return Runner(f"cormlm-{policy}{suffix}", prefill, step, cache_memory)
 
 
 # -------------------------------------------------------------------- measuring
@@ -407,6 +410,7 @@ def load_pair(spec: str, args, dtype: torch.dtype, scratch: Path) -> Loaded:
 
 
 def bench_model(spec: str, args, modes: list[str], bandwidth: float, scratch: Path, compiled_before: bool) -> None:
+    import cormlm
     from cormlm.compile import compile_model
 
     dtype = getattr(torch, args.dtype)
@@ -435,6 +439,10 @@ def bench_model(spec: str, args, modes: list[str], bandwidth: float, scratch: Pa
                 runners.append(transformers_runner(loaded.hf_model, mode == "compiled"))
             else:
                 runners.append(cormlm_runner(model, name.split("-")[1], args.window, args.recent, args.block_size))
+        if args.pack_weights and mode == "eager":  # the same model with packed weights, in the same alternation
+            packed = cormlm.pack_weights(copy.deepcopy(model), rows=args.batch)
+            runners += [cormlm_runner(packed, name.split("-")[1], args.window, args.recent, args.block_size, "-packed")
+                        for name in args.impls if name != "transformers"]
         print(f"\n### {spec}, {mode}\n\n{table_header(args.impls[0])}", flush=True)
         for context in args.contexts:
             run_context(runners, context, args, mode, config.vocab_size, weight_bytes, bandwidth)
@@ -486,6 +494,9 @@ def main() -> None:
     parser.add_argument("--block-size", type=int, default=None,
                         help="slots per cache block (CacheConfig.block_size; default: each policy's)")
     parser.add_argument("--bandwidth-gib", type=float, default=1.0, help="size of the read-bandwidth probe")
+    parser.add_argument("--pack-weights", action="store_true",
+                        help="eager mode also runs each cormlm implementation on a copy of the model whose weights "
+                             "are oneDNN-packed for --batch rows (cormlm.pack_weights; rows named '-packed')")
     args = parser.parse_args()
     if args.no_compile and args.compile_only:
         parser.error("--no-compile and --compile-only exclude each other")

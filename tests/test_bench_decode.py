@@ -12,8 +12,8 @@ pytest.importorskip("transformers")
 
 TOY = ["--model", "random", "--hidden", "64", "--layers", "2", "--heads", "4", "--kv-heads", "2",
        "--intermediate", "128", "--vocab", "256", "--contexts", "32", "--repeats", "1", "--steps", "2",
-       "--no-compile", "--bandwidth-gib", "0.0625"]
-IMPLEMENTATIONS = ("transformers", "cormlm-full", "cormlm-corm")
+       "--no-compile", "--bandwidth-gib", "0.0625", "--pack-weights"]
+IMPLEMENTATIONS = ("transformers", "cormlm-full", "cormlm-corm", "cormlm-full-packed", "cormlm-corm-packed")
 
 
 @pytest.fixture(scope="module")

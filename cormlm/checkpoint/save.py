@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import save_file
 
 from ..config import ModelConfig
+from ..errors import CormlmError
 from .layout import checkpoint_layout
 
 
@@ -50,6 +51,11 @@ def export_tensors(model: torch.nn.Module, dtype: torch.dtype) -> dict[str, torc
 def save_pretrained(model: torch.nn.Module, folder: Path, dtype: torch.dtype = torch.bfloat16,
                     max_shard_bytes: int = 15 * 2**20) -> None:
     """Write config.json, generation_config.json and (sharded if large) safetensors."""
+    from ..pack import is_packed
+
+    if is_packed(model):  # before anything is written: nothing in the folder is replaced by half a save
+        raise CormlmError("save_pretrained on a model with packed weights (pack_weights) cannot write the plain "
+                          "weights; save the model before packing it")
     folder.mkdir(parents=True, exist_ok=True)
     config = model.config
     (folder / "config.json").write_text(json.dumps(hf_config(config, dtype), indent=2) + "\n")

@@ -241,12 +241,26 @@ def calibrate(model: nn.Module, rows: tuple[int, ...] = CALIBRATION_ROWS) -> Non
 
 
 class Linear(nn.Linear):
-    """``nn.Linear`` (same parameters, same state dict) with the kernel measured fastest here."""
+    """``nn.Linear`` (same parameters, same state dict) with the kernel measured fastest here,
+    or, once :meth:`pack` ran, oneDNN's product on its own blocked copy of the weight."""
+
+    packed: torch.Tensor | None = None  # oneDNN's blocked weight (see pack); None: the plain weight
+
+    def pack(self, rows: int) -> None:
+        """Reorder the weight into oneDNN's blocked layout for products of about ``rows`` rows
+        and drop the plain one (``weight`` stays as a meta tensor: its shape and dtype, no
+        storage), so the layer holds one copy of its weight either way."""
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), rows)
+        self.weight = nn.Parameter(self.weight.detach().to("meta"), requires_grad=False)
 
     def forward(self, x: torch.Tensor, bias: bool = True) -> torch.Tensor:
         """``x @ weight.T + bias``; ``bias=False`` leaves the bias out (a row-parallel shard's
         partial product, whose bias is added once after the all-reduce)."""
         b = self.bias if bias else None
+        if self.packed is not None:
+            rows = x.numel() // self.in_features
+            y = torch.ops.mkldnn._linear_pointwise(x.reshape(rows, self.in_features), self.packed, b, "none", [], "")
+            return y.view(*x.shape[:-1], self.out_features)
         if torch.compiler.is_compiling():
             return graph_linear(x, self.weight, b)
         rows = x.numel() // self.in_features
