@@ -13,6 +13,7 @@ from torch._dynamo.utils import counters
 
 import cormlm
 from cormlm.cache import paged_attention
+from cormlm.cache.ragged import RaggedCache
 
 VOCAB = 160
 STEPS = 120  # long enough for the pools to grow across capacity buckets and to compact
@@ -56,8 +57,12 @@ def test_compiled_decode_matches_eager_with_bounded_graphs(folder, cfg, dense, m
     want_tokens, want_logits, want_kept, capacities = decode(eager, cfg, prompt, STEPS)
 
     seen: dict[str, int] = {}
+    passes = []  # the eager all-layers eviction pass: the prompt's only (the graph evicts each decode step)
+    all_layers = RaggedCache._evict_all
+    monkeypatch.setattr(RaggedCache, "_evict_all", lambda self, observed: passes.append(1) or all_layers(self, observed))
     got_tokens, got_logits, got_kept, _ = decode(
         compiled, cfg, prompt, STEPS, after_warmup=lambda: seen.update(graphs=counters["stats"]["unique_graphs"]))
+    assert len(passes) == (0 if cfg.policy == "full" else 1)
 
     assert got_tokens == want_tokens
     torch.testing.assert_close(got_logits, want_logits, rtol=1e-4, atol=1e-4)

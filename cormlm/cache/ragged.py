@@ -6,8 +6,9 @@ for only the query rows the policy needs); the policy updates its per-key state 
 decode step only keeps each layer's probabilities and updates every layer after the last).
 After the last layer the policy evicts from every layer at once (a layer's pool is not read
 again before the next call, so this is the rule's "after the step"): one pass over all
-layers' pools instead of a dozen small operations per layer. Keys that a sliding window has
-left behind are dropped under every policy.
+layers' pools instead of a dozen small operations per layer. A compiled decode step instead
+updates and evicts each layer inside its graph, which fuses those operations with the
+attention. Keys that a sliding window has left behind are dropped under every policy.
 """
 
 from __future__ import annotations
@@ -100,6 +101,8 @@ class RaggedCache(KVCache):
         self._single = False  # this step appends exactly one token per row (decode)
         # an eager decode step's per-layer (probs, attended), for the state update in end_step
         self._observed: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+        # live keys per layer after a compiled decode step evicted layer by layer; -1: no such step
+        self._graph_live = torch.full((self.num_layers,), -1, dtype=torch.long, device=self.device)
         self._step_counts: torch.Tensor | None = None  # host, per row: valid tokens of this call
         self._seen_before = 0
         self._set_stream_t()
@@ -149,6 +152,8 @@ class RaggedCache(KVCache):
                 for name, value in state.items():
                     if value is not pool.state[name]:
                         pool.state[name].copy_(value)
+                if self._policy_evicts or spec.sliding_window is not None:
+                    self._evict_layer(layer, pool, spec.sliding_window)
             else:  # eagerly, one update of every layer's state after the step (end_step) costs less
                 out, probs, attended = decode_layer_observation(pool.keys, pool.values, pool.positions, pool.owner,
                                                                 queries, self._stream_pos, self._stream_t, spec,
@@ -172,9 +177,25 @@ class RaggedCache(KVCache):
 
     @staticmethod
     def _state_per_layer() -> bool:
-        """Whether a decode step updates each layer's policy state with its attention: inside a
-        compiled graph, which fuses the two; eagerly, end_step updates every layer at once."""
+        """Whether a decode step updates each layer's policy state and evicts with its
+        attention: inside a compiled graph, which fuses them; eagerly, end_step updates and
+        evicts every layer at once (a few operations in all instead of a few per layer)."""
         return torch.compiler.is_compiling()
+
+    def _evict_layer(self, layer: int, pool: BlockPool, window: int | None) -> None:
+        """A compiled decode step's evictions in one layer (tensor operations only), and its
+        live keys for end_step's compaction check."""
+        query_t = self._block_t(pool.owner)
+        drop = None
+        if self._policy_evicts:
+            drop = self.policy.evict(SlotView(pool.positions, pool.state, query_t, pool.owner, self._stream_t,
+                                              single_step=True))
+        if window is not None:
+            behind = (pool.positions >= 0) & (pool.positions <= query_t - window)
+            drop = behind if drop is None else drop | behind
+        if drop is not None:
+            pool.positions.masked_fill_(drop, -1)
+        self._graph_live[layer] = (pool.positions >= 0).sum()
 
     def _stored(self, keys: torch.Tensor) -> dict[str, torch.Tensor]:
         """The policy's state of fresh keys; for a replicated KV head, the same on every replica
@@ -203,7 +224,13 @@ class RaggedCache(KVCache):
                 pool.appended_one()
         self._decode_steps = self._decode_steps + 1 if self._single else 0
         observed, self._observed = self._observed, []
-        live = self._evict_all(observed) if observed or self._policy_evicts or self._window is not None else None
+        live = None
+        if observed or self._policy_evicts or self._window is not None:
+            live = self._graph_live.tolist()
+            if live[0] >= 0:  # a compiled step: its graph evicted layer by layer and counted
+                self._graph_live.fill_(-1)
+            else:
+                live = self._evict_all(observed)
         if not self._decode_steps or self._decode_steps % COMPACT_CHECK_EVERY == 0:
             for pool in self.pools:
                 pool.release_empty_blocks()
@@ -241,9 +268,10 @@ class RaggedCache(KVCache):
         if observed:
             probs = torch.cat([layer_probs for layer_probs, _ in observed])
             attended = None if observed[0][1] is None else torch.cat([layer_attended for _, layer_attended in observed])
-            updated = self.policy.decode_update(state, probs, query_t, attended)
+            updated = {name: value.to(state[name].dtype)
+                       for name, value in self.policy.decode_update(state, probs, query_t, attended).items()}
             for name, value in updated.items():
-                torch.split_with_sizes_copy(value.to(state[name].dtype), sizes, out=[pool.state[name] for pool in pools])
+                torch.split_with_sizes_copy(value, sizes, out=[pool.state[name] for pool in pools])
             state = {**state, **updated}
         drop = None
         if self._policy_evicts:
