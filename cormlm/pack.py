@@ -29,8 +29,8 @@ def pack_weights(model: torch.nn.Module, rows: int = DEFAULT_ROWS) -> torch.nn.M
     if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
         raise CormlmError(f"rows must be a whole number >= 1 (the batch the weights are packed for), got {rows!r}")
     if getattr(model, "compiled", False):
-        raise CormlmError("pack_weights after compile_model: pack first (a compiled graph holds the plain weights), "
-                          "or do not compile a packed model")
+        raise CormlmError("pack_weights on a compiled model: packed weights run eager only (compiled graphs call "
+                          "the plain ones); load the model again and pack it without compiling")
     if getattr(model, "tp", None) is not None:
         raise CormlmError("pack_weights is not supported with tensor parallelism; load the model without tp=")
     if not _onednn_available():

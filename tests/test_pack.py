@@ -73,5 +73,19 @@ def test_packed_models_refuse_compile_and_save_and_packing_refuses_what_it_canno
             cormlm.pack_weights(cormlm.load_model(folder), rows=rows)
     compiled = cormlm.load_model(folder)
     compiled.compiled = True  # as compile_model leaves it (without paying for compiling)
-    with pytest.raises(cormlm.CormlmError, match="pack first"):
+    with pytest.raises(cormlm.CormlmError, match="eager only"):
         cormlm.pack_weights(compiled)
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 5, 40])
+def test_a_packed_layer_computes_f_linear_at_any_row_count(dtype, rows):
+    torch.manual_seed(rows)
+    layer = Linear(64, 96).to(dtype)
+    x = torch.randn(2, rows, 64, dtype=dtype)
+    want = torch.nn.functional.linear(x, layer.weight, layer.bias)
+    layer.pack(8)
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(layer(x), want, rtol=tolerance, atol=tolerance)
+    torch.testing.assert_close(layer(x, bias=False), want - layer.bias, rtol=tolerance, atol=tolerance)
