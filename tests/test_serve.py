@@ -68,6 +68,15 @@ def small_server(folder, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def packed_server(folder, tmp_path_factory):
+    from cormlm.models.linear import _onednn_available
+
+    if not _onednn_available():
+        pytest.skip("this torch build has no oneDNN")
+    yield from _server(folder, tmp_path_factory, "packed", [*CORM, "--pack-weights", "--max-batch", "6"])
+
+
+@pytest.fixture(scope="module")
 def client(server) -> openai.OpenAI:
     return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
 
@@ -153,22 +162,21 @@ def test_sixteen_concurrent_requests_each_equal_their_solo_answer(client, refere
     assert metrics["cormlm_kv_retained_fraction"] <= 1.0
 
 
-def test_a_server_with_packed_weights_answers_as_the_plain_model(folder, tmp_path_factory, reference):
+def test_a_server_with_packed_weights_answers_as_the_plain_model(packed_server, reference):
     """``--pack-weights``: requests batched through oneDNN-packed weights get the plain model's answers."""
-    from cormlm.models.linear import _onednn_available
-
-    if not _onednn_available():
-        pytest.skip("this torch build has no oneDNN")
+    packed_client = openai.OpenAI(base_url=packed_server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
     cases = [(prompt, 6 + i % 5) for i, prompt in enumerate(PROMPTS[:6])]
-    for packed in _server(folder, tmp_path_factory, "packed", [*CORM, "--pack-weights", "--max-batch", "6"]):
-        packed_client = openai.OpenAI(base_url=packed.url + "/v1", api_key="unused", max_retries=0, timeout=60)
-        with ThreadPoolExecutor(len(cases)) as pool:
-            answers = list(pool.map(lambda case: packed_client.completions.create(
-                model=MODEL, prompt=case[0], max_tokens=case[1], temperature=0), cases))
-        for (prompt, max_tokens), answer in zip(cases, answers):
-            text, new = reference(reference.tokenizer.encode(prompt), max_tokens)
-            assert answer.choices[0].text == text and answer.usage.completion_tokens == new
-        assert packed.metrics()["cormlm_requests_running_peak"] > 1
+
+    def ask(case):
+        prompt, max_tokens = case
+        return packed_client.completions.create(model=MODEL, prompt=prompt, max_tokens=max_tokens, temperature=0)
+
+    with ThreadPoolExecutor(len(cases)) as pool:
+        answers = list(pool.map(ask, cases))
+    for (prompt, max_tokens), answer in zip(cases, answers):
+        text, new = reference(reference.tokenizer.encode(prompt), max_tokens)
+        assert answer.choices[0].text == text and answer.usage.completion_tokens == new
+    assert packed_server.metrics()["cormlm_requests_running_peak"] > 1
 
 
 def _wait_for(server, condition, seconds: float = 20.0) -> dict[str, float]:
