@@ -145,15 +145,17 @@ class RaggedCache(KVCache):
                 pool.state[name].view(-1).index_copy_(0, slots, value.to(pool.state[name].dtype))
             queries = q.reshape(b * hkv, g, d)
             if self._state_per_layer():
-                block_t = self._block_t(pool.owner) if self.policy.needs_probs else None
+                block_t = self._block_t(pool.owner)
                 out, state = decode_layer_step(pool.keys, pool.values, pool.positions, pool.owner, pool.state,
                                                queries, self._stream_pos, block_t, self._stream_t,
                                                spec, self.policy, self.query_group)
                 for name, value in state.items():
                     if value is not pool.state[name]:
                         pool.state[name].copy_(value)
-                if self._policy_evicts or spec.sliding_window is not None:
-                    self._evict_layer(layer, pool, spec.sliding_window)
+                # this layer's evictions in the graph, and its live keys for end_step's compaction check
+                view = SlotView(pool.positions, pool.state, block_t, pool.owner, self._stream_t, single_step=True)
+                if self._evict(view, spec.sliding_window):
+                    self._graph_live[layer] = (pool.positions >= 0).sum()
             else:  # eagerly, one update of every layer's state after the step (end_step) costs less
                 out, probs, attended = decode_layer_observation(pool.keys, pool.values, pool.positions, pool.owner,
                                                                 queries, self._stream_pos, self._stream_t, spec,
@@ -182,20 +184,19 @@ class RaggedCache(KVCache):
         evicts every layer at once (a few operations in all instead of a few per layer)."""
         return torch.compiler.is_compiling()
 
-    def _evict_layer(self, layer: int, pool: BlockPool, window: int | None) -> None:
-        """A compiled decode step's evictions in one layer (tensor operations only), and its
-        live keys for end_step's compaction check."""
-        query_t = self._block_t(pool.owner)
-        drop = None
-        if self._policy_evicts:
-            drop = self.policy.evict(SlotView(pool.positions, pool.state, query_t, pool.owner, self._stream_t,
-                                              single_step=True))
+    def _evict(self, view: SlotView, window: int | None) -> bool:
+        """Empty the slots the policy drops and those a sliding ``window`` has left behind, in
+        ``view.positions`` (one layer's pool, or every layer's laid end to end); returns whether
+        anything could have been dropped. Tensor operations only."""
+        drop = self.policy.evict(view) if self._policy_evicts else None
         if window is not None:
-            behind = (pool.positions >= 0) & (pool.positions <= query_t - window)
+            # no future query (position >= t) can see a key at position <= t - window
+            behind = (view.positions >= 0) & (view.positions <= view.query_t - window)
             drop = behind if drop is None else drop | behind
-        if drop is not None:
-            pool.positions.masked_fill_(drop, -1)
-        self._graph_live[layer] = (pool.positions >= 0).sum()
+        if drop is None:
+            return False
+        view.positions.masked_fill_(drop, -1)
+        return True
 
     def _stored(self, keys: torch.Tensor) -> dict[str, torch.Tensor]:
         """The policy's state of fresh keys; for a replicated KV head, the same on every replica
@@ -226,9 +227,12 @@ class RaggedCache(KVCache):
         observed, self._observed = self._observed, []
         live = None
         if observed or self._policy_evicts or self._window is not None:
-            live = self._graph_live.tolist()
-            if live[0] >= 0:  # a compiled step: its graph evicted layer by layer and counted
+            # an eager step that observed nothing may still have been a compiled graph, which
+            # evicted layer by layer and counted (an observing eager step is no graph: no read)
+            counted = None if observed else self._graph_live.tolist()
+            if counted is not None and counted[0] >= 0:
                 self._graph_live.fill_(-1)
+                live = counted
             else:
                 live = self._evict_all(observed)
         if not self._decode_steps or self._decode_steps % COMPACT_CHECK_EVERY == 0:
@@ -273,15 +277,7 @@ class RaggedCache(KVCache):
             for name, value in updated.items():
                 torch.split_with_sizes_copy(value, sizes, out=[pool.state[name] for pool in pools])
             state = {**state, **updated}
-        drop = None
-        if self._policy_evicts:
-            drop = self.policy.evict(SlotView(positions, state, query_t, owner, stream_t, single_step=self._single))
-        if self._window is not None:
-            # no future query (position >= t) can see a key at position <= t - window
-            behind = (positions >= 0) & (positions <= query_t - self._window)
-            drop = behind if drop is None else drop | behind
-        if drop is not None:
-            positions.masked_fill_(drop, -1)
+        if self._evict(SlotView(positions, state, query_t, owner, stream_t, single_step=self._single), self._window):
             torch.split_with_sizes_copy(positions, sizes, out=[pool.positions for pool in pools])
         live = torch.zeros(len(pools), dtype=torch.long, device=self.device)
         return live.index_add_(0, block_layer, (positions >= 0).sum(dim=1)).tolist()
