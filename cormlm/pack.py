@@ -42,9 +42,9 @@ def pack_weights(model: torch.nn.Module, rows: int = DEFAULT_ROWS) -> torch.nn.M
     if weight.device.type != "cpu" or weight.dtype not in ONEDNN_DTYPES:
         raise CormlmError(f"packed weights are for CPU float32 or bfloat16 models; this one is {weight.dtype} on "
                           f"{weight.device.type}")
-    shared = _shared_weights(model)
+    tied = model.lm_head if model.config.tie_word_embeddings else None  # the embedding reads its rows
     for layer in layers:
-        if id(layer.weight) not in shared:
+        if layer is not tied:
             layer.pack(rows)
     return model
 
@@ -52,11 +52,3 @@ def pack_weights(model: torch.nn.Module, rows: int = DEFAULT_ROWS) -> torch.nn.M
 def is_packed(model: torch.nn.Module) -> bool:
     return any(isinstance(m, Linear) and m.packed is not None for m in model.modules())
 
-
-def _shared_weights(model: torch.nn.Module) -> set[int]:
-    """Ids of parameters that more than one module holds (tied embeddings)."""
-    seen: dict[int, int] = {}
-    for module in model.modules():
-        for param in module.parameters(recurse=False):
-            seen[id(param)] = seen.get(id(param), 0) + 1
-    return {key for key, count in seen.items() if count > 1}

@@ -259,8 +259,7 @@ class Linear(nn.Linear):
         b = self.bias if bias else None
         if self.packed is not None:
             rows = x.numel() // self.in_features
-            y = torch.ops.mkldnn._linear_pointwise(x.reshape(rows, self.in_features), self.packed, b, "none", [], "")
-            return y.view(*x.shape[:-1], self.out_features)
+            return onednn_linear(x.reshape(rows, self.in_features), self.packed, b).view(*x.shape[:-1], self.out_features)
         if torch.compiler.is_compiling():
             return graph_linear(x, self.weight, b)
         rows = x.numel() // self.in_features
