@@ -19,6 +19,10 @@ included). No ``end_step`` runs, so CORM evicts nothing: every implementation re
 - ``paged-corm-probs``: ``with_probs=True`` over the CORM pool (its smaller blocks): what CORM
   pays to read probabilities (its state update not included).
 
+Each paged row is timed twice, as the fused C kernel (``native``, see
+:mod:`cormlm.cache.paged_kernel`) and as the tensor operations it replaces (``tensor ops``):
+the library measures the same two where it runs and keeps the faster.
+
 Before timing, every output is checked against SDPA's (assert_close, atol 1e-4), so the table
 can never compare different computations. Then, after ``--warmup`` calls of each, ``--rounds``
 rounds of one call of each (the order rotating per round), each call timed with
@@ -38,12 +42,14 @@ import torch.nn.functional as F
 from bench_decode import describe_machine
 
 from cormlm import CacheConfig
+from cormlm.cache import paged_kernel
 from cormlm.cache.paged import BlockPool, stream_live_counts
-from cormlm.cache.paged_attention import paged_decode_attention
+from cormlm.cache.paged_attention import tensor_decode_attention
 from cormlm.cache.registry import build_cache
 from cormlm.models.attention_ops import AttentionSpec
 
-IMPLEMENTATIONS = ("dense-sdpa", "paged-full", "paged-corm-probs")
+PAGED = {"paged-full": ("full", False), "paged-corm-probs": ("corm", True)}
+PATHS = ("native", "tensor ops")
 COLUMNS = ("batch", "context", "implementation", "blocks in pool", "µs per call", "vs dense SDPA")
 
 
@@ -87,19 +93,28 @@ def bench(batch: int, context: int, args: argparse.Namespace) -> dict[str, tuple
     q_streams = q.view(batch * hkv, hq // hkv, d)  # [S, G, D]: query heads grouped per KV head, as enable_gqa pairs them
     q_pos = torch.full((batch * hkv,), context, dtype=torch.int32)
 
-    def paged(pool: BlockPool, with_probs: bool) -> Callable[[], torch.Tensor]:
-        return lambda: paged_decode_attention(pool.keys, pool.values, pool.positions, pool.owner, q_streams, q_pos,
-                                              spec, with_probs)[0]
+    pools = {"full": full, "corm": corm}
 
-    calls = {"dense-sdpa": lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True),
-             "paged-full": paged(full, False), "paged-corm-probs": paged(corm, True)}
+    def paged(pool: BlockPool, with_probs: bool, path: str) -> Callable[[], torch.Tensor]:
+        if path == "native":
+            return lambda: paged_kernel.run(pool.keys, pool.values, pool.positions, pool.owner, q_streams, q_pos,
+                                            spec.scale, None, with_probs)[0]
+        return lambda: tensor_decode_attention(pool.keys, pool.values, pool.positions, pool.owner, q_streams, q_pos,
+                                                spec, with_probs)[0]
+
+    paths = PATHS if paged_kernel._library() is not None else PATHS[1:]
+    calls = {"dense-sdpa": lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True)}
+    blocks = {"dense-sdpa": "-"}
+    for name, (policy, with_probs) in PAGED.items():
+        for path in paths:
+            calls[f"{name} ({path})"] = paged(pools[policy], with_probs, path)
+            blocks[f"{name} ({path})"] = str(pools[policy].capacity)
     reference = calls["dense-sdpa"]()
-    for name in IMPLEMENTATIONS[1:]:
+    for name in list(calls)[1:]:
         torch.testing.assert_close(calls[name]().view_as(reference), reference, atol=1e-4, rtol=1e-4,
                                    msg=lambda m, name=name: f"{name} differs from dense SDPA: {m}")
     micros = time_rounds(calls, args.rounds, args.warmup)
-    blocks = {"dense-sdpa": "-", "paged-full": str(full.capacity), "paged-corm-probs": str(corm.capacity)}
-    return {name: (blocks[name], micros[name]) for name in IMPLEMENTATIONS}
+    return {name: (blocks[name], micros[name]) for name in calls}
 
 
 def main() -> None:
@@ -121,6 +136,8 @@ def main() -> None:
     print("# decode attention: cormlm's paged attention against dense SDPA\n")
     for line in describe_machine("cpu"):
         print(f"- {line}")
+    if paged_kernel._library() is None:
+        print(f"- {paged_kernel.kernel_status()[0]}")
     print(f"- shape: {args.heads} query heads, {args.kv_heads} KV heads, head_dim {args.head_dim}, float32; "
           f"block size full {CacheConfig('full').slots_per_block()}, corm {CacheConfig('corm').slots_per_block()}; "
           f"{args.rounds} rounds after {args.warmup} warm-up calls\n")
@@ -134,9 +151,13 @@ def main() -> None:
                 sdpa = results["dense-sdpa"][1]
                 for name, (blocks, micros) in results.items():
                     print(f"| {batch} | {context} | {name} | {blocks} | {micros:.1f} | {micros / sdpa:.2f}x |", flush=True)
-                paged, probs = results["paged-full"][1], results["paged-corm-probs"][1]
-                summary.append(f"- batch {batch}, context {context}: paged {paged / sdpa:.2f}x dense SDPA's time, "
-                               f"paged + probabilities (CORM layout) {probs / sdpa:.2f}x, i.e. {probs / paged:.2f}x paged")
+                for path in PATHS:
+                    if f"paged-full ({path})" not in results:
+                        continue
+                    paged, probs = results[f"paged-full ({path})"][1], results[f"paged-corm-probs ({path})"][1]
+                    summary.append(f"- batch {batch}, context {context}, {path}: paged {paged / sdpa:.2f}x dense SDPA's "
+                                   f"time, paged + probabilities (CORM layout) {probs / sdpa:.2f}x, i.e. "
+                                   f"{probs / paged:.2f}x paged")
     print("\n" + "\n".join(summary))
 
 

@@ -36,7 +36,8 @@ built, and how many of those appeared during timed decoding (recompilations as c
 or shrink), are printed. "Of bandwidth limit": decode tokens/s times the bytes a step must
 read (weights but the embedding, plus the KV cache held) over the read bandwidth measured in
 the same run (a reduction over ``--bandwidth-gib`` GiB). After the tables, the kernel
-cormlm's linear layer chose for each product shape (``kernel_choices``). ``--pack-weights``
+cormlm's linear layer chose for each product shape (``kernel_choices``) and the decode
+attention path chosen for each pool shape (``paged_kernel.kernel_status``). ``--pack-weights``
 adds, in eager mode, each cormlm implementation on a copy of the model whose weights are
 packed for ``--batch`` rows (``cormlm.pack_weights``), timed in the same alternation.
 ``--device cuda --dtype bfloat16`` runs the same comparison on a GPU. Requires transformers
@@ -463,6 +464,14 @@ def print_kernel_choices() -> None:
         print(f"- {choice}")
     if not choices and not forced:
         print("- (none measured: no eager CPU products ran)")
+    from cormlm.cache import paged_kernel
+
+    print("\ncormlm decode attention per shape (fused C kernel or tensor operations, measured at first use):")
+    forced = os.environ.get(paged_kernel.FORCE_ENV)
+    if forced:
+        print(f"- {paged_kernel.FORCE_ENV}={forced} forces the path")
+    for line in paged_kernel.kernel_status() or ["(none measured: no eager CPU decode step ran)"]:
+        print(f"- {line}")
 
 
 # -------------------------------------------------------------------------- main

@@ -1,6 +1,6 @@
 """scripts/bench_attention.py end to end on a toy shape: the machine header, one table row per
 (batch, context, implementation) with a positive time, SDPA as the 1.00x reference, pools
-that hold every key, and one summary line per (batch, context)."""
+that hold every key, and one summary line per (batch, context, path)."""
 
 import math
 import os
@@ -10,11 +10,13 @@ import pytest
 from script_runs import cpu_model_name, run_script
 
 from cormlm import CacheConfig
+from cormlm.cache import paged_kernel
 
 BATCHES, CONTEXT, KV_HEADS = (1, 2), 40, 2
 TOY = ["--batch", *BATCHES, "--contexts", CONTEXT, "--rounds", 3, "--warmup", 1, "--heads", 4, "--kv-heads", KV_HEADS,
        "--head-dim", 8]
-IMPLEMENTATIONS = ("dense-sdpa", "paged-full", "paged-corm-probs")
+PATHS = ("native", "tensor ops") if paged_kernel._library() is not None else ("tensor ops",)
+IMPLEMENTATIONS = ("dense-sdpa", *(f"{name} ({path})" for name in ("paged-full", "paged-corm-probs") for path in PATHS))
 COLUMNS = ["batch", "context", "implementation", "blocks in pool", "µs per call", "vs dense SDPA"]
 
 
@@ -61,11 +63,12 @@ def test_one_row_per_batch_context_and_implementation(output):
             assert row["vs dense SDPA"] == "1.00x" and row["blocks in pool"] == "-"
         else:  # the pool holds every stream's CONTEXT keys, in blocks of its policy's size
             streams = int(row["batch"]) * KV_HEADS
-            assert int(row["blocks in pool"]) >= streams * math.ceil(CONTEXT / block[row["implementation"]])
+            size = block[row["implementation"].split(" (")[0]]
+            assert int(row["blocks in pool"]) >= streams * math.ceil(CONTEXT / size)
 
 
-def test_one_summary_line_per_batch_and_context(output):
-    summary = re.findall(r"^- batch (\d+), context (\d+): paged \d+\.\d\dx dense SDPA's time, .* (\d+\.\d\d)x paged$",
-                         output, re.MULTILINE)
-    assert [(int(b), int(c)) for b, c, _ in summary] == [(b, CONTEXT) for b in BATCHES]
-    assert all(float(ratio) > 0 for _, _, ratio in summary)
+def test_one_summary_line_per_batch_context_and_path(output):
+    summary = re.findall(r"^- batch (\d+), context (\d+), (native|tensor ops): paged \d+\.\d\dx dense SDPA's time, "
+                         r".* (\d+\.\d\d)x paged$", output, re.MULTILINE)
+    assert [(int(b), int(c), path) for b, c, path, _ in summary] == [(b, CONTEXT, p) for b in BATCHES for p in PATHS]
+    assert all(float(ratio) > 0 for *_, ratio in summary)

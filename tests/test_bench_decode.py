@@ -78,3 +78,10 @@ def test_kernel_choices_are_printed(output):
     choices = re.findall(r"^- (\d+)x(\d+), 1 row, float32, 1 threads: (F\.linear|split GEMV|oneDNN)$", tail, re.MULTILINE)
     assert choices, tail
     assert (256, 64) in {(int(o), int(i)) for o, i, _ in choices}  # the LM head: vocab x hidden, one row
+
+
+def test_decode_attention_choices_are_printed(output):
+    tail = output[output.index("cormlm decode attention per shape"):]
+    lines = re.findall(r"^- streams (\d+), (\d+) blocks of (\d+), group (\d+), head (\d+)(, probabilities)?, 1 threads: "
+                       r"(native|torch)$", tail, re.MULTILINE)
+    assert lines or "native kernel unavailable" in tail, tail

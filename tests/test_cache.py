@@ -278,12 +278,16 @@ def test_prompt_scoring_in_chunks_of_any_size(gqa, policy, params, monkeypatch):
 @pytest.mark.parametrize("policy, params", [("corm", {"window": 8, "recent": 4}), ("corm", {"window": 8, "recent": 4, "magnitude": 1.0}),
                                             ("corm", {"window": 8, "recent": 4, "budget": 20}),
                                             ("h2o", {"budget": 0.5}), ("scissorhands", {"budget": 0.5})])
-def test_state_update_after_the_step_equals_per_layer(gqa, policy, params, monkeypatch):
+@pytest.mark.parametrize("attention", ["native", "torch"])
+def test_state_update_after_the_step_equals_per_layer(gqa, policy, params, attention, monkeypatch):
     """An eager decode step updates every layer's policy state at once after the last layer;
     a compiled one updates each layer with its attention. Both give the same state bit for
     bit, hence the same evictions and logits (rows of different lengths: per-block query
-    positions)."""
+    positions), whichever decode-attention path computed the probabilities."""
+    from cormlm.cache import paged_kernel
     from cormlm.cache.ragged import RaggedCache
+
+    monkeypatch.setenv(paged_kernel.FORCE_ENV, attention)
 
     torch.manual_seed(2)
     ids = torch.randint(0, gqa.config.vocab_size, (2, 24))

@@ -7,6 +7,11 @@ that needs them (CORM) costs no second pass: they are the ones the output is mad
 ``decode_layer_step`` adds the policy's state update; a compiled model runs it inside its
 one-graph decode step (``cormlm.compile_model``), an eager one updates all layers at once
 after the step (``decode_layer_observation`` gives what the update reads).
+
+Eagerly, on CPU, the same computation also exists as one fused C kernel
+(:mod:`cormlm.cache.paged_kernel`), which reads each key and value once; each pool shape
+takes whichever of the two measures faster where it runs. A compiled graph fuses the tensor
+operations itself.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import torch
 
 from ..models.alibi import alibi_bias
 from ..models.attention_ops import AttentionSpec, upcast
+from . import paged_kernel
 from .paged import stream_live_counts
 from .policy import EvictionPolicy
 
@@ -68,6 +74,23 @@ def paged_decode_attention(keys: torch.Tensor, values: torch.Tensor, positions: 
     [NB, block, D] as the pool stores them, ``positions`` [NB, block], ``owner`` [NB], -1 =
     free): ``q`` [S, G, D], ``q_pos`` [S] -> output [S, G, D], probs [NB, G, block] (None
     unless ``with_probs``)."""
+    s, g, d = q.shape
+    # the fused kernel or the tensor operations, whichever measured faster for this shape
+    if paged_kernel.fits(keys, values, positions, owner, q, spec.alibi_slopes is not None):
+        key = (s, keys.shape[0], g, d, keys.shape[2], with_probs, torch.get_num_threads())
+        path = paged_kernel.choose(key)
+        if path == "native":
+            return paged_kernel.timed(key, path, lambda: paged_kernel.run(
+                keys, values, positions, owner, q, q_pos, spec.scale, spec.sliding_window, with_probs))
+        return paged_kernel.timed(key, path, lambda: tensor_decode_attention(
+            keys, values, positions, owner, q, q_pos, spec, with_probs))
+    return tensor_decode_attention(keys, values, positions, owner, q, q_pos, spec, with_probs)
+
+
+def tensor_decode_attention(keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
+                            owner: torch.Tensor, q: torch.Tensor, q_pos: torch.Tensor,
+                            spec: AttentionSpec, with_probs: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`paged_decode_attention` in tensor operations (what a compiled graph fuses)."""
     s, g, d = q.shape
     owner = owner.clamp(min=0)
     block_q = q[owner]  # [NB, G, D]: a few rows per block, not a copy of the cache

@@ -1,0 +1,181 @@
+"""The fused decode-attention kernel (``paged_kernel.c``): built once per machine with its C
+compiler, loaded through ctypes, and used only where it measures faster than the tensor
+operations it replaces.
+
+PyTorch's CPU build has no paged attention kernel, and the tensor-operation version runs a
+dozen operations per layer (scores, masks, two segmented reductions, a second product),
+whose fixed costs dominate a small model's decode step. The C kernel reads each key and
+value once and keeps the per-block intermediates in cache. It is compiled at first use for
+the CPU at hand (``-march=native``) into ``<cache folder>/kernels`` under a name that hashes
+the source, the compiler and the CPU, so a shared home folder never hands one machine's
+binary to another. Its OpenMP threads are torch's own (the same ``libgomp`` is already
+loaded), so the two never compete.
+
+Which path a call takes is measured, like the linear products' kernels
+(:mod:`cormlm.models.linear`): the first calls of each (streams, pool blocks, group, head
+size, block size, probabilities or not, threads) alternate between the two, timed where they
+run, and the faster is kept for the process. ``CORMLM_PAGED_KERNEL=native`` or ``=torch``
+forces one; :func:`kernel_status` says what was chosen (``scripts/bench_decode.py`` prints it).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from ..errors import InputError
+
+SOURCE = Path(__file__).with_name("paged_kernel.c")
+FLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC", "-shared")
+FORCE_ENV = "CORMLM_PAGED_KERNEL"
+PATHS = ("native", "torch")
+TRIALS = 8  # timed calls of each path per key, after one untimed warm-up call each
+_choices: dict[tuple, str] = {}
+_trials: dict[tuple, dict[str, list[float]]] = {}
+_unavailable: list[str] = []  # why the native kernel could not be built or loaded (empty: it was, or not tried)
+
+
+def _cpu_signature() -> str:
+    """The CPU's model and flags (what ``-march=native`` compiles for)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor() or platform.machine()
+    wanted = [line for line in lines if line.startswith(("model name", "flags", "Features", "CPU part"))]
+    return "\n".join(dict.fromkeys(wanted))
+
+
+def _cache_folder() -> Path:
+    from ..checkpoint.real_model import cache_folder
+
+    return cache_folder() / "kernels"
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+
+
+def _build(compiler: str) -> Path:
+    """The shared library for this source, compiler and CPU: from the cache, or compiled now
+    (into a temporary name, then renamed: concurrent first uses never load a partial file)."""
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, version, " ".join(FLAGS),
+                                    _cpu_signature()]).encode()).hexdigest()[:16]
+    target = _cache_folder() / f"paged_kernel-{key}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
+        built = Path(scratch) / target.name
+        result = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(built), "-lm"], capture_output=True, text=True)
+        if result.returncode != 0:
+            raise RuntimeError(f"{compiler} failed: {result.stderr.strip()[-500:]}")
+        os.replace(built, target)
+    return target
+
+
+@functools.cache
+def _library() -> Callable[..., None] | None:
+    """The loaded kernel, or None (the reason kept in ``_unavailable``)."""
+    compiler = _compiler()
+    if compiler is None:
+        _unavailable.append("no C compiler (cc, gcc or clang) on PATH")
+        return None
+    try:
+        kernel = ctypes.CDLL(str(_build(compiler))).cormlm_paged_decode_f32
+    except (OSError, RuntimeError, subprocess.SubprocessError) as error:
+        _unavailable.append(f"could not build or load it: {error}")
+        return None
+    p, i64 = ctypes.c_void_p, ctypes.c_int64
+    kernel.argtypes = [p, p, p, p, p, p, i64, i64, i64, i64, i64, ctypes.c_float, i64, p, p, p, ctypes.c_int, ctypes.c_int]
+    kernel.restype = None
+    return kernel
+
+
+def fits(keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, owner: torch.Tensor,
+         q: torch.Tensor, alibi: bool) -> bool:
+    """Whether the kernel can run this call: float32 CPU tensors in the pool's own layout,
+    outside a compiled graph (which fuses the tensor operations itself), no ALiBi."""
+    return (not alibi and not torch.compiler.is_compiling() and q.device.type == "cpu"
+            and keys.dtype == values.dtype == q.dtype == torch.float32
+            and positions.dtype == torch.int32 and owner.dtype == torch.int64
+            and keys.is_contiguous() and values.is_contiguous() and positions.is_contiguous() and owner.is_contiguous())
+
+
+def run(keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, owner: torch.Tensor, q: torch.Tensor,
+        q_pos: torch.Tensor, scale: float, window: int | None, with_probs: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The kernel's output [S, G, D] and, if ``with_probs``, probabilities [NB, G, block]
+    (the arguments as :func:`cormlm.cache.paged_attention.paged_decode_attention` takes them)."""
+    kernel = _library()
+    assert kernel is not None, "run() called although the kernel is unavailable"
+    s, g, d = q.shape
+    nb, _, bs = keys.shape
+    q = q.contiguous()
+    q_pos = q_pos.to(torch.int32).contiguous()
+    out = q.new_empty(s, g, d)
+    probs = q.new_empty(nb, g, bs)
+    work = q.new_empty(nb * g * (d + 3))
+    kernel(q.data_ptr(), keys.data_ptr(), values.data_ptr(), positions.data_ptr(), owner.data_ptr(), q_pos.data_ptr(),
+           s, g, d, nb, bs, scale, window or 0, out.data_ptr(), probs.data_ptr(), work.data_ptr(),
+           int(with_probs), torch.get_num_threads())
+    return out, probs if with_probs else None
+
+
+def _forced() -> str | None:
+    value = os.environ.get(FORCE_ENV, "").strip().lower()
+    if not value:
+        return None
+    if value not in PATHS:
+        raise InputError(f"{FORCE_ENV}={value!r} is not a decode-attention path; use native or torch (or unset it "
+                         "to let each shape be measured)")
+    return value
+
+
+def choose(key: tuple) -> str:
+    """The path for a call keyed ``key``: forced, decided, or the next trial's (the one run least)."""
+    forced = _forced()
+    if forced is not None:
+        return forced if forced == "torch" or _library() is not None else "torch"
+    choice = _choices.get(key)
+    if choice is not None:
+        return choice
+    if _library() is None:
+        _choices[key] = "torch"
+        return "torch"
+    times = _trials.setdefault(key, {})
+    return min(PATHS, key=lambda name: len(times.get(name, ())))
+
+
+def timed(key: tuple, path: str, call: Callable[[], tuple]) -> tuple:
+    """``call()`` (path ``path`` for ``key``), timed while ``key`` is still being measured."""
+    if key in _choices or _forced() is not None:
+        return call()
+    started = time.perf_counter()
+    result = call()
+    times = _trials[key]
+    times.setdefault(path, []).append(time.perf_counter() - started)
+    if all(len(times.get(name, ())) > TRIALS for name in PATHS):  # the first call of each is a warm-up
+        median = {name: statistics.median(times[name][1:]) for name in PATHS}
+        _choices[key] = min(median, key=median.get)
+        del _trials[key]
+    return result
+
+
+def kernel_status() -> list[str]:
+    """What decode attention runs as, e.g. 'streams 3, 48 blocks of 64, group 3, head 64, 2 threads: native'."""
+    if _unavailable:
+        return [f"native kernel unavailable ({_unavailable[0]}): tensor operations"]
+    return [f"streams {s}, {nb} blocks of {bs}, group {g}, head {d}{', probabilities' * probs}, {t} threads: {name}"
+            for (s, nb, g, d, bs, probs, t), name in sorted(_choices.items(), key=str)]

@@ -1,0 +1,186 @@
+"""The fused C decode-attention kernel: equal to the rule written naively, chosen by measurement,
+and never the only way (no compiler, a forced path, shapes it does not take)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from cormlm.cache import paged_kernel
+from cormlm.cache.paged_attention import paged_decode_attention, tensor_decode_attention
+from cormlm.errors import InputError
+from cormlm.models.alibi import alibi_slopes
+from cormlm.models.attention_ops import AttentionSpec
+
+pytestmark = pytest.mark.skipif(paged_kernel._library() is None, reason="no C compiler to build the kernel with")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_choices(monkeypatch):
+    monkeypatch.setattr(paged_kernel, "_choices", {})
+    monkeypatch.setattr(paged_kernel, "_trials", {})
+    monkeypatch.delenv(paged_kernel.FORCE_ENV, raising=False)
+
+
+def random_pool(streams: int, group: int, head_dim: int, block: int, blocks: int, seed: int):
+    """A pool as the cache leaves it: blocks owned by streams in any order, free blocks (owner -1,
+    positions -1), holes (evicted slots, position -1) and streams of different lengths."""
+    g = torch.Generator().manual_seed(seed)
+    keys = torch.randn(blocks, head_dim, block, generator=g)
+    values = torch.randn(blocks, block, head_dim, generator=g)
+    owner = torch.randint(-1, streams, (blocks,), generator=g)
+    owner[:streams] = torch.arange(streams)  # every stream owns a block
+    positions = torch.randperm(blocks * block, generator=g)[: blocks * block].view(blocks, block).to(torch.int32)
+    holes = torch.rand(blocks, block, generator=g) < 0.3
+    positions[holes | (owner < 0)[:, None]] = -1
+    for s in range(streams):  # each stream sees at least one key
+        positions[s, 0] = s
+    q = torch.randn(streams, group, head_dim, generator=g)
+    q_pos = torch.full((streams,), blocks * block, dtype=torch.int32)
+    return keys, values, positions, owner, q, q_pos
+
+
+def naive_attention(keys, values, positions, owner, q, q_pos, scale, window):
+    """The rule, one stream at a time in float64: softmax over the stream's visible keys
+    (stored, and inside the window), output = probabilities @ values; probabilities per slot."""
+    streams, group, _ = q.shape
+    out = torch.zeros(q.shape, dtype=torch.float64)
+    probs = torch.zeros(keys.shape[0], group, keys.shape[2], dtype=torch.float64)
+    for s in range(streams):
+        visible = (owner[:, None] == s) & (positions >= 0)
+        if window is not None:
+            visible &= (q_pos[s] - positions) < window
+        b, j = visible.nonzero(as_tuple=True)
+        k = keys.double()[b, :, j]  # [n, D]
+        v = values.double()[b, j]
+        p = torch.softmax(q[s].double() @ k.T * scale, dim=-1)  # [G, n]
+        out[s] = p @ v
+        probs[b, :, j] = p.T
+    return out, probs
+
+
+@pytest.mark.parametrize("streams,group,head_dim,block,blocks", [(1, 1, 8, 1, 5), (3, 3, 64, 16, 40),
+                                                                  (5, 4, 80, 64, 11), (24, 3, 64, 16, 100)])
+@pytest.mark.parametrize("window", [None, 37])
+@pytest.mark.parametrize("seed", [0, 1])
+@torch.inference_mode()
+def test_kernel_equals_the_rule(streams, group, head_dim, block, blocks, window, seed):
+    keys, values, positions, owner, q, q_pos = random_pool(streams, group, head_dim, block, blocks, seed)
+    scale = head_dim**-0.5
+    if window is not None:  # keep the first slot of each stream inside the window
+        positions[:streams, 0] = q_pos[0] - 1
+    expected_out, expected_probs = naive_attention(keys, values, positions, owner, q, q_pos, scale, window)
+    for with_probs in (True, False):
+        out, probs = paged_kernel.run(keys, values, positions, owner, q, q_pos, scale, window, with_probs)
+        torch.testing.assert_close(out.double(), expected_out, rtol=1e-5, atol=1e-5)
+        if with_probs:
+            torch.testing.assert_close(probs.double(), expected_probs, rtol=1e-5, atol=1e-6)
+        else:
+            assert probs is None
+
+
+@torch.inference_mode()
+def test_kernel_equals_the_tensor_operations_on_a_non_contiguous_query():
+    keys, values, positions, owner, q, q_pos = random_pool(6, 3, 64, 16, 30, seed=2)
+    q = q.transpose(0, 1).contiguous().transpose(0, 1)  # same values, other strides
+    spec = AttentionSpec(num_heads=18, num_kv_heads=6, head_dim=64, scale=0.125)
+    out, probs = paged_kernel.run(keys, values, positions, owner, q, q_pos, spec.scale, None, True)
+    ref_out, ref_probs = tensor_decode_attention(keys, values, positions, owner, q, q_pos, spec, True)
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(probs, ref_probs, rtol=1e-5, atol=1e-7)
+
+
+def _calls(path: str, monkeypatch) -> list[str]:
+    """Which path each of 2 * (TRIALS + 1) + 3 calls took, ``path`` made 2 ms slower."""
+    taken: list[str] = []
+    real_run, real_tensor = paged_kernel.run, tensor_decode_attention
+
+    def spy(name, fn):
+        def wrapped(*args, **kwargs):
+            taken.append(name)
+            if name == path:
+                time.sleep(0.002)
+            return fn(*args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(paged_kernel, "run", spy("native", real_run))
+    monkeypatch.setattr("cormlm.cache.paged_attention.tensor_decode_attention", spy("torch", real_tensor))
+    keys, values, positions, owner, q, q_pos = random_pool(3, 3, 64, 16, 20, seed=3)
+    spec = AttentionSpec(num_heads=9, num_kv_heads=3, head_dim=64, scale=0.125)
+    with torch.inference_mode():
+        for _ in range(2 * (paged_kernel.TRIALS + 1) + 3):
+            paged_decode_attention(keys, values, positions, owner, q, q_pos, spec, with_probs=True)
+    return taken
+
+
+@pytest.mark.parametrize("slow", ["native", "torch"])
+def test_the_faster_path_is_kept_after_the_trials(slow, monkeypatch):
+    taken = _calls(slow, monkeypatch)
+    trials = 2 * (paged_kernel.TRIALS + 1)
+    assert sorted(set(taken[:trials])) == ["native", "torch"] and taken[:trials].count("native") == trials // 2
+    fast = "torch" if slow == "native" else "native"
+    assert taken[trials:] == [fast] * 3
+    assert any(line.endswith(f": {fast}") and "probabilities" in line for line in paged_kernel.kernel_status())
+
+
+@pytest.mark.parametrize("forced", ["native", "torch"])
+def test_a_forced_path_runs_no_trials(forced, monkeypatch):
+    monkeypatch.setenv(paged_kernel.FORCE_ENV, forced)
+    assert set(_calls(forced, monkeypatch)) == {forced}
+    assert paged_kernel._trials == {} and paged_kernel._choices == {}
+
+
+def test_a_misspelt_forced_path_names_the_choices(monkeypatch):
+    monkeypatch.setenv(paged_kernel.FORCE_ENV, "fast")
+    with pytest.raises(InputError, match="native or torch"):
+        _calls("native", monkeypatch)
+
+
+def test_without_a_compiler_the_tensor_operations_run(monkeypatch, tmp_path):
+    monkeypatch.setenv("CORMLM_CACHE", str(tmp_path))
+    monkeypatch.setattr(paged_kernel, "_compiler", lambda: None)
+    monkeypatch.setattr(paged_kernel, "_unavailable", [])
+    paged_kernel._library.cache_clear()
+    try:
+        assert set(_calls("native", monkeypatch)) == {"torch"}
+        assert paged_kernel.kernel_status() == ["native kernel unavailable (no C compiler (cc, gcc or clang) on PATH): "
+                                                "tensor operations"]
+    finally:
+        paged_kernel._library.cache_clear()
+
+
+def test_a_compiler_error_leaves_the_tensor_operations(monkeypatch, tmp_path):
+    monkeypatch.setenv("CORMLM_CACHE", str(tmp_path))
+    monkeypatch.setattr(paged_kernel, "FLAGS", (*paged_kernel.FLAGS, "-fno-such-flag"))
+    monkeypatch.setattr(paged_kernel, "_unavailable", [])
+    paged_kernel._library.cache_clear()
+    try:
+        assert paged_kernel._library() is None
+        assert "could not build or load it" in paged_kernel.kernel_status()[0]
+        assert not list((tmp_path / "kernels").glob("*.so"))  # no partial library left to load later
+    finally:
+        paged_kernel._library.cache_clear()
+
+
+def test_the_library_is_built_once_per_cpu(monkeypatch, tmp_path):
+    monkeypatch.setenv("CORMLM_CACHE", str(tmp_path))
+    compiler = paged_kernel._compiler()
+    first = paged_kernel._build(compiler)
+    built_at = first.stat().st_mtime_ns
+    assert paged_kernel._build(compiler) == first and first.stat().st_mtime_ns == built_at  # reused
+    monkeypatch.setattr(paged_kernel, "_cpu_signature", lambda: "model name : another CPU")
+    assert paged_kernel._build(compiler) != first  # another CPU never loads this one's binary
+
+
+@torch.inference_mode()
+def test_calls_the_kernel_cannot_take_use_the_tensor_operations(monkeypatch):
+    monkeypatch.setenv(paged_kernel.FORCE_ENV, "native")
+    monkeypatch.setattr(paged_kernel, "run", lambda *a, **k: pytest.fail("the kernel ran"))
+    keys, values, positions, owner, q, q_pos = random_pool(3, 3, 64, 16, 20, seed=4)
+    spec = AttentionSpec(num_heads=9, num_kv_heads=3, head_dim=64, scale=0.125)
+    alibi = AttentionSpec(num_heads=9, num_kv_heads=3, head_dim=64, scale=0.125, alibi_slopes=alibi_slopes(9))
+    paged_decode_attention(keys, values, positions, owner, q, q_pos, alibi, True)
+    bf16 = [t.bfloat16() for t in (keys, values, q)]
+    paged_decode_attention(bf16[0], bf16[1], positions, owner, bf16[2], q_pos, spec, True)
