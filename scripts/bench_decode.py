@@ -18,9 +18,10 @@ are random token ids within the model's vocabulary.
 Before the tables a header names the machine: CPU model, its vector/matrix ISA flags, cores
 and torch threads, torch version, and the BLAS / MKL / oneDNN torch was built with.
 
-For each context, each repeat prefills ``context`` tokens with every implementation in turn
-(transformers with SDPA and its dynamic cache, cormlm with a full cache, cormlm with CORM),
-runs two warm-up decode steps each, then ``--steps`` greedy decode steps in alternation, one
+For each context, each repeat prefills ``context`` tokens with every implementation in turn,
+``--prefills`` times (transformers with SDPA and its dynamic cache, cormlm with a full cache,
+cormlm with CORM; prefill speed is the median of all those prefills), runs two warm-up
+decode steps each, then ``--steps`` greedy decode steps in alternation, one
 step of each implementation at a time, each step timed: a machine whose speed drifts slows
 all of them alike. Decode speed is the median step; figures are medians over ``--repeats``
 and ratios are to the first implementation (transformers) measured in the same run. Beside
@@ -286,18 +287,22 @@ def read_bandwidth(device: torch.device, gib: float = 1.0) -> float:
     return data.numel() * 4 / statistics.median(times[1:])
 
 
-def timed_round(runners: list[Runner], ids: torch.Tensor, steps: int) -> None:
-    """One repeat: each implementation prefills in turn, then they decode in alternation,
-    one step each, every step timed on its own. A machine whose speed drifts (shared cores,
-    frequency changes) then slows every implementation alike, and the median step time is
-    the figure."""
-    states, tokens, step_s, recompiles = {}, {}, {}, {}
+def timed_round(runners: list[Runner], ids: torch.Tensor, steps: int, prefills: int = 1) -> None:
+    """One repeat: the implementations prefill in turn, ``prefills`` times (the last cache
+    kept), then they decode in alternation, one step each, every step timed on its own. A
+    machine whose speed drifts (shared cores, frequency changes) then slows every
+    implementation alike, and the median prefill and step times are the figures."""
+    states, tokens, step_s, recompiles, kept = {}, {}, {}, {}, {}
+    for _ in range(prefills):
+        for runner in runners:
+            kept.pop(runner.name, None)  # the previous prefill's cache goes before the next is made
+            sync(ids.device)
+            started = time.perf_counter()
+            kept[runner.name] = runner.prefill(ids)
+            sync(ids.device)
+            runner.results.setdefault("prefill_tps", []).append(ids.numel() / (time.perf_counter() - started))
     for runner in runners:
-        sync(ids.device)
-        started = time.perf_counter()
-        logits, state = runner.prefill(ids)
-        sync(ids.device)
-        runner.results.setdefault("prefill_tps", []).append(ids.numel() / (time.perf_counter() - started))
+        logits, state = kept.pop(runner.name)
         logits, states[runner.name] = decode(runner, logits, state, 2)  # warm-up (compiled: the decode graphs)
         tokens[runner.name] = logits.argmax(-1, keepdim=True)
         step_s[runner.name], recompiles[runner.name] = [], 0
@@ -346,7 +351,7 @@ def run_context(runners: list[Runner], context: int, args, mode: str, vocab: int
         graphs_before[runner.name] = graphs_built() - before
     for repeat in range(args.repeats):
         print(f"  [{mode} {context}] repeat {repeat + 1}/{args.repeats}", file=sys.stderr, flush=True)
-        timed_round(runners, ids, args.steps)
+        timed_round(runners, ids, args.steps, args.prefills)
     b = {key: _median(v) for key, v in runners[0].results.items()}
     for runner in runners:
         r = {key: _median(v) for key, v in runner.results.items()}
@@ -428,7 +433,7 @@ def bench_model(spec: str, args, modes: list[str], bandwidth: float, scratch: Pa
           f"{config.num_heads}/{config.num_kv_heads} heads of {config.head_dim}, vocab {config.vocab_size}, "
           f"{args.dtype}, batch {args.batch}; corm w={args.window} r={args.recent}; "
           f"cache blocks of {args.block_size or 'each policy default'}; medians of {args.repeats} repeats, "
-          f"{args.steps} decode steps each", flush=True)
+          f"{args.prefills} prefills and {args.steps} decode steps each", flush=True)
     for mode in modes:
         if mode == "compiled":
             if compiled_before:  # a fresh dynamo state, so graph counts are this model's alone
@@ -484,6 +489,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=32, help="timed decode steps per repeat")
     parser.add_argument("--batch", type=int, default=1, help="rows decoded together (tokens/s count all rows)")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--prefills", type=int, default=3,
+                        help="timed prefills of each implementation per repeat (alternated; prefill tok/s is their median)")
     parser.add_argument("--impls", nargs="+", choices=IMPLEMENTATIONS, default=list(IMPLEMENTATIONS),
                         help="implementations to run; ratios are to the first")
     parser.add_argument("--no-compile", action="store_true", help="eager only")
@@ -507,6 +514,8 @@ def main() -> None:
                         help="eager mode also runs each cormlm implementation on a copy of the model whose weights "
                              "are oneDNN-packed for --batch rows (cormlm.pack_weights; rows named '-packed')")
     args = parser.parse_args()
+    if min(args.repeats, args.prefills, args.steps) < 1:
+        parser.error("--repeats, --prefills and --steps must be >= 1")
     if args.no_compile and args.compile_only:
         parser.error("--no-compile and --compile-only exclude each other")
     modes = ["eager"] * (not args.compile_only) + ["compiled"] * (not args.no_compile)

@@ -11,7 +11,7 @@ from script_runs import cpu_model_name, run_script
 pytest.importorskip("transformers")
 
 TOY = ["--model", "random", "--hidden", "64", "--layers", "2", "--heads", "4", "--kv-heads", "2",
-       "--intermediate", "128", "--vocab", "256", "--contexts", "32", "--repeats", "1", "--steps", "2",
+       "--intermediate", "128", "--vocab", "256", "--contexts", "32", "--repeats", "1", "--prefills", "2", "--steps", "2",
        "--no-compile", "--bandwidth-gib", "0.0625", "--pack-weights"]
 IMPLEMENTATIONS = ("transformers", "cormlm-full", "cormlm-corm", "cormlm-full-packed", "cormlm-corm-packed")
 
@@ -82,6 +82,6 @@ def test_kernel_choices_are_printed(output):
 
 def test_decode_attention_choices_are_printed(output):
     tail = output[output.index("cormlm decode attention per shape"):]
-    lines = re.findall(r"^- streams (\d+), (\d+) blocks of (\d+), group (\d+), head (\d+)(, probabilities)?, 1 threads: "
+    lines = re.findall(r"^- streams (\d+), up to (\d+) blocks of (\d+), group (\d+), head (\d+)(, probabilities)?, 1 threads: "
                        r"(native|torch)$", tail, re.MULTILINE)
     assert lines or "native kernel unavailable" in tail, tail

@@ -184,3 +184,14 @@ def test_calls_the_kernel_cannot_take_use_the_tensor_operations(monkeypatch):
     paged_decode_attention(keys, values, positions, owner, q, q_pos, alibi, True)
     bf16 = [t.bfloat16() for t in (keys, values, q)]
     paged_decode_attention(bf16[0], bf16[1], positions, owner, bf16[2], q_pos, spec, True)
+
+
+def test_a_growing_pool_is_measured_once_per_power_of_two(monkeypatch):
+    spec = AttentionSpec(num_heads=9, num_kv_heads=3, head_dim=64, scale=0.125)
+    with torch.inference_mode():
+        for blocks in (33, 40, 64, 33, 64, 65):
+            keys, values, positions, owner, q, q_pos = random_pool(3, 3, 64, 16, blocks, seed=blocks)
+            for _ in range(2 * (paged_kernel.TRIALS + 1)):
+                paged_decode_attention(keys, values, positions, owner, q, q_pos, spec, with_probs=False)
+    assert sorted(key[1] for key in paged_kernel._choices) == [64, 128]
+    assert paged_kernel._trials == {}

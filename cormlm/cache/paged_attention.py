@@ -77,7 +77,7 @@ def paged_decode_attention(keys: torch.Tensor, values: torch.Tensor, positions: 
     s, g, d = q.shape
     # the fused kernel or the tensor operations, whichever measured faster for this shape
     if paged_kernel.fits(keys, values, positions, owner, q, spec.alibi_slopes is not None):
-        key = (s, keys.shape[0], g, d, keys.shape[2], with_probs, torch.get_num_threads())
+        key = (s, paged_kernel.block_bucket(keys.shape[0]), g, d, keys.shape[2], with_probs, torch.get_num_threads())
         path = paged_kernel.choose(key)
         if path == "native":
             return paged_kernel.timed(key, path, lambda: paged_kernel.run(

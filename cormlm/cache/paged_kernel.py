@@ -14,7 +14,7 @@ loaded), so the two never compete.
 Which path a call takes is measured, like the linear products' kernels
 (:mod:`cormlm.models.linear`): the first calls of each (streams, pool blocks, group, head
 size, block size, probabilities or not, threads) alternate between the two, timed where they
-run, and the faster is kept for the process. ``CORMLM_PAGED_KERNEL=native`` or ``=torch``
+run, and the faster is kept for the process (pool blocks bucketed to powers of two). ``CORMLM_PAGED_KERNEL=native`` or ``=torch``
 forces one; :func:`kernel_status` says what was chosen (``scripts/bench_decode.py`` prints it).
 """
 
@@ -133,6 +133,12 @@ def run(keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, owner
     return out, probs if with_probs else None
 
 
+def block_bucket(blocks: int) -> int:
+    """Pool blocks as a choice is keyed: the next power of two (a growing pool is not
+    measured again at every size)."""
+    return 1 << max(blocks - 1, 0).bit_length()
+
+
 def _forced() -> str | None:
     value = os.environ.get(FORCE_ENV, "").strip().lower()
     if not value:
@@ -174,8 +180,8 @@ def timed(key: tuple, path: str, call: Callable[[], tuple]) -> tuple:
 
 
 def kernel_status() -> list[str]:
-    """What decode attention runs as, e.g. 'streams 3, 48 blocks of 64, group 3, head 64, 2 threads: native'."""
+    """What decode attention runs as, e.g. 'streams 3, up to 64 blocks of 64, group 3, head 64, 2 threads: native'."""
     if _unavailable:
         return [f"native kernel unavailable ({_unavailable[0]}): tensor operations"]
-    return [f"streams {s}, {nb} blocks of {bs}, group {g}, head {d}{', probabilities' * probs}, {t} threads: {name}"
-            for (s, nb, g, d, bs, probs, t), name in sorted(_choices.items(), key=str)]
+    return [f"streams {s}, up to {nb} blocks of {bs}, group {g}, head {d}{', probabilities' * probs}, {t} threads: {name}"
+            for (s, nb, g, d, bs, probs, t), name in sorted(_choices.items())]
