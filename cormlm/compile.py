@@ -24,9 +24,17 @@ import torch
 from .errors import CormlmError
 from .models.linear import calibrate
 
+INDUCTOR_OPTIONS = ("freezing", "cpp_wrapper", "max_autotune")  # what scripts/bench_compile.py measures
 
-def compile_model(model: torch.nn.Module) -> torch.nn.Module:
-    """Compile ``model`` in place (once: a second call changes nothing); returns the model."""
+
+def compile_model(model: torch.nn.Module, options: dict[str, object] | None = None) -> torch.nn.Module:
+    """Compile ``model`` in place (once: a second call changes nothing); returns the model.
+
+    ``options`` go to inductor as ``torch.compile(options=...)`` for every graph, e.g.
+    ``{"freezing": True}`` (weights folded in as constants and pre-packed), ``{"cpp_wrapper":
+    True}`` (the graph's Python wrapper as C++), ``{"max_autotune": True}`` (GEMM templates
+    benchmarked at compile time); ``scripts/bench_compile.py`` measures what each buys here.
+    """
     if not hasattr(torch, "compile"):
         raise CormlmError(f"torch {torch.__version__} has no torch.compile; drop --compile")
     if model.compiled:
@@ -39,15 +47,30 @@ def compile_model(model: torch.nn.Module) -> torch.nn.Module:
     if getattr(model, "tp", None) is not None:
         raise CormlmError("torch.compile is not supported with tensor parallelism (its all-reduces run eagerly); "
                           "drop --compile or compile_model() for a model loaded with tp=")
+    options = _checked_options(options)
     calibrate(model)  # graphs cannot time kernels: decide decode- and prefill-sized products now
     for block in model.blocks:
-        block.pre_attention = torch.compile(block.pre_attention, dynamic=True)
-        block.post_attention = torch.compile(block.post_attention, dynamic=True)
-    model.head = torch.compile(model.head, dynamic=True)
+        block.pre_attention = torch.compile(block.pre_attention, dynamic=True, options=options)
+        block.post_attention = torch.compile(block.post_attention, dynamic=True, options=options)
+    model.head = torch.compile(model.head, dynamic=True, options=options)
     # dynamic=None: sizes stay static but the pools' block counts, which the pool marks dynamic
-    model.compiled_decode = _without_duck_sizing(torch.compile(model.body, dynamic=None))
+    model.compiled_decode = _without_duck_sizing(torch.compile(model.body, dynamic=None, options=options))
     model.compiled = True
     return model
+
+
+def _checked_options(options: dict[str, object] | None) -> dict[str, object] | None:
+    """``options`` if inductor knows every name (a misspelt one would otherwise fail deep
+    inside the first compiled call), else one clear error."""
+    if not options:
+        return None
+    from torch._inductor import config as inductor_config
+
+    unknown = sorted(name for name in options if not hasattr(inductor_config, name))
+    if unknown:
+        raise CormlmError(f"unknown inductor option(s) {', '.join(map(repr, unknown))} for compile_model; "
+                          f"e.g. {', '.join(INDUCTOR_OPTIONS)} (names of torch._inductor.config)")
+    return dict(options)
 
 
 def _without_duck_sizing(compiled: Callable) -> Callable:

@@ -82,30 +82,30 @@ void cormlm_paged_decode_f32(const float *q, const float *keys, const float *val
             score_block(q + s * G * D, keys + b * D * BS, values + b * BS * D, pos + b * BS, q_pos[s], G, D, BS,
                         scale, window, probs + b * G * BS, bmax + b * G, bsum + b * G, part + b * G * D);
         }
-        /* each stream combines its blocks (scanning the owner list: no per-stream index needed) */
+        /* each (stream, query) combines its blocks, scanning the owner list (no per-stream
+         * index needed); pairs rather than streams, so a few streams still share out evenly */
 #pragma omp for schedule(static)
-        for (int64_t s = 0; s < S; s++) {
-            for (int64_t g = 0; g < G; g++) {
-                float m = HIDDEN, denom = 0.0f;
-                float *o = out + (s * G + g) * D;
-                for (int64_t d = 0; d < D; d++) o[d] = 0.0f;
-                for (int64_t b = 0; b < NB; b++)
-                    if (owner[b] == s && bmax[b * G + g] > m) m = bmax[b * G + g];
-                for (int64_t b = 0; b < NB; b++) {
-                    if (owner[b] != s) continue;
-                    const float f = bmax[b * G + g] == HIDDEN ? 0.0f : expf(bmax[b * G + g] - m);
-                    coef[b * G + g] = f;
-                    if (f == 0.0f) continue;
-                    denom += f * bsum[b * G + g];
-                    const float *pb = part + (b * G + g) * D;
-                    for (int64_t d = 0; d < D; d++) o[d] += f * pb[d];
-                }
-                const float inv = 1.0f / denom;
-                for (int64_t d = 0; d < D; d++) o[d] *= inv;
-                if (write_probs)
-                    for (int64_t b = 0; b < NB; b++)
-                        if (owner[b] == s) coef[b * G + g] *= inv;
+        for (int64_t sg = 0; sg < S * G; sg++) {
+            const int64_t s = sg / G, g = sg % G;
+            float m = HIDDEN, denom = 0.0f;
+            float *o = out + sg * D;
+            for (int64_t d = 0; d < D; d++) o[d] = 0.0f;
+            for (int64_t b = 0; b < NB; b++)
+                if (owner[b] == s && bmax[b * G + g] > m) m = bmax[b * G + g];
+            for (int64_t b = 0; b < NB; b++) {
+                if (owner[b] != s) continue;
+                const float f = bmax[b * G + g] == HIDDEN ? 0.0f : expf(bmax[b * G + g] - m);
+                coef[b * G + g] = f;
+                if (f == 0.0f) continue;
+                denom += f * bsum[b * G + g];
+                const float *pb = part + (b * G + g) * D;
+                for (int64_t d = 0; d < D; d++) o[d] += f * pb[d];
             }
+            const float inv = 1.0f / denom;
+            for (int64_t d = 0; d < D; d++) o[d] *= inv;
+            if (write_probs)
+                for (int64_t b = 0; b < NB; b++)
+                    if (owner[b] == s) coef[b * G + g] *= inv;
         }
         if (write_probs) {
 #pragma omp for schedule(static)
