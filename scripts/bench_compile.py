@@ -10,8 +10,9 @@ and pre-packed; ``cpp_wrapper``, the graph's Python wrapper generated as C++;
 ``max_autotune``, GEMM templates benchmarked at compile time). Each compiled variant
 reports its warm-up (compiling during the first prefill and two decode steps) and the
 resident memory that warm-up added (a variant that keeps a second copy of the weights
-shows it; the first compiled variant's figure also holds inductor's own one-off memory). Then every variant prefills the same ``--context`` random tokens and they decode
-in alternation, one timed step each, ``--steps`` times: tok/s is one over the median step,
+shows it; the first compiled variant's figure also holds inductor's own one-off memory).
+Then every variant prefills the same ``--context`` random tokens and they decode in
+alternation, one timed step each, ``--steps`` times: tok/s is one over the median step,
 and ratios are to ``default`` in the same run. Inductor writes to a fresh cache folder
 unless ``--warm-cache``, so every warm-up is a first compile. A variant that fails to
 compile is reported with its error and left out of the timing.
