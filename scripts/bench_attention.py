@@ -102,7 +102,7 @@ def bench(batch: int, context: int, args: argparse.Namespace) -> dict[str, tuple
         return lambda: tensor_decode_attention(pool.keys, pool.values, pool.positions, pool.owner, q_streams, q_pos,
                                                 spec, with_probs)[0]
 
-    paths = PATHS if paged_kernel._library() is not None else PATHS[1:]
+    paths = PATHS if paged_kernel.available() else PATHS[1:]
     calls = {"dense-sdpa": lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True)}
     blocks = {"dense-sdpa": "-"}
     for name, (policy, with_probs) in PAGED.items():
@@ -136,7 +136,7 @@ def main() -> None:
     print("# decode attention: cormlm's paged attention against dense SDPA\n")
     for line in describe_machine("cpu"):
         print(f"- {line}")
-    if paged_kernel._library() is None:
+    if not paged_kernel.available():
         print(f"- {paged_kernel.kernel_status()[0]}")
     print(f"- shape: {args.heads} query heads, {args.kv_heads} KV heads, head_dim {args.head_dim}, float32; "
           f"block size full {CacheConfig('full').slots_per_block()}, corm {CacheConfig('corm').slots_per_block()}; "

@@ -15,7 +15,7 @@ from cormlm.cache import paged_kernel
 BATCHES, CONTEXT, KV_HEADS = (1, 2), 40, 2
 TOY = ["--batch", *BATCHES, "--contexts", CONTEXT, "--rounds", 3, "--warmup", 1, "--heads", 4, "--kv-heads", KV_HEADS,
        "--head-dim", 8]
-PATHS = ("native", "tensor ops") if paged_kernel._library() is not None else ("tensor ops",)
+PATHS = ("native", "tensor ops") if paged_kernel.available() else ("tensor ops",)
 IMPLEMENTATIONS = ("dense-sdpa", *(f"{name} ({path})" for name in ("paged-full", "paged-corm-probs") for path in PATHS))
 COLUMNS = ["batch", "context", "implementation", "blocks in pool", "µs per call", "vs dense SDPA"]
 

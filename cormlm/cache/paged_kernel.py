@@ -104,6 +104,12 @@ def _library() -> Callable[..., None] | None:
     return kernel
 
 
+def available() -> bool:
+    """Whether the kernel is built and loaded here (building it on first ask);
+    :func:`kernel_status` says why not."""
+    return _library() is not None
+
+
 def fits(keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, owner: torch.Tensor,
          q: torch.Tensor, alibi: bool) -> bool:
     """Whether the kernel can run this call: float32 CPU tensors in the pool's own layout,
