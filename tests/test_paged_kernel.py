@@ -13,6 +13,7 @@ from cormlm.cache.paged_attention import paged_decode_attention, tensor_decode_a
 from cormlm.errors import InputError
 from cormlm.models.alibi import alibi_slopes
 from cormlm.models.attention_ops import AttentionSpec
+from cormlm.trials import TRIALS
 
 pytestmark = pytest.mark.skipif(not paged_kernel.available(), reason="no C compiler to build the kernel with")
 
@@ -110,7 +111,7 @@ def _calls(path: str, monkeypatch) -> list[str]:
     keys, values, positions, owner, q, q_pos = random_pool(3, 3, 64, 16, 20, seed=3)
     spec = AttentionSpec(num_heads=9, num_kv_heads=3, head_dim=64, scale=0.125)
     with torch.inference_mode():
-        for _ in range(2 * (paged_kernel.TRIALS + 1) + 3):
+        for _ in range(2 * (TRIALS + 1) + 3):
             paged_decode_attention(keys, values, positions, owner, q, q_pos, spec, with_probs=True)
     return taken
 
@@ -118,7 +119,7 @@ def _calls(path: str, monkeypatch) -> list[str]:
 @pytest.mark.parametrize("slow", ["native", "torch"])
 def test_the_faster_path_is_kept_after_the_trials(slow, monkeypatch):
     taken = _calls(slow, monkeypatch)
-    trials = 2 * (paged_kernel.TRIALS + 1)
+    trials = 2 * (TRIALS + 1)
     assert sorted(set(taken[:trials])) == ["native", "torch"] and taken[:trials].count("native") == trials // 2
     fast = "torch" if slow == "native" else "native"
     assert taken[trials:] == [fast] * 3
@@ -191,7 +192,7 @@ def test_a_growing_pool_is_measured_once_per_power_of_two(monkeypatch):
     with torch.inference_mode():
         for blocks in (33, 40, 64, 33, 64, 65):
             keys, values, positions, owner, q, q_pos = random_pool(3, 3, 64, 16, blocks, seed=blocks)
-            for _ in range(2 * (paged_kernel.TRIALS + 1)):
+            for _ in range(2 * (TRIALS + 1)):
                 paged_decode_attention(keys, values, positions, owner, q, q_pos, spec, with_probs=False)
     assert sorted(key[1] for key in paged_kernel._choices) == [64, 128]
     assert paged_kernel._trials == {}

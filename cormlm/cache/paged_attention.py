@@ -16,6 +16,7 @@ operations itself.
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING
 
 import torch
@@ -78,12 +79,16 @@ def paged_decode_attention(keys: torch.Tensor, values: torch.Tensor, positions: 
     # the fused kernel or the tensor operations, whichever measured faster for this shape
     if paged_kernel.fits(keys, values, positions, owner, q, spec.alibi_slopes is not None):
         key = (s, paged_kernel.block_bucket(keys.shape[0]), g, d, keys.shape[2], with_probs, torch.get_num_threads())
-        path = paged_kernel.choose(key)
+        path, trial = paged_kernel.choose(key)
+        started = time.perf_counter() if trial else 0.0
         if path == "native":
-            return paged_kernel.timed(key, path, lambda: paged_kernel.run(
-                keys, values, positions, owner, q, q_pos, spec.scale, spec.sliding_window, with_probs))
-        return paged_kernel.timed(key, path, lambda: tensor_decode_attention(
-            keys, values, positions, owner, q, q_pos, spec, with_probs))
+            result = paged_kernel.run(keys, values, positions, owner, q, q_pos, spec.scale, spec.sliding_window,
+                                      with_probs)
+        else:
+            result = tensor_decode_attention(keys, values, positions, owner, q, q_pos, spec, with_probs)
+        if trial:
+            paged_kernel.record(key, path, time.perf_counter() - started)
+        return result
     return tensor_decode_attention(keys, values, positions, owner, q, q_pos, spec, with_probs)
 
 

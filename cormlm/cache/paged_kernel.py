@@ -14,8 +14,9 @@ loaded), so the two never compete.
 Which path a call takes is measured, like the linear products' kernels
 (:mod:`cormlm.models.linear`): the first calls of each (streams, pool blocks, group, head
 size, block size, probabilities or not, threads) alternate between the two, timed where they
-run, and the faster is kept for the process (pool blocks bucketed to powers of two). ``CORMLM_PAGED_KERNEL=native`` or ``=torch``
-forces one; :func:`kernel_status` says what was chosen (``scripts/bench_decode.py`` prints it).
+run, and the faster is kept for the process (pool blocks bucketed to powers of two; the
+rule is :mod:`cormlm.trials`). ``CORMLM_PAGED_KERNEL=native`` or ``=torch`` forces one;
+:func:`kernel_status` says what was chosen (``scripts/bench_decode.py`` prints it).
 """
 
 from __future__ import annotations
@@ -26,22 +27,20 @@ import hashlib
 import os
 import platform
 import shutil
-import statistics
 import subprocess
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from ..errors import InputError
+from ..trials import decided, next_trial
 
 SOURCE = Path(__file__).with_name("paged_kernel.c")
 FLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC", "-shared")
 FORCE_ENV = "CORMLM_PAGED_KERNEL"
 PATHS = ("native", "torch")
-TRIALS = 8  # timed calls of each path per key, after one untimed warm-up call each
 _choices: dict[tuple, str] = {}
 _trials: dict[tuple, dict[str, list[float]]] = {}
 _unavailable: list[str] = []  # why the native kernel could not be built or loaded (empty: it was, or not tried)
@@ -155,34 +154,29 @@ def _forced() -> str | None:
     return value
 
 
-def choose(key: tuple) -> str:
-    """The path for a call keyed ``key``: forced, decided, or the next trial's (the one run least)."""
+def choose(key: tuple) -> tuple[str, bool]:
+    """The path for a call keyed ``key`` (forced, decided, or the next trial's) and whether
+    the call is a trial, whose time :func:`record` takes."""
     forced = _forced()
     if forced is not None:
-        return forced if forced == "torch" or _library() is not None else "torch"
+        return (forced if forced == "torch" or _library() is not None else "torch"), False
     choice = _choices.get(key)
     if choice is not None:
-        return choice
+        return choice, False
     if _library() is None:
         _choices[key] = "torch"
-        return "torch"
-    times = _trials.setdefault(key, {})
-    return min(PATHS, key=lambda name: len(times.get(name, ())))
+        return "torch", False
+    return next_trial(PATHS, _trials.setdefault(key, {})), True
 
 
-def timed(key: tuple, path: str, call: Callable[[], tuple]) -> tuple:
-    """``call()`` (path ``path`` for ``key``), timed while ``key`` is still being measured."""
-    if key in _choices or _forced() is not None:
-        return call()
-    started = time.perf_counter()
-    result = call()
+def record(key: tuple, path: str, seconds: float) -> None:
+    """One trial call's time; once both paths ran their trials, the faster is kept."""
     times = _trials[key]
-    times.setdefault(path, []).append(time.perf_counter() - started)
-    if all(len(times.get(name, ())) > TRIALS for name in PATHS):  # the first call of each is a warm-up
-        median = {name: statistics.median(times[name][1:]) for name in PATHS}
-        _choices[key] = min(median, key=median.get)
+    times.setdefault(path, []).append(seconds)
+    choice = decided(PATHS, times)
+    if choice is not None:
+        _choices[key] = choice
         del _trials[key]
-    return result
 
 
 def kernel_status() -> list[str]:

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import functools
 import os
-import statistics
 import time
 from collections.abc import Callable
 
@@ -39,12 +38,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InputError
+from ..trials import TRIALS, decided, next_trial
 
 SPLIT_MAX_ROWS = 8  # the split only ever targets matrix-vector-like products
 TRANSPOSED_MAX_ROWS = 16  # weight @ x.T only pays for a few input rows
 SPLIT_PARTS = 2
 MARGIN = 0.9  # another kernel must be at least 10% faster to replace F.linear
-TRIALS = 8  # timed calls of each kernel per key (after one untimed warm-up call each)
 FORCE_ENV = "CORMLM_LINEAR_KERNEL"
 ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
 _choices: dict[tuple, str] = {}  # (out, in, row bucket, dtype, threads) -> kernel name
@@ -173,15 +172,13 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if choice is not None and choice in names:
         return _call(choice, x, weight, bias)
     times = _trials.setdefault(key, {})
-    name = min(names, key=lambda n: len(times.get(n, ())))  # rotate: F.linear first, then whichever ran least
+    name = next_trial(names, times)  # rotate: F.linear first, then whichever ran least
     started = time.perf_counter()
     y = _call(name, x, weight, bias)
     times.setdefault(name, []).append(time.perf_counter() - started)
-    runnable = [n for n in names if n not in _broken]
-    if all(len(times.get(n, ())) > TRIALS for n in runnable):  # the first call of each is a warm-up
-        median = {n: statistics.median(times[n][1:]) for n in runnable}
-        best = min(median, key=median.get)
-        _choices[key] = best if median[best] < MARGIN * median["linear"] else "linear"
+    choice = decided([n for n in names if n not in _broken], times, baseline="linear", margin=MARGIN)
+    if choice is not None:
+        _choices[key] = choice
         del _trials[key]
     return y
 

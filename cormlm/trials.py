@@ -1,0 +1,35 @@
+"""In-place trials between interchangeable implementations of one computation.
+
+The first calls of each key (a shape, a dtype, a thread count) rotate over the
+implementations that can run it and are timed where they run, inside the model's own steps;
+once each has run ``TRIALS`` timed calls after one untimed warm-up call, the fastest is kept.
+The linear layer's kernels (:mod:`cormlm.models.linear`) and the decode-attention paths
+(:mod:`cormlm.cache.paged_kernel`) are chosen this way.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Sequence
+
+TRIALS = 8  # timed calls of each implementation per key (after one untimed warm-up call each)
+
+
+def next_trial(names: Sequence[str], times: dict[str, list[float]]) -> str:
+    """The implementation to run next for a key still measured: the one run least (the first
+    of ``names`` among equals)."""
+    return min(names, key=lambda name: len(times.get(name, ())))
+
+
+def decided(names: Sequence[str], times: dict[str, list[float]], baseline: str | None = None,
+            margin: float = 1.0) -> str | None:
+    """The fastest of ``names`` once each has run its trials (None before): the median of
+    each one's timed calls, the warm-up left out; another than ``baseline`` only where it
+    takes less than ``margin`` times the baseline's."""
+    if not all(len(times.get(name, ())) > TRIALS for name in names):
+        return None
+    median = {name: statistics.median(times[name][1:]) for name in names}
+    best = min(median, key=median.get)
+    if baseline is not None and median[best] >= margin * median[baseline]:
+        return baseline
+    return best
