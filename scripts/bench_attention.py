@@ -14,9 +14,10 @@ included). No ``end_step`` runs, so CORM evicts nothing: every implementation re
 
 - ``dense-sdpa``: ``scaled_dot_product_attention(q [B, Hq, 1, D], k/v [B, Hkv, L, D],
   enable_gqa=True)`` over the contiguous keys and values the caches were prefilled with;
-- ``paged-full``: ``paged_decode_attention(with_probs=False)`` over the full policy's pool,
+- ``paged-full``: ``paged_decode_attention(probs=None)`` over the full policy's pool,
   the attention of a full cache's decode step;
-- ``paged-corm-probs``: ``with_probs=True`` over the CORM pool (its smaller blocks): what CORM
+- ``paged-corm-probs``: ``probs="max"`` (the group's max, what CORM reads) over the CORM pool
+  (its smaller blocks): what CORM
   pays to read probabilities (its state update not included).
 
 Each paged row is timed twice, as the fused C kernel (``native``, see
@@ -48,7 +49,7 @@ from cormlm.cache.paged_attention import tensor_decode_attention
 from cormlm.cache.registry import build_cache
 from cormlm.models.attention_ops import AttentionSpec
 
-PAGED = {"paged-full": ("full", False), "paged-corm-probs": ("corm", True)}
+PAGED = {"paged-full": ("full", None), "paged-corm-probs": ("corm", "max")}
 PATHS = ("native", "tensor ops")
 COLUMNS = ("batch", "context", "implementation", "blocks in pool", "µs per call", "vs dense SDPA")
 
@@ -95,19 +96,19 @@ def bench(batch: int, context: int, args: argparse.Namespace) -> dict[str, tuple
 
     pools = {"full": full, "corm": corm}
 
-    def paged(pool: BlockPool, with_probs: bool, path: str) -> Callable[[], torch.Tensor]:
+    def paged(pool: BlockPool, probs: str | None, path: str) -> Callable[[], torch.Tensor]:
         if path == "native":
             return lambda: paged_kernel.run(pool.keys, pool.values, pool.positions, pool.owner, q_streams, q_pos,
-                                            spec.scale, None, with_probs)[0]
+                                            spec.scale, None, probs)[0]
         return lambda: tensor_decode_attention(pool.keys, pool.values, pool.positions, pool.owner, q_streams, q_pos,
-                                                spec, with_probs)[0]
+                                                spec, probs)[0]
 
     paths = PATHS if paged_kernel.available() else PATHS[1:]
     calls = {"dense-sdpa": lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True)}
     blocks = {"dense-sdpa": "-"}
-    for name, (policy, with_probs) in PAGED.items():
+    for name, (policy, probs) in PAGED.items():
         for path in paths:
-            calls[f"{name} ({path})"] = paged(pools[policy], with_probs, path)
+            calls[f"{name} ({path})"] = paged(pools[policy], probs, path)
             blocks[f"{name} ({path})"] = str(pools[policy].capacity)
     reference = calls["dense-sdpa"]()
     for name in list(calls)[1:]:

@@ -73,24 +73,28 @@ def test_kernel_equals_the_rule(streams, group, head_dim, block, blocks, window,
     if window is not None:  # keep the first slot of each stream inside the window
         positions[:streams, 0] = q_pos[0] - 1
     expected_out, expected_probs = naive_attention(keys, values, positions, owner, q, q_pos, scale, window)
-    for with_probs in (True, False):
-        out, probs = paged_kernel.run(keys, values, positions, owner, q, q_pos, scale, window, with_probs)
+    reduced = {"heads": expected_probs, "max": expected_probs.amax(dim=1, keepdim=True),
+               "sum": expected_probs.sum(dim=1, keepdim=True)}
+    for wanted in (None, "heads", "max", "sum"):
+        out, probs = paged_kernel.run(keys, values, positions, owner, q, q_pos, scale, window, wanted)
         torch.testing.assert_close(out.double(), expected_out, rtol=1e-5, atol=1e-5)
-        if with_probs:
-            torch.testing.assert_close(probs.double(), expected_probs, rtol=1e-5, atol=1e-6)
-        else:
+        if wanted is None:
             assert probs is None
+        else:
+            torch.testing.assert_close(probs.double(), reduced[wanted], rtol=1e-5, atol=1e-6)
 
 
 @torch.inference_mode()
 def test_kernel_equals_the_tensor_operations_on_a_non_contiguous_query():
+    """Also pins the tensor operations' reduced probabilities to the kernel's (which the rule pins)."""
     keys, values, positions, owner, q, q_pos = random_pool(6, 3, 64, 16, 30, seed=2)
     q = q.transpose(0, 1).contiguous().transpose(0, 1)  # same values, other strides
     spec = AttentionSpec(num_heads=18, num_kv_heads=6, head_dim=64, scale=0.125)
-    out, probs = paged_kernel.run(keys, values, positions, owner, q, q_pos, spec.scale, None, True)
-    ref_out, ref_probs = tensor_decode_attention(keys, values, positions, owner, q, q_pos, spec, True)
-    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(probs, ref_probs, rtol=1e-5, atol=1e-7)
+    for wanted in ("heads", "max", "sum"):
+        out, probs = paged_kernel.run(keys, values, positions, owner, q, q_pos, spec.scale, None, wanted)
+        ref_out, ref_probs = tensor_decode_attention(keys, values, positions, owner, q, q_pos, spec, wanted)
+        torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(probs, ref_probs, rtol=1e-5, atol=1e-7)
 
 
 def _calls(path: str, monkeypatch) -> list[str]:
@@ -112,7 +116,7 @@ def _calls(path: str, monkeypatch) -> list[str]:
     spec = AttentionSpec(num_heads=9, num_kv_heads=3, head_dim=64, scale=0.125)
     with torch.inference_mode():
         for _ in range(2 * (TRIALS + 1) + 3):
-            paged_decode_attention(keys, values, positions, owner, q, q_pos, spec, with_probs=True)
+            paged_decode_attention(keys, values, positions, owner, q, q_pos, spec, probs="heads")
     return taken
 
 
@@ -193,6 +197,6 @@ def test_a_growing_pool_is_measured_once_per_power_of_two(monkeypatch):
         for blocks in (33, 40, 64, 33, 64, 65):
             keys, values, positions, owner, q, q_pos = random_pool(3, 3, 64, 16, blocks, seed=blocks)
             for _ in range(2 * (TRIALS + 1)):
-                paged_decode_attention(keys, values, positions, owner, q, q_pos, spec, with_probs=False)
+                paged_decode_attention(keys, values, positions, owner, q, q_pos, spec, probs=None)
     assert sorted(key[1] for key in paged_kernel._choices) == [64, 128]
     assert paged_kernel._trials == {}

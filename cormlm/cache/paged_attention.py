@@ -25,7 +25,7 @@ from ..models.alibi import alibi_bias
 from ..models.attention_ops import AttentionSpec, upcast
 from . import paged_kernel
 from .paged import stream_live_counts
-from .policy import EvictionPolicy
+from .policy import EvictionPolicy, group_max
 
 if TYPE_CHECKING:
     from .ragged import QueryGroup
@@ -70,31 +70,31 @@ def _segment_sum(x: torch.Tensor, owner: torch.Tensor, num_streams: int) -> torc
 
 def paged_decode_attention(keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
                            owner: torch.Tensor, q: torch.Tensor, q_pos: torch.Tensor,
-                           spec: AttentionSpec, with_probs: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+                           spec: AttentionSpec, probs: str | None = "heads") -> tuple[torch.Tensor, torch.Tensor | None]:
     """One query per stream over a block pool (``keys`` [NB, D, block] and ``values``
     [NB, block, D] as the pool stores them, ``positions`` [NB, block], ``owner`` [NB], -1 =
-    free): ``q`` [S, G, D], ``q_pos`` [S] -> output [S, G, D], probs [NB, G, block] (None
-    unless ``with_probs``)."""
+    free): ``q`` [S, G, D], ``q_pos`` [S] -> output [S, G, D] and the probabilities ``probs``
+    names: each query's ("heads": [NB, G, block]), the group's max or sum ("max" / "sum":
+    [NB, 1, block]), or none (None)."""
     s, g, d = q.shape
     # the fused kernel or the tensor operations, whichever measured faster for this shape
     if paged_kernel.fits(keys, values, positions, owner, q, spec.alibi_slopes is not None):
-        key = (s, paged_kernel.block_bucket(keys.shape[0]), g, d, keys.shape[2], with_probs, torch.get_num_threads())
+        key = (s, paged_kernel.block_bucket(keys.shape[0]), g, d, keys.shape[2], probs, torch.get_num_threads())
         path, trial = paged_kernel.choose(key)
         started = time.perf_counter() if trial else 0.0
         if path == "native":
-            result = paged_kernel.run(keys, values, positions, owner, q, q_pos, spec.scale, spec.sliding_window,
-                                      with_probs)
+            result = paged_kernel.run(keys, values, positions, owner, q, q_pos, spec.scale, spec.sliding_window, probs)
         else:
-            result = tensor_decode_attention(keys, values, positions, owner, q, q_pos, spec, with_probs)
+            result = tensor_decode_attention(keys, values, positions, owner, q, q_pos, spec, probs)
         if trial:
             paged_kernel.record(key, path, time.perf_counter() - started)
         return result
-    return tensor_decode_attention(keys, values, positions, owner, q, q_pos, spec, with_probs)
+    return tensor_decode_attention(keys, values, positions, owner, q, q_pos, spec, probs)
 
 
 def tensor_decode_attention(keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
                             owner: torch.Tensor, q: torch.Tensor, q_pos: torch.Tensor,
-                            spec: AttentionSpec, with_probs: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+                            spec: AttentionSpec, probs: str | None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """:func:`paged_decode_attention` in tensor operations (what a compiled graph fuses)."""
     s, g, d = q.shape
     owner = owner.clamp(min=0)
@@ -117,8 +117,12 @@ def tensor_decode_attention(keys: torch.Tensor, values: torch.Tensor, positions:
     denom = _segment_sum(weights.sum(dim=-1), owner, s)
     partial = torch.bmm(weights.to(values.dtype), values)  # [NB, G, D]
     out = _segment_sum(upcast(partial), owner, s).div_(denom[:, :, None])
-    probs = weights.div_(denom[owner][:, :, None]) if with_probs else None
-    return out.to(q.dtype), probs
+    if probs is None:
+        return out.to(q.dtype), None
+    per_head = weights.div_(denom[owner][:, :, None])
+    if probs == "max":
+        return out.to(q.dtype), group_max(per_head, dim=1)
+    return out.to(q.dtype), per_head.sum(dim=1, keepdim=True) if probs == "sum" else per_head
 
 
 def decode_layer_observation(keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
@@ -126,19 +130,22 @@ def decode_layer_observation(keys: torch.Tensor, values: torch.Tensor, positions
                              spec: AttentionSpec, policy: EvictionPolicy, query_group: QueryGroup | None = None
                              ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """One layer's decode attention and what the policy reads of it: output [S, G, D], the
-    probabilities as ``decode_update`` takes them ([NB, G, 1, block]; None when the policy
-    reads none) and the keys each stream attended to ([NB, 1]; None unless the policy asks).
+    probabilities as ``decode_update`` takes them ([NB, G, 1, block], the group reduced to 1
+    when the policy declares ``group_reduce``; None when the policy reads none) and the keys
+    each stream attended to ([NB, 1]; None unless the policy asks).
 
     ``query_group`` (tensor parallelism, a replicated KV head) completes the group's
     probabilities from the other ranks before the policy reads them.
     """
-    out, probs = paged_decode_attention(keys, values, positions, owner, q, q_pos, spec, policy.needs_probs)
+    # the group reduced as the policy reads it (exact: see EvictionPolicy.group_reduce)
+    wanted = (policy.group_reduce or "heads") if policy.needs_probs else None
+    out, probs = paged_decode_attention(keys, values, positions, owner, q, q_pos, spec, wanted)
     if probs is None:
         return out, None, None
     attended = None
     if policy.needs_attended:  # keys each stream attended to (its own included): [NB, 1]
         attended = stream_live_counts(positions, owner, stream_t.shape[0])[owner.clamp(min=0)][:, None]
-    grouped = probs[:, :, None, :]  # [NB, G, 1, block]: the group at -3, as observe() expects
+    grouped = probs[:, :, None, :]  # [NB, G or 1, 1, block]: the group at -3, as observe() expects
     if query_group is not None:
         grouped = query_group.combine(grouped, policy.group_reduce)
     return out, grouped, attended

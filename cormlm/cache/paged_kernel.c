@@ -61,13 +61,20 @@ static void score_block(const float *restrict q, const float *restrict k, const 
     }
 }
 
+/* What the kernel writes of the probabilities: nothing, each query's [NB,G,BS], or the group's
+ * max or sum [NB,BS] (what a policy that reads the group through one of those needs: a third
+ * of the bytes at G = 3, and no reduction pass of its own). */
+enum { PROBS_NONE = 0, PROBS_HEADS = 1, PROBS_MAX = 2, PROBS_SUM = 3 };
+
 /* q [S,G,D], keys [NB,D,BS], values [NB,BS,D], pos [NB,BS] (-1: empty), owner [NB] (-1: free),
- * q_pos [S]; window <= 0: none. Writes out [S,G,D] and probs [NB,G,BS] (normalised only if
- * write_probs, else scratch). work: NB*G*(D+3) floats. */
+ * q_pos [S]; window <= 0: none. Writes out [S,G,D]; probs [NB,G,BS] is scratch, and the
+ * normalised probabilities for PROBS_HEADS; reduced [NB,BS] gets the group's max or sum for
+ * PROBS_MAX / PROBS_SUM. work: NB*G*(D+3) floats. */
 void cormlm_paged_decode_f32(const float *q, const float *keys, const float *values, const int32_t *pos,
                              const int64_t *owner, const int32_t *q_pos, int64_t S, int64_t G, int64_t D,
                              int64_t NB, int64_t BS, float scale, int64_t window, float *out, float *probs,
-                             float *work, int write_probs, int threads) {
+                             float *reduced, float *work, int probs_mode, int threads) {
+    const int write_probs = probs_mode != PROBS_NONE;
     float *bmax = work, *bsum = work + NB * G, *coef = work + 2 * NB * G, *part = work + 3 * NB * G;
 #pragma omp parallel num_threads(threads)
     {
@@ -110,6 +117,22 @@ void cormlm_paged_decode_f32(const float *q, const float *keys, const float *val
         if (write_probs) {
 #pragma omp for schedule(static)
             for (int64_t b = 0; b < NB; b++) {
+                if (probs_mode != PROBS_HEADS) {  /* the group reduced: [BS] per block */
+                    float *rb = reduced + b * BS;
+                    if (owner[b] < 0) { memset(rb, 0, sizeof(float) * BS); continue; }
+                    const float *p0 = probs + b * G * BS;
+                    const float c0 = coef[b * G];
+                    for (int64_t j = 0; j < BS; j++) rb[j] = p0[j] * c0;
+                    for (int64_t g = 1; g < G; g++) {
+                        const float c = coef[b * G + g];
+                        const float *pg = probs + (b * G + g) * BS;
+                        if (probs_mode == PROBS_MAX)
+                            for (int64_t j = 0; j < BS; j++) { const float x = pg[j] * c; rb[j] = x > rb[j] ? x : rb[j]; }
+                        else
+                            for (int64_t j = 0; j < BS; j++) rb[j] += pg[j] * c;
+                    }
+                    continue;
+                }
                 if (owner[b] < 0) continue;
                 for (int64_t g = 0; g < G; g++) {
                     const float c = coef[b * G + g];

@@ -13,7 +13,7 @@ loaded), so the two never compete.
 
 Which path a call takes is measured, like the linear products' kernels
 (:mod:`cormlm.models.linear`): the first calls of each (streams, pool blocks, group, head
-size, block size, probabilities or not, threads) alternate between the two, timed where they
+size, block size, which probabilities, threads) alternate between the two, timed where they
 run, and the faster is kept for the process (pool blocks bucketed to powers of two; the
 rule is :mod:`cormlm.trials`). ``CORMLM_PAGED_KERNEL=native`` or ``=torch`` forces one;
 :func:`kernel_status` says what was chosen (``scripts/bench_decode.py`` prints it).
@@ -98,7 +98,8 @@ def _library() -> Callable[..., None] | None:
         _unavailable.append(f"could not build or load it: {error}")
         return None
     p, i64 = ctypes.c_void_p, ctypes.c_int64
-    kernel.argtypes = [p, p, p, p, p, p, i64, i64, i64, i64, i64, ctypes.c_float, i64, p, p, p, ctypes.c_int, ctypes.c_int]
+    kernel.argtypes = [p, p, p, p, p, p, i64, i64, i64, i64, i64, ctypes.c_float, i64, p, p, p, p, ctypes.c_int,
+                        ctypes.c_int]
     kernel.restype = None
     return kernel
 
@@ -119,10 +120,14 @@ def fits(keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, owne
             and keys.is_contiguous() and values.is_contiguous() and positions.is_contiguous() and owner.is_contiguous())
 
 
+PROBS_MODES = {None: 0, "heads": 1, "max": 2, "sum": 3}  # the kernel's probs_mode for each ``probs``
+
+
 def run(keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, owner: torch.Tensor, q: torch.Tensor,
-        q_pos: torch.Tensor, scale: float, window: int | None, with_probs: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The kernel's output [S, G, D] and, if ``with_probs``, probabilities [NB, G, block]
-    (the arguments as :func:`cormlm.cache.paged_attention.paged_decode_attention` takes them)."""
+        q_pos: torch.Tensor, scale: float, window: int | None, probs: str | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The kernel's output [S, G, D] and the probabilities ``probs`` asks for (None: none;
+    "heads": [NB, G, block]; "max" / "sum": the group's, [NB, 1, block]), the arguments as
+    :func:`cormlm.cache.paged_attention.paged_decode_attention` takes them."""
     kernel = _library()
     assert kernel is not None, "run() called although the kernel is unavailable"
     s, g, d = q.shape
@@ -130,12 +135,13 @@ def run(keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, owner
     q = q.contiguous()
     q_pos = q_pos.to(torch.int32).contiguous()
     out = q.new_empty(s, g, d)
-    probs = q.new_empty(nb, g, bs)
+    per_head = q.new_empty(nb, g, bs)  # the probabilities for "heads", else scratch
+    reduced = q.new_empty(nb, 1, bs) if probs in ("max", "sum") else per_head
     work = q.new_empty(nb * g * (d + 3))
     kernel(q.data_ptr(), keys.data_ptr(), values.data_ptr(), positions.data_ptr(), owner.data_ptr(), q_pos.data_ptr(),
-           s, g, d, nb, bs, scale, window or 0, out.data_ptr(), probs.data_ptr(), work.data_ptr(),
-           int(with_probs), torch.get_num_threads())
-    return out, probs if with_probs else None
+           s, g, d, nb, bs, scale, window or 0, out.data_ptr(), per_head.data_ptr(), reduced.data_ptr(),
+           work.data_ptr(), PROBS_MODES[probs], torch.get_num_threads())
+    return out, None if probs is None else reduced
 
 
 def block_bucket(blocks: int) -> int:
@@ -179,9 +185,13 @@ def record(key: tuple, path: str, seconds: float) -> None:
         del _trials[key]
 
 
+_PROBS_LABEL = {None: "", "heads": ", probabilities", "max": ", group-max probabilities",
+                "sum": ", group-sum probabilities"}
+
+
 def kernel_status() -> list[str]:
     """What decode attention runs as, e.g. 'streams 3, up to 64 blocks of 64, group 3, head 64, 2 threads: native'."""
     if _unavailable:
         return [f"native kernel unavailable ({_unavailable[0]}): tensor operations"]
-    return [f"streams {s}, up to {nb} blocks of {bs}, group {g}, head {d}{', probabilities' * probs}, {t} threads: {name}"
-            for (s, nb, g, d, bs, probs, t), name in sorted(_choices.items())]
+    return [f"streams {s}, up to {nb} blocks of {bs}, group {g}, head {d}{_PROBS_LABEL[probs]}, {t} threads: {name}"
+            for (s, nb, g, d, bs, probs, t), name in sorted(_choices.items(), key=lambda item: str(item[0]))]

@@ -3,8 +3,9 @@
 A policy never sees storage layout. It turns attention probabilities into per-key
 observations (``observe``), folds them into per-slot state (``merge``) and says which slots
 to drop (``evict``). The cache calls ``observe`` on whatever layout it has at hand
-(prefill: dense [B, Hkv, G, Q, S]; decode: pool blocks [NB, G, 1, block]), always with the
-query-group dimension at -3, the query dimension at -2 and keys last.
+(prefill: dense [B, Hkv, G, Q, S]; decode: pool blocks [NB, G, 1, block], G = 1 when the
+policy declares ``group_reduce``), always with the query-group dimension at -3, the query
+dimension at -2 and keys last.
 
 Budget policies (h2o, scissorhands, knorm) rank keys and drop the lowest-ranked beyond a
 budget: ``budget.BudgetPolicy`` owns ``budget`` and ``recent`` and ranks each stream once for
@@ -64,7 +65,8 @@ class EvictionPolicy(ABC):
     # may be combined before observe() reads them: "max" (observe only asks whether some head
     # gives a key at least a threshold: any(p >= x) == max(p) >= x), "sum" (observe adds the
     # heads' probabilities), or None: the ranks' shares are gathered whole (exact for any
-    # policy, at group-size times the traffic of one reduced row).
+    # policy, at group-size times the traffic of one reduced row). Decode attention also
+    # hands a policy that declares a reduction its group already reduced ([NB, 1, 1, block]).
     group_reduce: ClassVar[str | None] = None
 
     def __init_subclass__(cls, **kwargs) -> None:
