@@ -32,6 +32,8 @@ import math
 
 import torch
 
+from .slot_index import SlotIndex
+
 MIN_POOL_SLOTS = 128  # the smallest pool, in slots (so larger blocks do not raise a short cache's floor)
 
 
@@ -55,14 +57,22 @@ def stream_live_counts(positions: torch.Tensor, owner: torch.Tensor, num_streams
 
 
 class BlockPool:
+    """One layer's pool. Its keys and values are its own tensors; its per-slot bookkeeping
+    (``positions``, ``owner``, ``state``) is a region of a :class:`SlotIndex` shared by all the
+    cache's layers (one of its own when none is given)."""
+
     def __init__(self, num_streams: int, block_size: int, head_dim: int, dtype: torch.dtype,
-                 device: torch.device, state_fields: dict[str, tuple[torch.dtype, float]]) -> None:
+                 device: torch.device, state_fields: dict[str, tuple[torch.dtype, float]],
+                 index: SlotIndex | None = None, region: int = 0) -> None:
         self.num_streams = num_streams
         self.block_size = block_size
         self.head_dim = head_dim
         self.dtype = dtype
         self.device = device
         self.state_fields = state_fields
+        self.index = SlotIndex(1, block_size, state_fields, device) if index is None else index
+        self.region = region
+        self.index.attach(region, self)
         self._allocate(0)
         self.tail = torch.full((num_streams,), -1, dtype=torch.long, device=device)
         # Host mirror of each tail block's fill; block_size means "no room, take a new block".
@@ -72,15 +82,19 @@ class BlockPool:
 
     # ----------------------------------------------------------------- storage
     def _allocate(self, num_blocks: int) -> None:
+        """Fresh storage for ``num_blocks`` free blocks (the bookkeeping region reset)."""
         bs, d, dev = self.block_size, self.head_dim, self.device
         self.keys = torch.zeros(num_blocks, d, bs, dtype=self.dtype, device=dev)  # transposed per block
         self.values = torch.zeros(num_blocks, bs, d, dtype=self.dtype, device=dev)
-        self.positions = torch.full((num_blocks, bs), -1, dtype=torch.int32, device=dev)
-        self.owner = torch.full((num_blocks,), -1, dtype=torch.long, device=dev)
-        self.state = {name: torch.full((num_blocks, bs), fresh, dtype=dtype, device=dev)
-                      for name, (dtype, fresh) in self.state_fields.items()}
-        for tensor in (self.keys, self.values, self.positions, self.owner, *self.state.values()):
+        for tensor in (self.keys, self.values):
             # compiled steps: the block count is symbolic (no recompilation as the pool resizes)
+            torch._dynamo.maybe_mark_dynamic(tensor, 0)
+        self.index.resize(self.region, num_blocks, keep=False)
+
+    def bind(self) -> None:
+        """Take this pool's bookkeeping views from the index (after it moved or resized them)."""
+        self.positions, self.owner, self.state = self.index.views(self.region)
+        for tensor in (self.positions, self.owner, *self.state.values()):
             torch._dynamo.maybe_mark_dynamic(tensor, 0)
 
     def key_slots(self) -> torch.Tensor:
@@ -100,18 +114,19 @@ class BlockPool:
         return self.keys.shape[0]
 
     def storage_tensors(self) -> list[torch.Tensor]:
-        return [self.keys, self.values, self.positions, self.owner, self.tail, *self.state.values()]
-
-    def nbytes(self) -> int:
-        return sum(t.untyped_storage().nbytes() for t in self.storage_tensors())
+        """The tensors this pool holds of its own (the index's are the index's to report)."""
+        return [self.keys, self.values, self.tail]
 
     def _grow(self, needed_blocks: int) -> None:
-        old = (self.keys, self.values, self.positions, self.owner, self.state)
+        old_keys, old_values = self.keys, self.values
         n = self.capacity
-        self._allocate(self.bucket(needed_blocks))
-        self.keys[:n], self.values[:n], self.positions[:n], self.owner[:n] = old[:4]
-        for name, tensor in old[4].items():
-            self.state[name][:n] = tensor
+        blocks = self.bucket(needed_blocks)
+        self.keys = torch.zeros(blocks, *old_keys.shape[1:], dtype=self.dtype, device=self.device)
+        self.values = torch.zeros(blocks, *old_values.shape[1:], dtype=self.dtype, device=self.device)
+        self.keys[:n], self.values[:n] = old_keys, old_values
+        for tensor in (self.keys, self.values):
+            torch._dynamo.maybe_mark_dynamic(tensor, 0)
+        self.index.resize(self.region, blocks, keep=True)
 
     def _reserve(self, new_blocks: int) -> None:
         """Make sure ``new_blocks`` free blocks exist (syncs only when the bound says maybe not)."""
@@ -331,14 +346,17 @@ class BlockPool:
         first_block = blocks_per_stream.cumsum(0) - blocks_per_stream
         rank = torch.arange(len(slot), device=self.device) - (counts.cumsum(0) - counts)[stream]
         new_slot = (first_block[stream] + rank // bs) * bs + rank % bs
-        old = (self.keys, self.values, self.positions, self.state)
+        old_keys, old_values = self.keys, self.values
+        # the bookkeeping region is reset in place by _allocate: read the live slots' first
+        live_positions = self.positions.view(-1)[slot]
+        live_state = {name: tensor.view(-1)[slot] for name, tensor in self.state.items()}
         self._allocate(self.bucket(total + self.num_streams))
         d = self.head_dim
-        self.key_slots()[self._split_slots(new_slot)] = old[0].transpose(1, 2)[self._split_slots(slot)]
-        self.values.view(-1, d)[new_slot] = old[1].view(-1, d)[slot]
-        self.positions.view(-1)[new_slot] = old[2].view(-1)[slot]
-        for name, tensor in old[3].items():
-            self.state[name].view(-1)[new_slot] = tensor.view(-1)[slot]
+        self.key_slots()[self._split_slots(new_slot)] = old_keys.transpose(1, 2)[self._split_slots(slot)]
+        self.values.view(-1, d)[new_slot] = old_values.view(-1, d)[slot]
+        self.positions.view(-1)[new_slot] = live_positions
+        for name, values in live_state.items():
+            self.state[name].view(-1)[new_slot] = values
         streams = torch.arange(self.num_streams, device=self.device)
         self.owner[:total] = streams.repeat_interleave(blocks_per_stream)
         has = blocks_per_stream > 0

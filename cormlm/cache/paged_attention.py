@@ -70,12 +70,14 @@ def _segment_sum(x: torch.Tensor, owner: torch.Tensor, num_streams: int) -> torc
 
 def paged_decode_attention(keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
                            owner: torch.Tensor, q: torch.Tensor, q_pos: torch.Tensor,
-                           spec: AttentionSpec, probs: str | None = "heads") -> tuple[torch.Tensor, torch.Tensor | None]:
+                           spec: AttentionSpec, probs: str | None = "heads",
+                           probs_out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One query per stream over a block pool (``keys`` [NB, D, block] and ``values``
     [NB, block, D] as the pool stores them, ``positions`` [NB, block], ``owner`` [NB], -1 =
     free): ``q`` [S, G, D], ``q_pos`` [S] -> output [S, G, D] and the probabilities ``probs``
     names: each query's ("heads": [NB, G, block]), the group's max or sum ("max" / "sum":
-    [NB, 1, block]), or none (None)."""
+    [NB, 1, block]), or none (None). The fused kernel writes them into ``probs_out`` when given
+    (a contiguous tensor of as many elements); check whether they landed there."""
     s, g, d = q.shape
     # the fused kernel or the tensor operations, whichever measured faster for this shape
     if paged_kernel.fits(keys, values, positions, owner, q, spec.alibi_slopes is not None):
@@ -83,7 +85,8 @@ def paged_decode_attention(keys: torch.Tensor, values: torch.Tensor, positions: 
         path, trial = paged_kernel.choose(key)
         started = time.perf_counter() if trial else 0.0
         if path == "native":
-            result = paged_kernel.run(keys, values, positions, owner, q, q_pos, spec.scale, spec.sliding_window, probs)
+            result = paged_kernel.run(keys, values, positions, owner, q, q_pos, spec.scale, spec.sliding_window, probs,
+                                      probs_out)
         else:
             result = tensor_decode_attention(keys, values, positions, owner, q, q_pos, spec, probs)
         if trial:
@@ -127,7 +130,8 @@ def tensor_decode_attention(keys: torch.Tensor, values: torch.Tensor, positions:
 
 def decode_layer_observation(keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
                              owner: torch.Tensor, q: torch.Tensor, q_pos: torch.Tensor, stream_t: torch.Tensor,
-                             spec: AttentionSpec, policy: EvictionPolicy, query_group: QueryGroup | None = None
+                             spec: AttentionSpec, policy: EvictionPolicy, query_group: QueryGroup | None = None,
+                             probs_out: torch.Tensor | None = None
                              ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """One layer's decode attention and what the policy reads of it: output [S, G, D], the
     probabilities as ``decode_update`` takes them ([NB, G, 1, block], the group reduced to 1
@@ -135,11 +139,12 @@ def decode_layer_observation(keys: torch.Tensor, values: torch.Tensor, positions
     each stream attended to ([NB, 1]; None unless the policy asks).
 
     ``query_group`` (tensor parallelism, a replicated KV head) completes the group's
-    probabilities from the other ranks before the policy reads them.
+    probabilities from the other ranks before the policy reads them. ``probs_out``: where the
+    probabilities may be written (see :func:`paged_decode_attention`).
     """
     # the group reduced as the policy reads it (exact: see EvictionPolicy.group_reduce)
     wanted = (policy.group_reduce or "heads") if policy.needs_probs else None
-    out, probs = paged_decode_attention(keys, values, positions, owner, q, q_pos, spec, wanted)
+    out, probs = paged_decode_attention(keys, values, positions, owner, q, q_pos, spec, wanted, probs_out)
     if probs is None:
         return out, None, None
     attended = None

@@ -124,9 +124,11 @@ PROBS_MODES = {None: 0, "heads": 1, "max": 2, "sum": 3}  # the kernel's probs_mo
 
 
 def run(keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, owner: torch.Tensor, q: torch.Tensor,
-        q_pos: torch.Tensor, scale: float, window: int | None, probs: str | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        q_pos: torch.Tensor, scale: float, window: int | None, probs: str | None,
+        probs_out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The kernel's output [S, G, D] and the probabilities ``probs`` asks for (None: none;
-    "heads": [NB, G, block]; "max" / "sum": the group's, [NB, 1, block]), the arguments as
+    "heads": [NB, G, block]; "max" / "sum": the group's, [NB, 1, block]; written into
+    ``probs_out`` when given, a contiguous tensor of as many elements), the arguments as
     :func:`cormlm.cache.paged_attention.paged_decode_attention` takes them."""
     kernel = _library()
     assert kernel is not None, "run() called although the kernel is unavailable"
@@ -135,8 +137,11 @@ def run(keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, owner
     q = q.contiguous()
     q_pos = q_pos.to(torch.int32).contiguous()
     out = q.new_empty(s, g, d)
-    per_head = q.new_empty(nb, g, bs)  # the probabilities for "heads", else scratch
-    reduced = q.new_empty(nb, 1, bs) if probs in ("max", "sum") else per_head
+    reduce = probs in ("max", "sum")
+    given = None if probs_out is None else probs_out.view(nb, 1 if reduce else g, bs)
+    # the probabilities for "heads", else scratch
+    per_head = given if given is not None and not reduce else q.new_empty(nb, g, bs)
+    reduced = (q.new_empty(nb, 1, bs) if given is None else given) if reduce else per_head
     work = q.new_empty(nb * g * (d + 3))
     kernel(q.data_ptr(), keys.data_ptr(), values.data_ptr(), positions.data_ptr(), owner.data_ptr(), q_pos.data_ptr(),
            s, g, d, nb, bs, scale, window or 0, out.data_ptr(), per_head.data_ptr(), reduced.data_ptr(),

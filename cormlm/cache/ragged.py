@@ -22,6 +22,7 @@ from .base import CacheStats, KVCache
 from .paged import BlockPool
 from .paged_attention import decode_layer_observation, decode_layer_step
 from .policy import EvictionPolicy, SlotView
+from .slot_index import SlotIndex
 
 COMPACT_CHECK_EVERY = 16  # decode steps between releases of emptied blocks to the free lists
 # compact a pool holding more slots than this times its live keys: with positions and policy
@@ -91,16 +92,17 @@ class RaggedCache(KVCache):
         self.block_size = block_size
         self.prefill_chunk = prefill_chunk
         streams = self.batch_size * self.num_kv_heads
-        self.pools = [BlockPool(streams, block_size, self.head_dim, self.dtype, self.device, policy.state_fields())
-                      for _ in range(self.num_layers)]
+        # every layer's per-slot bookkeeping in shared tensors: the all-layers pass reads it in place
+        self.index = SlotIndex(self.num_layers, block_size, policy.state_fields(), self.device)
+        self.pools = [BlockPool(streams, block_size, self.head_dim, self.dtype, self.device, policy.state_fields(),
+                                self.index, layer) for layer in range(self.num_layers)]
         self._decode_steps = 0
         self._window: int | None = None  # the layers' sliding window (None: none)
         self._uniform = True  # host: every row has seen as many tokens (batch 1, unpadded batches)
-        self._layout_key: tuple[int, ...] = ()  # pool capacities _block_layer_ids was made for
-        self._block_layer_ids = torch.zeros(0, dtype=torch.long)
         self._single = False  # this step appends exactly one token per row (decode)
-        # an eager decode step's per-layer (probs, attended), for the state update in end_step
-        self._observed: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+        # an eager decode step's layers wrote their probabilities (and attended counts) into the
+        # index's buffers, for the state update in end_step
+        self._observed = False
         # live keys per layer after a compiled decode step evicted layer by layer; -1: no such step
         self._graph_live = torch.full((self.num_layers,), -1, dtype=torch.long, device=self.device)
         self._step_counts: torch.Tensor | None = None  # host, per row: valid tokens of this call
@@ -110,7 +112,8 @@ class RaggedCache(KVCache):
 
     def begin_step(self, valid: torch.Tensor | None, num_tokens: int) -> tuple[torch.Tensor, int]:
         self._seen_before = self.max_length
-        self._observed = []
+        self._observed = False
+        self.index.end_scratch()  # a step that raised may have left some
         self._step_counts = None if valid is None else valid.sum(dim=1).cpu()
         if self._step_counts is not None and self.batch_size:
             self._uniform = self._uniform and bool((self._step_counts == self._step_counts[0]).all())
@@ -157,11 +160,7 @@ class RaggedCache(KVCache):
                 if self._evict(view, spec.sliding_window):
                     self._graph_live[layer] = (pool.positions >= 0).sum()
             else:  # eagerly, one update of every layer's state after the step (end_step) costs less
-                out, probs, attended = decode_layer_observation(pool.keys, pool.values, pool.positions, pool.owner,
-                                                                queries, self._stream_pos, self._stream_t, spec,
-                                                                self.policy, self.query_group)
-                if probs is not None:
-                    self._observed.append((probs, attended))
+                out = self._observe_layer(layer, pool, queries, spec)
             out = out.view(b, hq, 1, d)
         else:
             stream_pos = positions[:, None, :].expand(b, hkv, t).reshape(b * hkv, t)
@@ -224,7 +223,7 @@ class RaggedCache(KVCache):
             for pool in self.pools:
                 pool.appended_one()
         self._decode_steps = self._decode_steps + 1 if self._single else 0
-        observed, self._observed = self._observed, []
+        observed, self._observed = self._observed, False
         live = None
         if observed or self._policy_evicts or self._window is not None:
             # an eager step that observed nothing may still have been a compiled graph, which
@@ -250,46 +249,53 @@ class RaggedCache(KVCache):
             if slack and pool.capacity > pool.bucket(-(-kept // bs) + 2 * streams):
                 pool.compact()
 
-    def _evict_all(self, observed: list[tuple[torch.Tensor, torch.Tensor | None]]) -> list[int]:
-        """Update the policy's state from an eager decode step's ``observed`` layers (if any),
-        then evict from every layer, in one pass (the policy sees all pools as one, each layer's
-        streams numbered after the previous layer's); returns each layer's live keys (one sync).
+    def _observe_layer(self, layer: int, pool: BlockPool, queries: torch.Tensor, spec: AttentionSpec) -> torch.Tensor:
+        """An eager decode step's attention in ``layer``; what the policy reads of it goes to
+        this layer's rows of the index's scratch (the kernel writes it there itself), for
+        end_step's update of every layer at once."""
+        index = self.index
+        probs_out = None
+        if self.policy.needs_probs and self.query_group is None:  # (combined across ranks: a tensor of its own)
+            group = 1 if self.policy.group_reduce else spec.group_size
+            probs_out = index.scratch_rows("probs", layer, (group, 1, pool.block_size), torch.float32)
+        out, probs, attended = decode_layer_observation(pool.keys, pool.values, pool.positions, pool.owner, queries,
+                                                        self._stream_pos, self._stream_t, spec, self.policy,
+                                                        self.query_group, probs_out)
+        if probs is not None:
+            self._observed = True
+            if probs_out is None:
+                probs_out = index.scratch_rows("probs", layer, probs.shape[1:], probs.dtype)
+            if probs.data_ptr() != probs_out.data_ptr():
+                probs_out.copy_(probs)
+            if attended is not None:
+                index.scratch_rows("attended", layer, (1,), attended.dtype).copy_(attended)
+        return out
+
+    def _evict_all(self, observed: bool) -> list[int]:
+        """Update the policy's state from an eager decode step's observation (``observed``: the
+        layers' probabilities are in the index's scratch), then evict from every layer, in one
+        pass over the index (the policy sees all pools as one, each layer's streams numbered
+        after the previous layer's; spare rows are free blocks); returns each layer's live keys
+        (one sync).
 
         Per slot, the update and eviction are the same whether they run per layer or over
         all layers laid end to end: one pass costs a few operations instead of a few per layer."""
-        pools = self.pools
-        sizes = [pool.capacity for pool in pools]
-        positions = torch.cat([pool.positions for pool in pools])  # [sum NB, block]
-        owner = torch.cat([pool.owner for pool in pools])
-        block_layer = self._block_layer(sizes)
+        index = self.index
+        positions, layer_of_row = index.positions, index.region_of_row
         streams = self.batch_size * self.num_kv_heads
-        owner = torch.where(owner >= 0, owner + block_layer * streams, -1)
-        stream_t = self._stream_t.repeat(len(pools))
-        query_t = self._block_t(owner, len(pools))
-        state = {}
-        if observed or self._policy_evicts:
-            state = {name: torch.cat([pool.state[name] for pool in pools]) for name in self.policy.state_fields()}
+        owner = torch.where(index.owner >= 0, index.owner + layer_of_row * streams, -1)
+        stream_t = self._stream_t.repeat(self.num_layers)
+        query_t = self._block_t(owner, self.num_layers)
+        state = index.state if observed or self._policy_evicts else {}
+        scratch = index.end_scratch()
         if observed:
-            probs = torch.cat([layer_probs for layer_probs, _ in observed])
-            attended = None if observed[0][1] is None else torch.cat([layer_attended for _, layer_attended in observed])
-            updated = {name: value.to(state[name].dtype)
-                       for name, value in self.policy.decode_update(state, probs, query_t, attended).items()}
+            updated = self.policy.decode_update(state, scratch["probs"], query_t, scratch.get("attended"))
             for name, value in updated.items():
-                torch.split_with_sizes_copy(value, sizes, out=[pool.state[name] for pool in pools])
-            state = {**state, **updated}
-        if self._evict(SlotView(positions, state, query_t, owner, stream_t, single_step=self._single), self._window):
-            torch.split_with_sizes_copy(positions, sizes, out=[pool.positions for pool in pools])
-        live = torch.zeros(len(pools), dtype=torch.long, device=self.device)
-        return live.index_add_(0, block_layer, (positions >= 0).sum(dim=1)).tolist()
-
-    def _block_layer(self, sizes: list[int]) -> torch.Tensor:
-        """[sum NB]: the layer of each block when the pools are laid end to end (made again
-        only when a pool changes size)."""
-        if tuple(sizes) != self._layout_key:
-            self._layout_key = tuple(sizes)
-            self._block_layer_ids = torch.arange(len(sizes), device=self.device).repeat_interleave(
-                torch.tensor(sizes, device=self.device))
-        return self._block_layer_ids
+                if value is not state[name]:
+                    state[name].copy_(value)
+        self._evict(SlotView(positions, state, query_t, owner, stream_t, single_step=self._single), self._window)
+        live = torch.zeros(self.num_layers, dtype=torch.long, device=self.device)
+        return live.index_add_(0, layer_of_row, (positions >= 0).sum(dim=1)).tolist()
 
     def _attend_many(self, pool: BlockPool, q, k, v, positions, slots, spec) -> torch.Tensor:
         """A multi-token call: SDPA for the output, explicit scores for the policy's rows.
@@ -396,7 +402,7 @@ class RaggedCache(KVCache):
         return sum(pool.blocks_for_next_token() * pool.block_nbytes() for pool in self.pools)
 
     def storage_tensors(self) -> list[torch.Tensor]:
-        return [tensor for pool in self.pools for tensor in pool.storage_tensors()]
+        return [tensor for pool in self.pools for tensor in pool.storage_tensors()] + self.index.storage_tensors()
 
     def positions(self, layer: int) -> list[list[torch.Tensor]]:
         per_stream = self.pools[layer].stream_positions()

@@ -1,0 +1,123 @@
+"""The per-slot bookkeeping of a cache's block pools, laid end to end in shared tensors.
+
+An eager decode step updates the policy's state and evicts in every layer at once (one
+pass, a few operations in all, instead of a few per layer). With each pool's positions,
+owners and state in tensors of its own, that pass had to concatenate them and copy the
+results back, every step. Here each pool's bookkeeping is one region of rows of shared
+tensors (``positions`` [rows, block], ``owner`` [rows], one [rows, block] tensor per state
+field), so the pass reads and writes them in place, and so does a step's scratch laid out
+the same way (the probabilities each layer's attention writes for that pass).
+
+A region keeps spare rows (``REGION_HEADROOM``), so a growing pool seldom moves the layout
+(a move copies the bookkeeping only: ~2% of a block's bytes, keys and values stay in each
+pool's own tensors, sized to the pool). Rows past a pool's blocks are free blocks (owner -1,
+every position -1), which every pass ignores; their state and scratch rows may hold anything
+(state is reset when the pool takes the row).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Protocol
+
+import torch
+
+REGION_HEADROOM = 1.0625  # a region moved or made bigger gets this many times the rows asked for
+REGION_SPARE_MAX = 1.25  # lay out again, each region with its headroom, when regions hold more rows than this times used
+
+
+class BoundPool(Protocol):
+    def bind(self) -> None:
+        """Take the region's views again (the layout moved or the region changed size)."""
+
+
+class SlotIndex:
+    def __init__(self, regions: int, block_size: int, state_fields: dict[str, tuple[torch.dtype, float]],
+                 device: torch.device) -> None:
+        self.block_size = block_size
+        self.state_fields = state_fields
+        self.device = device
+        self.sizes = [0] * regions  # rows each region's pool uses (its blocks)
+        self.spans = [0] * regions  # rows each region has
+        self.starts = [0] * regions
+        self._pools: dict[int, BoundPool] = {}
+        self.scratch: dict[str, torch.Tensor] = {}  # this step's, laid out as the index
+        self._layout([0] * regions, keep=False)
+
+    def attach(self, region: int, pool: BoundPool) -> None:
+        """``pool`` keeps views of ``region``: it is told to take them again whenever they change."""
+        self._pools[region] = pool
+        pool.bind()
+
+    # ------------------------------------------------------------------ layout
+    def _layout(self, spans: list[int], keep: bool) -> None:
+        """New shared tensors with ``spans`` rows per region; each region's used rows copied
+        over (``keep``) and the rest free."""
+        total, bs, dev = sum(spans), self.block_size, self.device
+        positions = torch.full((total, bs), -1, dtype=torch.int32, device=dev)
+        owner = torch.full((total,), -1, dtype=torch.long, device=dev)
+        state = {name: torch.full((total, bs), fresh, dtype=dtype, device=dev)
+                 for name, (dtype, fresh) in self.state_fields.items()}
+        starts = [sum(spans[:i]) for i in range(len(spans))]
+        if keep:
+            for old_start, new_start, size in zip(self.starts, starts, self.sizes):
+                old, new = slice(old_start, old_start + size), slice(new_start, new_start + size)
+                positions[new], owner[new] = self.positions[old], self.owner[old]
+                for name, tensor in state.items():
+                    tensor[new] = self.state[name][old]
+        self.positions, self.owner, self.state = positions, owner, state
+        self.spans, self.starts = list(spans), starts
+        # [rows]: the region (layer) of each row, spare rows included
+        self.region_of_row = torch.arange(len(spans), device=dev).repeat_interleave(torch.tensor(spans, device=dev))
+
+    def resize(self, region: int, blocks: int, keep: bool) -> None:
+        """Region ``region`` now has ``blocks`` used rows: its first rows kept (``keep``, up to the
+        old size) or all reset to free blocks. Tells the pools whose views changed."""
+        old_size = self.sizes[region]
+        moved = blocks > self.spans[region]
+        if moved:
+            spans = list(self.spans)
+            spans[region] = math.ceil(blocks * REGION_HEADROOM)
+            if not keep:
+                self.sizes[region] = 0
+            self._layout(spans, keep=True)
+        elif sum(self.spans) > REGION_SPARE_MAX * (sum(self.sizes) - old_size + blocks) + 8 * len(self.spans):
+            # regions left mostly spare by pools that shrank: lay out again, smaller
+            self.sizes[region] = min(old_size, blocks) if keep else 0
+            self._layout([math.ceil(max(size, 1) * REGION_HEADROOM) if i != region
+                          else math.ceil(blocks * REGION_HEADROOM) for i, size in enumerate(self.sizes)], keep=True)
+            moved = True
+        start = self.starts[region]
+        kept = min(old_size, blocks) if keep else 0
+        stale = slice(start + kept, start + max(old_size, blocks)) if not moved else slice(start + kept, start + blocks)
+        self.positions[stale] = -1
+        self.owner[stale] = -1
+        for name, (_, fresh) in self.state_fields.items():
+            self.state[name][stale] = fresh
+        self.sizes[region] = blocks
+        for index, pool in self._pools.items():
+            if moved or index == region:
+                pool.bind()
+
+    def views(self, region: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """``region``'s used rows of positions, owner and state (views: writes go to the shared tensors)."""
+        rows = slice(self.starts[region], self.starts[region] + self.sizes[region])
+        return self.positions[rows], self.owner[rows], {name: tensor[rows] for name, tensor in self.state.items()}
+
+    # ----------------------------------------------------------------- scratch
+    def scratch_rows(self, name: str, region: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """``region``'s used rows of this step's [rows, *shape] scratch tensor ``name`` (made,
+        uninitialised, at its first use in a step; :meth:`end_scratch` lets it go). The layout
+        must not move while a step's scratch is in use."""
+        tensor = self.scratch.get(name)
+        if tensor is None:
+            tensor = self.scratch[name] = torch.empty(sum(self.spans), *shape, dtype=dtype, device=self.device)
+        return tensor[self.starts[region]:self.starts[region] + self.sizes[region]]
+
+    def end_scratch(self) -> dict[str, torch.Tensor]:
+        """This step's scratch (then let go: it is not held between steps)."""
+        scratch, self.scratch = self.scratch, {}
+        return scratch
+
+    def storage_tensors(self) -> list[torch.Tensor]:
+        return [self.positions, self.owner, *self.state.values()]

@@ -1,0 +1,86 @@
+"""The shared bookkeeping of a cache's pools: whatever the sequence of resizes, each region
+keeps what it is told to keep, takes fresh rows, leaves every row past its pool free, and its
+pool's views write into the shared tensors."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from cormlm.cache.slot_index import SlotIndex
+
+FIELDS = {"keep_until": (torch.float32, 7.0)}
+BLOCK = 4
+
+
+class Pool:
+    """What a pool keeps of the index: its views, taken again when told."""
+
+    def __init__(self, index: SlotIndex, region: int) -> None:
+        self.index, self.region, self.binds = index, region, 0
+        index.attach(region, self)
+
+    def bind(self) -> None:
+        self.positions, self.owner, self.state = self.index.views(self.region)
+        self.binds += 1
+
+
+def _fill(pool: Pool, stamp: int) -> None:
+    """Mark every used row of the pool with values only it would write."""
+    rows = pool.positions.shape[0]
+    pool.positions.copy_(torch.arange(rows * BLOCK, dtype=torch.int32).view(rows, BLOCK) + stamp * 1000)
+    pool.owner.copy_(torch.full((rows,), stamp, dtype=torch.long))
+    pool.state["keep_until"].fill_(float(stamp))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_regions_keep_their_rows_and_leave_the_rest_free(seed):
+    rng = random.Random(seed)
+    index = SlotIndex(4, BLOCK, FIELDS, torch.device("cpu"))
+    pools = [Pool(index, region) for region in range(4)]
+    stamps = [0] * 4
+    for step in range(60):
+        region = rng.randrange(4)
+        pool = pools[region]
+        before = {r: (p.positions.clone(), p.owner.clone(), p.state["keep_until"].clone()) for r, p in enumerate(pools)}
+        blocks = rng.choice([0, 1, rng.randrange(1, 40), pool.positions.shape[0] + rng.randrange(1, 9)])
+        keep = rng.random() < 0.7
+        old = pool.positions.shape[0]
+        index.resize(region, blocks, keep=keep)
+        assert pool.positions.shape[0] == pool.owner.shape[0] == blocks == index.sizes[region]
+        kept = min(old, blocks) if keep else 0
+        positions, owner, state = before[region]
+        assert torch.equal(pool.positions[:kept], positions[:kept]) and torch.equal(pool.owner[:kept], owner[:kept])
+        assert torch.equal(pool.state["keep_until"][:kept], state[:kept])
+        # rows taken now are free blocks with fresh state
+        assert (pool.positions[kept:] == -1).all() and (pool.owner[kept:] == -1).all()
+        assert (pool.state["keep_until"][kept:] == 7.0).all()
+        for other, p in enumerate(pools):  # the other regions lost nothing, wherever they now lie
+            if other != region:
+                assert all(torch.equal(a, b) for a, b in zip((p.positions, p.owner, p.state["keep_until"]),
+                                                                before[other]))
+        # every row outside the pools' views is a free block: an all-rows pass skips it
+        used = torch.zeros(sum(index.spans), dtype=torch.bool)
+        for r in range(4):
+            used[index.starts[r]:index.starts[r] + index.sizes[r]] = True
+        assert (index.positions[~used] == -1).all() and (index.owner[~used] == -1).all()
+        assert torch.equal(index.region_of_row, torch.repeat_interleave(torch.arange(4), torch.tensor(index.spans)))
+        stamps[region] = step + 1
+        _fill(pool, stamps[region])  # views write into the shared tensors
+        rows = slice(index.starts[region], index.starts[region] + blocks)
+        assert (index.owner[rows] == stamps[region]).all()
+    assert sum(index.spans) <= 1.25 * sum(index.sizes) + 8 * 4 + max(index.spans), "regions left mostly spare"
+
+
+def test_scratch_is_laid_out_as_the_index_and_not_held():
+    index = SlotIndex(3, BLOCK, FIELDS, torch.device("cpu"))
+    for region, blocks in enumerate((5, 0, 9)):
+        index.resize(region, blocks, keep=False)
+    for region in range(3):
+        index.scratch_rows("probs", region, (1, BLOCK), torch.float32).fill_(region)
+    scratch = index.end_scratch()["probs"]
+    assert scratch.shape[0] == sum(index.spans)
+    assert (scratch[index.starts[2]:index.starts[2] + 9] == 2).all() and (scratch[index.starts[0]:5] == 0).all()
+    assert index.scratch == {} and all(t.data_ptr() != scratch.data_ptr() for t in index.storage_tensors())
