@@ -124,7 +124,7 @@ def test_held_slots_stay_within_the_compaction_slack_at_every_evicting_step(gqa)
             gqa(token, cache=cache)
             for pool in cache.pools:
                 live, bs = int((pool.positions >= 0).sum()), pool.block_size
-                repacked = pool.bucket(-(-live // bs) + 2 * pool.num_streams)
+                repacked = pool.bucket(-(-live // bs) + 3 * pool.num_streams)
                 assert pool.capacity * bs <= COMPACT_SLACK * live or pool.capacity <= repacked
     assert cache.retained_fraction() < 0.5, "the peaky model should let CORM evict"
 
@@ -311,3 +311,36 @@ def test_state_update_after_the_step_equals_per_layer(gqa, policy, params, atten
         assert torch.equal(got, want)
     for got, want in zip(states, states_ref):
         assert got.keys() == want.keys() and all(torch.equal(got[name], want[name]) for name in got)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_aligned_lead_leaves_the_fewest_empty_slots_for_one_common_tail_fill(seed):
+    from cormlm.cache.paged import aligned_lead
+
+    g = torch.Generator().manual_seed(seed)
+    block = int(torch.randint(1, 33, (1,), generator=g))
+    counts = torch.randint(0, 200, (int(torch.randint(1, 9, (1,), generator=g)),), generator=g)
+    lead, fill = aligned_lead(counts, block)
+    live = counts > 0
+    assert 1 <= fill <= block and ((lead >= 0) & (lead < block)).all() and (lead[~live] == 0).all()
+    assert (((counts + lead)[live] - fill) % block == 0).all(), "every tail holds `fill` keys"
+    fewest = min(int((((f - counts) % block) * live).sum()) for f in range(1, block + 1))
+    assert int(lead.sum()) == fewest
+
+
+def test_a_repacked_pool_keeps_every_key_and_fills_its_streams_tails_alike(gqa):
+    cache = cormlm.make_cache(gqa, cormlm.CacheConfig("corm", window=4, recent=4), batch_size=2)
+    with torch.inference_mode():
+        gqa(_ids(2, 150, seed=6), cache=cache)
+        for _ in range(5):
+            gqa(torch.full((2, 1), 3), cache=cache)
+        pool = cache.pools[1]
+        before = pool.stream_positions()
+        pool.compact()
+        assert all(torch.equal(a, b) for a, b in zip(pool.stream_positions(), before))
+        live = pool.live_counts().cpu() > 0
+        assert live.sum() > 1 and len(set(pool.fill[live].tolist())) == 1
+        for _ in range(2 * pool.block_size):  # the next tail blocks are taken together
+            had_room = pool.tail_has_room()
+            gqa(torch.full((2, 1), 3), cache=cache)
+            assert had_room or len(set(pool.fill[live].tolist())) == 1

@@ -46,6 +46,23 @@ def bucket(n: int, smallest: int = 8) -> int:
     return math.ceil(n / step) * step
 
 
+def aligned_lead(counts: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Empty slots to leave before each stream's keys [S] when repacking ``counts`` [S] live
+    keys (host) so that every stream with keys ends on a tail block holding the same number
+    of them, and that number (the one that leaves the fewest empty slots).
+
+    Why: a stream takes a fresh tail block when its tail fills; repacked streams whose tails
+    hold different counts fill on different decode steps, and each such step costs a round of
+    small operations per layer. Aligned, a pool's streams take their blocks together: one
+    round per ``block_size`` steps. The price is under a block per stream, until the next
+    repack."""
+    fills = torch.arange(1, block_size + 1)[:, None]  # every possible common tail fill
+    leads = (fills - counts[None, :]) % block_size  # [fills, S]
+    live = counts > 0
+    best = int((leads * live).sum(dim=1).argmin())
+    return torch.where(live, leads[best], 0), best + 1
+
+
 def stream_live_counts(positions: torch.Tensor, owner: torch.Tensor, num_streams: int) -> torch.Tensor:
     """Live keys per stream [S] (long) from a pool's ``positions`` [NB, block] and ``owner`` [NB].
 
@@ -138,9 +155,13 @@ class BlockPool:
             self._grow(self.allocated_upper + new_blocks)
 
     def _take_free(self, count: int) -> torch.Tensor:
-        """Indices of ``count`` free blocks (free blocks sort first, stably)."""
-        order = torch.argsort((self.owner >= 0).to(torch.int8), stable=True)
-        return order[:count]
+        """Indices of ``count`` free blocks (free blocks sort first, stably), their policy state
+        made fresh: a slot is always fresh until a key is stored in it, so appending a key
+        writes no state (a released block still holds its evicted keys' state)."""
+        ids = torch.argsort((self.owner >= 0).to(torch.int8), stable=True)[:count]
+        for name, (_, fresh) in self.state_fields.items():
+            self.state[name].index_fill_(0, ids, fresh)
+        return ids
 
     # ------------------------------------------------------------------ append
     def append(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
@@ -189,8 +210,6 @@ class BlockPool:
         self.key_slots()[self._split_slots(write)] = flat(keys).to(self.dtype)
         self.values.view(-1, d)[write] = flat(values).to(self.dtype)
         self.positions.view(-1)[write] = flat(positions).to(torch.int32)
-        for name, (_, fresh) in self.state_fields.items():
-            self.state[name].view(-1)[write] = fresh
         if total_new:
             has_new = new_per_stream > 0
             last_new = (new_per_stream.cumsum(0) - 1).clamp(min=0).to(dev)
@@ -231,9 +250,7 @@ class BlockPool:
         self.key_slots().index_put_((self.tail, fill), keys.to(self.dtype))  # (block, index in block) as held
         self.values.view(-1, d).index_copy_(0, slots, values.to(self.dtype))
         self.positions.view(-1).index_copy_(0, slots, positions.to(torch.int32))
-        for name, (_, fresh) in self.state_fields.items():
-            self.state[name].view(-1).index_fill_(0, slots, fresh)
-        return slots
+        return slots  # (the slots' state is fresh: see _take_free)
 
     def appended_one(self) -> None:
         """Host bookkeeping after :meth:`append_one`."""
@@ -338,13 +355,18 @@ class BlockPool:
         return int((self.owner >= 0).sum())
 
     def compact(self) -> None:
-        """Repack live slots densely per stream into a pool sized to fit (holes reclaimed)."""
+        """Repack live slots per stream into a pool sized to fit (holes reclaimed), every stream's
+        tail block filled alike (see :func:`aligned_lead`)."""
         slot, stream, counts = self._live_sorted()
         bs = self.block_size
-        blocks_per_stream = (counts + bs - 1) // bs
+        counts_host = counts.cpu()
+        lead_host, fill = aligned_lead(counts_host, bs)
+        lead = lead_host.to(self.device)
+        blocks_per_stream = (counts + lead + bs - 1) // bs
         total = int(blocks_per_stream.sum())
         first_block = blocks_per_stream.cumsum(0) - blocks_per_stream
-        rank = torch.arange(len(slot), device=self.device) - (counts.cumsum(0) - counts)[stream]
+        # each stream's keys after its ``lead`` empty slots
+        rank = torch.arange(len(slot), device=self.device) - (counts.cumsum(0) - counts)[stream] + lead[stream]
         new_slot = (first_block[stream] + rank // bs) * bs + rank % bs
         old_keys, old_values = self.keys, self.values
         # the bookkeeping region is reset in place by _allocate: read the live slots' first
@@ -361,8 +383,6 @@ class BlockPool:
         self.owner[:total] = streams.repeat_interleave(blocks_per_stream)
         has = blocks_per_stream > 0
         self.tail = torch.where(has, first_block + blocks_per_stream - 1, torch.full_like(first_block, -1))
-        counts_host = counts.cpu()
-        self.fill = torch.where(counts_host > 0, counts_host - (blocks_per_stream.cpu() - 1) * bs,
-                                torch.full_like(counts_host, bs))
+        self.fill = torch.where(counts_host > 0, fill, bs)
         self._room_left = bs - int(self.fill.max())
         self.allocated_upper = total

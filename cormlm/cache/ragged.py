@@ -152,9 +152,10 @@ class RaggedCache(KVCache):
                 out, state = decode_layer_step(pool.keys, pool.values, pool.positions, pool.owner, pool.state,
                                                queries, self._stream_pos, block_t, self._stream_t,
                                                spec, self.policy, self.query_group)
-                for name, value in state.items():
+                held = pool.positions >= 0
+                for name, value in state.items():  # empty slots keep their (fresh) state, as in _evict_all
                     if value is not pool.state[name]:
-                        pool.state[name].copy_(value)
+                        pool.state[name].copy_(torch.where(held, value, pool.state[name]))
                 # this layer's evictions in the graph, and its live keys for end_step's compaction check
                 view = SlotView(pool.positions, pool.state, block_t, pool.owner, self._stream_t, single_step=True)
                 if self._evict(view, spec.sliding_window):
@@ -245,8 +246,9 @@ class RaggedCache(KVCache):
         for pool, kept in zip(self.pools, live):
             bs, streams = pool.block_size, pool.num_streams
             slack = pool.capacity * bs > COMPACT_SLACK * kept
-            # and repacking would shrink it (a repacked pool holds at most this many blocks)
-            if slack and pool.capacity > pool.bucket(-(-kept // bs) + 2 * streams):
+            # and repacking would shrink it (a repacked pool holds at most this many blocks: a
+            # tail block and at most one of aligning empty slots beyond the keys, per stream)
+            if slack and pool.capacity > pool.bucket(-(-kept // bs) + 3 * streams):
                 pool.compact()
 
     def _observe_layer(self, layer: int, pool: BlockPool, queries: torch.Tensor, spec: AttentionSpec) -> torch.Tensor:
@@ -290,9 +292,10 @@ class RaggedCache(KVCache):
         scratch = index.end_scratch()
         if observed:
             updated = self.policy.decode_update(state, scratch["probs"], query_t, scratch.get("attended"))
+            held = positions >= 0
             for name, value in updated.items():
-                if value is not state[name]:
-                    state[name].copy_(value)
+                # an empty slot keeps its state: fresh until a key is stored in it (see BlockPool._take_free)
+                torch.where(held, value, state[name], out=state[name])
         self._evict(SlotView(positions, state, query_t, owner, stream_t, single_step=self._single), self._window)
         live = torch.zeros(self.num_layers, dtype=torch.long, device=self.device)
         return live.index_add_(0, layer_of_row, (positions >= 0).sum(dim=1)).tolist()
