@@ -234,8 +234,8 @@ def test_prompt_scores_masked_from_the_first_row_equal_the_general_mask(alibi, s
     k = torch.randn(b, hkv, length, d, dtype=torch.float64)
     k_pos = torch.arange(length).expand(b, length)
     q_pos = k_pos[:, start:start + rows]
-    general, seen = explicit_probs(q, k, q_pos, k_pos, spec)
-    fast, fast_seen = explicit_probs(q, k, q_pos, k_pos, spec, causal_start=start)
+    general, seen = explicit_probs(q, k.transpose(-1, -2), q_pos, k_pos, spec)
+    fast, fast_seen = explicit_probs(q, k.transpose(-1, -2), q_pos, k_pos, spec, causal_start=start)
     assert torch.equal(fast, general) and torch.equal(fast_seen, seen)
 
 

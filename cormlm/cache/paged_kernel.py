@@ -194,9 +194,14 @@ _PROBS_LABEL = {None: "", "heads": ", probabilities", "max": ", group-max probab
                 "sum": ", group-sum probabilities"}
 
 
+def _numeric_order(item: tuple[tuple, str]) -> tuple:
+    key = item[0]
+    return (*key[:5], key[5] or "", key[6])  # (no probabilities sort first)
+
+
 def kernel_status() -> list[str]:
     """What decode attention runs as, e.g. 'streams 3, up to 64 blocks of 64, group 3, head 64, 2 threads: native'."""
     if _unavailable:
         return [f"native kernel unavailable ({_unavailable[0]}): tensor operations"]
     return [f"streams {s}, up to {nb} blocks of {bs}, group {g}, head {d}{_PROBS_LABEL[probs]}, {t} threads: {name}"
-            for (s, nb, g, d, bs, probs, t), name in sorted(_choices.items(), key=lambda item: str(item[0]))]
+            for (s, nb, g, d, bs, probs, t), name in sorted(_choices.items(), key=_numeric_order)]
