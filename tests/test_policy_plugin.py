@@ -68,10 +68,21 @@ def test_cache_config_errors_name_the_parameter_for_each_front_end():
 
 
 def test_a_policy_name_cannot_be_taken_twice():
+    from cormlm.cache import corm  # noqa: F401  (registers 'corm' even when this test runs alone)
     from cormlm.cache.policy import EvictionPolicy
 
     with pytest.raises(cormlm.CacheConfigError, match="policy name 'corm' of .* is taken by cormlm.cache.corm.CormPolicy"):
         type("ImpostorPolicy", (EvictionPolicy,), {"name": "corm"})
+
+
+def test_a_group_reduction_the_cache_cannot_apply_is_refused_where_the_policy_is_defined():
+    """Decode attention hands a policy its query group reduced by ``group_reduce``: a value it
+    does not know must not fall back to something else silently."""
+    from cormlm.cache.policy import EvictionPolicy
+
+    with pytest.raises(cormlm.CacheConfigError, match="group_reduce must be 'max', 'sum' or None, got 'mean'"):
+        type("MeanPolicy", (EvictionPolicy,), {"name": "mean-policy", "group_reduce": "mean"})
+    assert "mean-policy" not in cormlm.available_policies()
 
 
 def test_a_broken_plugin_is_one_clear_line(tmp_path):

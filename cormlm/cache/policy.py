@@ -71,11 +71,14 @@ class EvictionPolicy(ABC):
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
+        from ..errors import CacheConfigError
+
+        if cls.group_reduce not in (None, "max", "sum"):  # read as a reduction, never silently ignored
+            raise CacheConfigError(f"{cls.__module__}.{cls.__qualname__}.group_reduce must be 'max', 'sum' or None, "
+                                   f"got {cls.group_reduce!r}")
         if "name" in cls.__dict__:
             taken = POLICIES.get(cls.name)
             if taken is not None and (taken.__module__, taken.__qualname__) != (cls.__module__, cls.__qualname__):
-                from ..errors import CacheConfigError
-
                 raise CacheConfigError(f"policy name '{cls.name}' of {cls.__module__}.{cls.__qualname__} is taken by "
                                        f"{taken.__module__}.{taken.__qualname__}; give the new policy another name")
             POLICIES[cls.name] = cls

@@ -102,7 +102,7 @@ class RaggedCache(KVCache):
         self._uniform = True  # host: every row has seen as many tokens (batch 1, unpadded batches)
         self._single = False  # this step appends exactly one token per row (decode)
         # an eager decode step's layers wrote their probabilities (and attended counts) into the
-        # index's buffers, for the state update in end_step
+        # index's scratch, for the state update in end_step
         self._observed = False
         # live keys per layer after a compiled decode step evicted layer by layer; -1: no such step
         self._graph_live = torch.full((self.num_layers,), -1, dtype=torch.long, device=self.device)
