@@ -186,9 +186,9 @@ def test_calls_the_kernel_cannot_take_use_the_tensor_operations(monkeypatch):
     keys, values, positions, owner, q, q_pos = random_pool(3, 3, 64, 16, 20, seed=4)
     spec = AttentionSpec(num_heads=9, num_kv_heads=3, head_dim=64, scale=0.125)
     alibi = AttentionSpec(num_heads=9, num_kv_heads=3, head_dim=64, scale=0.125, alibi_slopes=alibi_slopes(9))
-    paged_decode_attention(keys, values, positions, owner, q, q_pos, alibi, True)
+    paged_decode_attention(keys, values, positions, owner, q, q_pos, alibi, "heads")
     bf16 = [t.bfloat16() for t in (keys, values, q)]
-    paged_decode_attention(bf16[0], bf16[1], positions, owner, bf16[2], q_pos, spec, True)
+    paged_decode_attention(bf16[0], bf16[1], positions, owner, bf16[2], q_pos, spec, "heads")
 
 
 def test_a_growing_pool_is_measured_once_per_power_of_two(monkeypatch):
@@ -200,3 +200,10 @@ def test_a_growing_pool_is_measured_once_per_power_of_two(monkeypatch):
                 paged_decode_attention(keys, values, positions, owner, q, q_pos, spec, probs=None)
     assert sorted(key[1] for key in paged_kernel._choices) == [64, 128]
     assert paged_kernel._trials == {}
+
+
+def test_an_unknown_probabilities_form_is_refused():
+    keys, values, positions, owner, q, q_pos = random_pool(3, 3, 64, 16, 10, seed=4)
+    spec = AttentionSpec(num_heads=9, num_kv_heads=3, head_dim=64, scale=0.125)
+    with pytest.raises(ValueError, match="probs must be one of .*got 'mean'"), torch.inference_mode():
+        paged_decode_attention(keys, values, positions, owner, q, q_pos, spec, probs="mean")

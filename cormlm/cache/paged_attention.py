@@ -78,6 +78,8 @@ def paged_decode_attention(keys: torch.Tensor, values: torch.Tensor, positions: 
     names: each query's ("heads": [NB, G, block]), the group's max or sum ("max" / "sum":
     [NB, 1, block]), or none (None). The fused kernel writes them into ``probs_out`` when given
     (a contiguous tensor of as many elements); check whether they landed there."""
+    if probs not in paged_kernel.PROBS_MODES:  # never a silent fall-back to another form
+        raise ValueError(f"probs must be one of {list(paged_kernel.PROBS_MODES)}, got {probs!r}")
     s, g, d = q.shape
     # the fused kernel or the tensor operations, whichever measured faster for this shape
     if paged_kernel.fits(keys, values, positions, owner, q, spec.alibi_slopes is not None):
