@@ -25,10 +25,26 @@ def test_the_warm_up_call_is_left_out_and_the_median_decides():
     assert decided(["a", "b"], times) == "a"
 
 
-def test_another_than_the_baseline_must_beat_it_by_the_margin():
-    assert decided(["base", "x"], _times(base=1.0, x=0.95), baseline="base", margin=0.9) == "base"
-    assert decided(["base", "x"], _times(base=1.0, x=0.8), baseline="base", margin=0.9) == "x"
-    assert decided(["base", "x"], _times(base=1.0, x=0.95)) == "x"  # no baseline: the fastest
+def _spread(centre: float, half_width: float) -> list[float]:
+    """A warm-up call, then TRIALS timed calls spread evenly over centre +- half_width."""
+    step = 2 * half_width / (TRIALS - 1)
+    return [100.0] + [centre - half_width + i * step for i in range(TRIALS)]
+
+
+def test_another_than_the_baseline_must_beat_it_beyond_the_trials_spread():
+    # steady calls: 5% faster is faster (no margin fixed in advance)
+    assert decided(["base", "x"], _times(base=1.0, x=0.95), baseline="base") == "x"
+    # the same medians in noisy calls: x's upper quartile (~1.02) is above base's lower one (~0.93)
+    times = {"base": _spread(1.0, 0.1), "x": _spread(0.95, 0.1)}
+    assert decided(["base", "x"], times, baseline="base") == "base"
+    assert decided(["base", "x"], times) == "x"  # no baseline: the fastest median
+    # the quartiles just apart, then just overlapping
+    times = {"base": _spread(1.0, 0.1), "x": _spread(0.85, 0.05)}
+    assert decided(["base", "x"], times, baseline="base") == "x"
+    times = {"base": _spread(1.0, 0.1), "x": _spread(0.92, 0.08)}
+    assert decided(["base", "x"], times, baseline="base") == "base"
+    # the baseline fastest: kept, whatever the spread
+    assert decided(["base", "x"], {"base": _spread(1.0, 0.3), "x": _spread(1.5, 0.0)}, baseline="base") == "base"
 
 
 def test_trials_rotate_over_the_least_run_first_in_order():

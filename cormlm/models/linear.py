@@ -17,7 +17,7 @@ rotate over the kernels that can run them and are timed where they run, inside t
 own steps, so the weights are as cold or as hot in cache as they are in real use (timing one
 weight over and over, as a micro-benchmark does, finds it hot and misjudges a model that
 streams from DRAM). After ``TRIALS`` timed calls of each, the fastest is kept for the process
-(another kernel only where it beats ``F.linear`` by ``MARGIN``). Rows are bucketed (exact up to
+(another kernel only where it beats ``F.linear`` beyond the trials' spread). Rows are bucketed (exact up to
 8, then powers of two), so prompts of any length share a few decisions. :func:`kernel_choices`
 lists what was chosen (``scripts/bench_decode.py`` prints it); ``CORMLM_LINEAR_KERNEL`` forces
 one kernel wherever it can run. GPU tensors, float64 and products that need gradients through
@@ -43,7 +43,6 @@ from ..trials import TRIALS, decided, next_trial
 SPLIT_MAX_ROWS = 8  # the split only ever targets matrix-vector-like products
 TRANSPOSED_MAX_ROWS = 16  # weight @ x.T only pays for a few input rows
 SPLIT_PARTS = 2
-MARGIN = 0.9  # another kernel must be at least 10% faster to replace F.linear
 FORCE_ENV = "CORMLM_LINEAR_KERNEL"
 ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
 _choices: dict[tuple, str] = {}  # (out, in, row bucket, dtype, threads) -> kernel name
@@ -176,7 +175,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     started = time.perf_counter()
     y = _call(name, x, weight, bias)
     times.setdefault(name, []).append(time.perf_counter() - started)
-    choice = decided([n for n in names if n not in _broken], times, baseline="linear", margin=MARGIN)
+    choice = decided([n for n in names if n not in _broken], times, baseline="linear")
     if choice is not None:
         _choices[key] = choice
         del _trials[key]
@@ -249,6 +248,15 @@ class Linear(nn.Linear):
         storage), so the layer holds one copy of its weight either way."""
         self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), rows)
         self.weight = nn.Parameter(self.weight.detach().to("meta"), requires_grad=False)
+
+    def part(self, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """Output features ``start:stop`` alone: ``x`` [rows, in] @ ``weight[start:stop]``.T (+ its
+        bias), by the kernel measured for that block's shape (a block of the weight's rows is a
+        contiguous matrix of its own, so nothing is copied)."""
+        bias = None if self.bias is None else self.bias[start:stop]
+        if self.packed is not None:  # oneDNN's blocked layout cannot be sliced: the whole product
+            return self.forward(x)[:, start:stop]
+        return linear(x, self.weight[start:stop], bias)
 
     def forward(self, x: torch.Tensor, bias: bool = True) -> torch.Tensor:
         """``x @ weight.T + bias``; ``bias=False`` leaves the bias out (a row-parallel shard's
