@@ -1,7 +1,11 @@
 """Feed-forward blocks, chosen by ``ModelConfig.mlp``.
 
 The gated MLP keeps gate and up projections in one fused matrix (one GEMM per token
-instead of two); the loader concatenates the checkpoint's separate tensors.
+instead of two); the loader concatenates the checkpoint's separate tensors. A prompt (many
+rows, inference) instead runs in chunks of rows, each chunk's gate and up as two products
+on the halves of that matrix: no [tokens, 2 x intermediate] activation is made, whose
+strided halves made the activation and product slower, and whose size (tens of MiB for a
+long prompt) the allocator hands back to the system and faults in again on every layer.
 """
 
 from __future__ import annotations
@@ -22,6 +26,19 @@ ACTIVATIONS = {
 }
 
 
+# Rows per chunk of a prompt's MLP: as many as keep one [rows, intermediate] activation
+# within CHUNK_BYTES (the allocator reuses blocks of this size instead of mapping fresh
+# pages), at least CHUNK_MIN_ROWS (products of fewer rows run below the GEMM's speed).
+CHUNK_BYTES = 4 * 2**20
+CHUNK_MIN_ROWS = 128
+
+
+def chunk_rows(intermediate: int, itemsize: int) -> int:
+    """Rows per chunk: a power of two, so that the chunks share the linear layer's row bucket."""
+    rows = max(CHUNK_MIN_ROWS, CHUNK_BYTES // (itemsize * intermediate))
+    return 1 << (rows.bit_length() - 1)
+
+
 class GatedMLP(nn.Module):
     """down(act(gate(x)) * up(x)), as in Llama and Mistral."""
 
@@ -34,8 +51,22 @@ class GatedMLP(nn.Module):
 
     def forward(self, x: torch.Tensor, bias: bool = True) -> torch.Tensor:
         """``bias=False``: without the down projection's bias (see ``Linear.forward``)."""
+        rows = x.numel() // x.shape[-1]
+        if rows > CHUNK_MIN_ROWS and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            return self._in_chunks(x.reshape(rows, x.shape[-1]), bias).view(*x.shape[:-1], -1)
         gate, up = self.gate_up(x).split(self.intermediate, dim=-1)
         return self.down(self.act(gate) * up, bias)
+
+    def _in_chunks(self, x: torch.Tensor, bias: bool) -> torch.Tensor:
+        """The same arithmetic for ``x`` [rows, hidden], a chunk of rows at a time (inference)."""
+        step = chunk_rows(self.intermediate, x.element_size())
+        i = self.intermediate
+        outs = []
+        for start in range(0, x.shape[0], step):
+            chunk = x[start:start + step]
+            hidden = self.act(self.gate_up.part(chunk, 0, i)).mul_(self.gate_up.part(chunk, i, 2 * i))
+            outs.append(self.down(hidden, bias))
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
 class PlainMLP(nn.Module):
