@@ -344,3 +344,39 @@ def test_a_repacked_pool_keeps_every_key_and_fills_its_streams_tails_alike(gqa):
             had_room = pool.tail_has_room()
             gqa(torch.full((2, 1), 3), cache=cache)
             assert had_room or len(set(pool.fill[live].tolist())) == 1
+
+
+@pytest.fixture(scope="module")
+def falcon_alibi(tmp_path_factory):
+    from checkpoints import make_falcon_checkpoint
+    return cormlm.load_model(make_falcon_checkpoint(tmp_path_factory.mktemp("falcon_alibi"), "rw"))
+
+
+@pytest.mark.parametrize("model_name", ["gqa", "mistral", "falcon_alibi"])
+@pytest.mark.parametrize("policy", [None, "full", "corm"])
+@pytest.mark.parametrize("padded", [False, True])
+@torch.inference_mode()
+def test_last_logits_only_equals_the_last_row_and_caches_the_same(request, model_name, policy, padded):
+    """With last_logits_only the last block computes the last token's output alone: the same
+    logits as the full forward's last row, the same keys and values cached, the same evictions."""
+    model = request.getfixturevalue(model_name)
+    ids = _ids(2, 40, seed=11)
+    mask = torch.ones_like(ids)
+    if padded:
+        mask[1, :13] = 0
+
+    def run(last_only: bool):
+        cache = None if policy is None else cormlm.make_cache(
+            model, cormlm.CacheConfig(policy, **CORM_PARAMS.get(policy, {})), batch_size=2)
+        logits = model(ids, attention_mask=mask if padded else None, cache=cache, last_logits_only=last_only)
+        return logits[:, -1], cache
+
+    (whole, whole_cache), (last, last_cache) = run(False), run(True)
+    assert (last - whole).abs().max() <= 1e-4
+    if policy is None:
+        return
+    for layer in range(model.config.num_layers):
+        assert [[p.tolist() for p in row] for row in last_cache.positions(layer)] == \
+               [[p.tolist() for p in row] for row in whole_cache.positions(layer)]
+    for got, want in zip(last_cache.storage_tensors(), whole_cache.storage_tensors()):
+        assert torch.equal(got, want)

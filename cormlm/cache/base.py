@@ -87,8 +87,10 @@ class KVCache(ABC):
 
     @abstractmethod
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-               positions: torch.Tensor, spec: AttentionSpec) -> torch.Tensor:
-        """Store the new ``k``/``v`` [B, Hkv, T, D] and attend ``q`` [B, Hq, T, D] over the layer."""
+               positions: torch.Tensor, spec: AttentionSpec, out_rows: int | None = None) -> torch.Tensor:
+        """Store the new ``k``/``v`` [B, Hkv, T, D] and attend ``q`` [B, Hq, T, D] over the layer.
+        ``out_rows``: only the last that many query rows' outputs are wanted ([B, Hq, out_rows, D];
+        the cache still stores every key and its policy still sees every row it scores)."""
 
     @abstractmethod
     def positions(self, layer: int) -> list[list[torch.Tensor]]:

@@ -135,7 +135,7 @@ class RaggedCache(KVCache):
         return self._step_counts.repeat_interleave(self.num_kv_heads)
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-               positions: torch.Tensor, spec: AttentionSpec) -> torch.Tensor:
+               positions: torch.Tensor, spec: AttentionSpec, out_rows: int | None = None) -> torch.Tensor:
         """Store and attend; the policy's state is updated here (prompts, compiled decode) or,
         in an eager decode step, for all layers at once in end_step, which also evicts. A decode
         step (one token per row, no padding) runs tensor operations only, no host sync: it can
@@ -171,7 +171,7 @@ class RaggedCache(KVCache):
             for name, value in self._stored(new_keys).items():
                 stored = slots >= 0
                 pool.state[name].view(-1)[slots[stored]] = value[stored].to(pool.state[name].dtype)
-            out = self._attend_many(pool, q, k, v, positions, slots, spec)
+            out = self._attend_many(pool, q, k, v, positions, slots, spec, out_rows)
         if layer == 0:
             self._window = spec.sliding_window
         elif spec.sliding_window != self._window:
@@ -302,8 +302,10 @@ class RaggedCache(KVCache):
         live = torch.zeros(self.num_layers, dtype=torch.long, device=self.device)
         return live.index_add_(0, layer_of_row, (positions >= 0).sum(dim=1)).tolist()
 
-    def _attend_many(self, pool: BlockPool, q, k, v, positions, slots, spec) -> torch.Tensor:
-        """A multi-token call: SDPA for the output, explicit scores for the policy's rows.
+    def _attend_many(self, pool: BlockPool, q, k, v, positions, slots, spec, out_rows: int | None = None
+                     ) -> torch.Tensor:
+        """A multi-token call: SDPA for the output (of the last ``out_rows`` rows alone when
+        given), explicit scores for the policy's rows.
 
         (Taking the scored rows' outputs from those scores instead of SDPA saved a few percent
         of a prompt, but rounded them otherwise than SDPA: tensor-parallel ranks, whose
@@ -314,12 +316,16 @@ class RaggedCache(KVCache):
         if self._seen_before == 0:  # nothing cached before: attend over the new tokens as they are
             keys, values, key_pos = k, v, positions
             key_slots = slots.view(b, hkv, t)
-            out = attend(q, k, v, spec, causal=True) if fresh else attend(q, k, v, spec, positions, positions)
         else:
             keys, values, key_pos, key_slots = pool.gather_dense()
             length = keys.shape[1]
             keys, values = keys.view(b, hkv, length, d), values.view(b, hkv, length, d)
             key_pos, key_slots = key_pos.view(b, hkv, length), key_slots.view(b, hkv, length)
+        if out_rows is not None:
+            out = attend(q[:, :, -out_rows:], keys, values, spec, positions[:, -out_rows:], key_pos)
+        elif fresh:
+            out = attend(q, k, v, spec, causal=True)
+        else:
             out = attend(q, keys, values, spec, positions, key_pos)
         rows = self.policy.query_rows(t) if self.policy.needs_probs else 0
         if not rows:

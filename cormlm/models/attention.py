@@ -80,10 +80,14 @@ class Attention(nn.Module):
         q, k = qk.split((self.num_heads, self.num_kv_heads), dim=2)
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: StepContext) -> torch.Tensor:
-        """Attention output [B, Hq, T, D], through the cache when there is one."""
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: StepContext,
+               out_rows: int | None = None) -> torch.Tensor:
+        """Attention output [B, Hq, T, D], through the cache when there is one; ``out_rows``:
+        only the last that many query rows' outputs ([B, Hq, out_rows, D])."""
         if step.cache is not None:
-            return step.cache.attend(self.layer_index, q, k, v, step.positions, self.spec)
+            return step.cache.attend(self.layer_index, q, k, v, step.positions, self.spec, out_rows)
+        if out_rows is not None:
+            return attend(q[:, :, -out_rows:], k, v, self.spec, step.positions[:, -out_rows:], step.positions)
         if step.plain_causal:
             return attend(q, k, v, self.spec, causal=True)
         return attend(q, k, v, self.spec, q_pos=step.positions, k_pos=step.positions)

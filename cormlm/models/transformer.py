@@ -77,9 +77,14 @@ class Block(nn.Module):
         both = self.reduce(self.mlp(mlp_in, bias=False) + attn)  # one all-reduce for both halves
         return x + _plus_bias(_plus_bias(both, down), o_proj)
 
-    def forward(self, x: torch.Tensor, step: StepContext) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, step: StepContext, last_only: bool = False) -> torch.Tensor:
+        """The block's output for every token, or with ``last_only`` for the last one alone
+        (keys and values of every token are still made and cached)."""
         h, q, k, v = self.pre_attention(x, step.rotary)
-        return self.post_attention(x, h, self.attn.attend(q, k, v, step))
+        if not last_only:
+            return self.post_attention(x, h, self.attn.attend(q, k, v, step))
+        out = self.attn.attend(q, k, v, step, out_rows=1)
+        return self.post_attention(x[:, -1:], h[:, -1:], out)
 
 
 class CausalLM(nn.Module):
@@ -229,8 +234,11 @@ class CausalLM(nn.Module):
         rotary = self.rotary(positions, max_position, self.dtype) if self.rotary is not None else None
         step = StepContext(positions, rotary, cache, plain_causal=plain_causal)
         x = self.embed(input_ids)
-        for block in self.blocks:
-            x = block(x, step)
+        # wanting only the last logits, the last block needs only the last token's output
+        # (a prompt then skips that block's output projection, MLP and most of its attention)
+        last_only = last_logits_only and input_ids.shape[1] > 1
+        for i, block in enumerate(self.blocks):
+            x = block(x, step, last_only and i == len(self.blocks) - 1)
         if last_logits_only:
             x = x[:, -1:]
         return self.head(x)
