@@ -84,3 +84,37 @@ def test_scratch_is_laid_out_as_the_index_and_not_held():
     assert scratch.shape[0] == sum(index.spans)
     assert (scratch[index.starts[2]:index.starts[2] + 9] == 2).all() and (scratch[index.starts[0]:5] == 0).all()
     assert index.scratch == {} and all(t.data_ptr() != scratch.data_ptr() for t in index.storage_tensors())
+
+
+def test_a_reservation_lays_out_once_for_every_growing_region():
+    """A prompt grows every layer's pool: reserved first, the regions then grow without moving
+    the layout (no rebinding of every pool per layer), and keep what they held."""
+    index = SlotIndex(5, BLOCK, FIELDS, torch.device("cpu"))
+    pools = [Pool(index, region) for region in range(5)]
+    for region, pool in enumerate(pools):
+        index.resize(region, 3, keep=False)
+        _fill(pool, region + 1)
+    binds = [p.binds for p in pools]
+    index.reserve([40, 3, 60, 50, 3])
+    assert [p.binds for p in pools] == [b + 1 for b in binds]  # one layout, every pool told once
+    binds = [p.binds for p in pools]
+    starts = list(index.starts)
+    for region, blocks in ((0, 40), (2, 60), (3, 50)):
+        index.resize(region, blocks, keep=True)
+        # no move: only the region's own pool rebinds, and no shrinking relayout undoes the
+        # reservations of the regions that have not grown yet
+        assert index.starts == starts
+        binds[region] += 1
+        assert [p.binds for p in pools] == binds
+        assert (pools[region].owner[:3] == region + 1).all() and (pools[region].owner[3:] == -1).all()
+    assert index.wanted[:4] == [0, 3, 0, 0]
+
+
+def test_reserved_rows_not_taken_are_left_when_the_layout_shrinks():
+    index = SlotIndex(2, BLOCK, FIELDS, torch.device("cpu"))
+    Pool(index, 0), Pool(index, 1)
+    index.resize(0, 100, keep=False)
+    index.reserve([100, 80])
+    index.resize(0, 2, keep=True)  # region 0 shrinks a lot: the layout is made smaller...
+    assert index.spans[1] >= 80  # ...but region 1's reservation survives it
+    assert index.spans[0] < 100

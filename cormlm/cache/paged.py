@@ -154,6 +154,21 @@ class BlockPool:
         if self.allocated_upper + new_blocks > self.capacity:
             self._grow(self.allocated_upper + new_blocks)
 
+    def _new_blocks(self, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """For ``counts`` (host, [S]) new tokens per stream: each stream's room left in its tail
+        block, tokens past it, and fresh blocks those take."""
+        room = self.block_size - self.fill
+        extra = (counts - room).clamp(min=0)
+        return room, extra, (extra + self.block_size - 1) // self.block_size
+
+    def capacity_after(self, counts: torch.Tensor) -> int:
+        """The blocks this pool will have after appending ``counts`` (host, [S]) tokens per stream
+        (an upper bound: a growth may first release empty blocks)."""
+        total_new = int(self._new_blocks(counts)[2].sum())
+        if self.allocated_upper + total_new <= self.capacity:
+            return self.capacity
+        return self.bucket(self.allocated_upper + total_new)
+
     def _take_free(self, count: int) -> torch.Tensor:
         """Indices of ``count`` free blocks (free blocks sort first, stably), their policy state
         made fresh: a slot is always fresh until a key is stored in it, so appending a key
@@ -176,9 +191,7 @@ class BlockPool:
         bs = self.block_size
         dev = self.device
         counts_host = torch.full((s,), t, dtype=torch.long) if counts is None else counts
-        room = bs - self.fill
-        extra = (counts_host - room).clamp(min=0)
-        new_per_stream = (extra + bs - 1) // bs
+        room, extra, new_per_stream = self._new_blocks(counts_host)
         total_new = int(new_per_stream.sum())
         new_ids = torch.empty(0, dtype=torch.long, device=dev)
         if total_new:

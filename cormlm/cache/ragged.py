@@ -127,6 +127,10 @@ class RaggedCache(KVCache):
             self._stream_pos = positions.repeat_interleave(self.num_kv_heads).to(torch.int32)
             for pool in self.pools:
                 pool.make_tail_room()
+        else:  # every layer's pool grows by the same tokens: their bookkeeping regions are laid out once
+            counts = self._stream_counts()
+            counts = torch.full((self.batch_size * self.num_kv_heads,), num_tokens) if counts is None else counts
+            self.index.reserve([pool.capacity_after(counts) for pool in self.pools])
         return positions, max_position
 
     def _stream_counts(self) -> torch.Tensor | None:

@@ -40,6 +40,7 @@ class SlotIndex:
         self.sizes = [0] * regions  # rows each region's pool uses (its blocks)
         self.spans = [0] * regions  # rows each region has
         self.starts = [0] * regions
+        self.wanted = [0] * regions  # rows a region was reserved for and has not yet taken (see reserve)
         self._pools: dict[int, BoundPool] = {}
         self.scratch: dict[str, torch.Tensor] = {}  # this step's, laid out as the index
         self._layout([0] * regions, keep=False)
@@ -70,10 +71,26 @@ class SlotIndex:
         # [rows]: the region (layer) of each row, spare rows included
         self.region_of_row = torch.arange(len(spans), device=dev).repeat_interleave(torch.tensor(spans, device=dev))
 
+    def reserve(self, rows: list[int]) -> None:
+        """Each region is about to grow to ``rows[region]`` rows: make room for all of them in one
+        layout now (a prompt grows every layer's pool, which would otherwise move the layout
+        and rebind every pool once per layer)."""
+        self.wanted = list(rows)
+        spans = [math.ceil(want * REGION_HEADROOM) if want > span else span for span, want in zip(self.spans, rows)]
+        if spans != self.spans:
+            self._layout(spans, keep=True)
+            for pool in self._pools.values():
+                pool.bind()
+
+    def _needs(self, region: int, blocks: int) -> list[int]:
+        """Rows each region needs once ``region`` has ``blocks``: its size, or a reservation not yet taken."""
+        return [blocks if i == region else max(size, want) for i, (size, want) in enumerate(zip(self.sizes, self.wanted))]
+
     def resize(self, region: int, blocks: int, keep: bool) -> None:
         """Region ``region`` now has ``blocks`` used rows: its first rows kept (``keep``, up to the
         old size) or all reset to free blocks. Tells the pools whose views changed."""
         old_size = self.sizes[region]
+        self.wanted[region] = 0
         moved = blocks > self.spans[region]
         if moved:
             spans = list(self.spans)
@@ -81,11 +98,11 @@ class SlotIndex:
             if not keep:
                 self.sizes[region] = 0
             self._layout(spans, keep=True)
-        elif sum(self.spans) > REGION_SPARE_MAX * (sum(self.sizes) - old_size + blocks) + 8 * len(self.spans):
+        elif sum(self.spans) > REGION_SPARE_MAX * sum(self._needs(region, blocks)) + 8 * len(self.spans):
             # regions left mostly spare by pools that shrank: lay out again, smaller
+            needs = self._needs(region, blocks)
             self.sizes[region] = min(old_size, blocks) if keep else 0
-            self._layout([math.ceil(max(size, 1) * REGION_HEADROOM) if i != region
-                          else math.ceil(blocks * REGION_HEADROOM) for i, size in enumerate(self.sizes)], keep=True)
+            self._layout([math.ceil(max(need, 1) * REGION_HEADROOM) for need in needs], keep=True)
             moved = True
         start = self.starts[region]
         kept = min(old_size, blocks) if keep else 0
