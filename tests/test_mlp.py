@@ -40,6 +40,10 @@ def test_chunked_prompt_mlp_equals_the_fused_product(monkeypatch, rows, with_bia
             got = mlp(x, down_bias)
         assert got.shape == expected.shape
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+        residual = torch.randn_like(expected)
+        with torch.inference_mode():
+            summed = mlp.added_to(residual.clone(), x, down_bias)
+        torch.testing.assert_close(summed, residual + expected, rtol=1e-5, atol=1e-5)
 
 
 def test_chunks_are_powers_of_two_within_the_byte_bound():

@@ -51,22 +51,36 @@ class GatedMLP(nn.Module):
 
     def forward(self, x: torch.Tensor, bias: bool = True) -> torch.Tensor:
         """``bias=False``: without the down projection's bias (see ``Linear.forward``)."""
-        rows = x.numel() // x.shape[-1]
-        if rows > CHUNK_MIN_ROWS and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
-            return self._in_chunks(x.reshape(rows, x.shape[-1]), bias).view(*x.shape[:-1], -1)
+        if self._chunked(x):
+            return self.added_to(None, x, bias)
         gate, up = self.gate_up(x).split(self.intermediate, dim=-1)
         return self.down(self.act(gate) * up, bias)
 
-    def _in_chunks(self, x: torch.Tensor, bias: bool) -> torch.Tensor:
-        """The same arithmetic for ``x`` [rows, hidden], a chunk of rows at a time (inference)."""
-        step = chunk_rows(self.intermediate, x.element_size())
-        i = self.intermediate
+    def _chunked(self, x: torch.Tensor) -> bool:
+        """A prompt under inference (not traced): run a chunk of rows at a time."""
+        return x.numel() // x.shape[-1] > CHUNK_MIN_ROWS and not torch.is_grad_enabled() \
+            and not torch.compiler.is_compiling()
+
+    def added_to(self, residual: torch.Tensor | None, x: torch.Tensor, bias: bool = True) -> torch.Tensor:
+        """``residual + self(x)``; a prompt's chunks are added into ``residual`` in place (a
+        tensor the caller made for this, overwritten), so no output of all rows is gathered
+        and added again."""
+        if not self._chunked(x):
+            return self(x, bias) if residual is None else residual + self(x, bias)
+        flat = x.reshape(-1, x.shape[-1])
+        out = None if residual is None else residual.view(-1, residual.shape[-1])
+        step, i = chunk_rows(self.intermediate, x.element_size()), self.intermediate
         outs = []
-        for start in range(0, x.shape[0], step):
-            chunk = x[start:start + step]
+        for start in range(0, flat.shape[0], step):
+            chunk = flat[start:start + step]
             hidden = self.act(self.gate_up.part(chunk, 0, i)).mul_(self.gate_up.part(chunk, i, 2 * i))
-            outs.append(self.down(hidden, bias))
-        return outs[0] if len(outs) == 1 else torch.cat(outs)
+            if out is None:
+                outs.append(self.down(hidden, bias))
+            else:
+                out[start:start + step] += self.down(hidden, bias)
+        if out is None:
+            out = outs[0] if len(outs) == 1 else torch.cat(outs)
+        return out.view(*x.shape[:-1], -1)
 
 
 class PlainMLP(nn.Module):
@@ -80,6 +94,9 @@ class PlainMLP(nn.Module):
 
     def forward(self, x: torch.Tensor, bias: bool = True) -> torch.Tensor:
         return self.down(self.act(self.up(x)), bias)
+
+    def added_to(self, residual: torch.Tensor, x: torch.Tensor, bias: bool = True) -> torch.Tensor:
+        return residual + self(x, bias)
 
 
 def make_mlp(config: ModelConfig) -> nn.Module:

@@ -61,7 +61,7 @@ class Block(nn.Module):
         attn = self.attn.output(attn_out)
         if not self.parallel:
             x = x + attn
-            return x + self.mlp(self.mlp_norm(x))
+            return self.mlp.added_to(x, self.mlp_norm(x))  # x is this call's own: added into in place
         mlp_in = h if self.mlp_norm is None else self.mlp_norm(x)
         return x + (self.mlp(mlp_in) + attn)
 
