@@ -181,7 +181,7 @@ def test_sliding_window_full_cache_matches_full_forward(mistral):
     assert (torch.cat(pieces, dim=1) - reference).abs().max() <= 1e-4
 
 
-def test_chunked_prefill_bounds_the_pool(gqa, monkeypatch):
+def test_prefill_in_one_call_or_in_chunks_bounds_the_pool(gqa, monkeypatch):
     peak = {"blocks": 0}
     original = BlockPool._grow
 
@@ -196,7 +196,8 @@ def test_chunked_prefill_bounds_the_pool(gqa, monkeypatch):
     chunked = cormlm.generate(gqa, ids, max_new_tokens=4, eos_token_id=[],
                               cache=cormlm.CacheConfig("corm", window=16, recent=16, prefill_chunk=64))
     streams = gqa.config.num_kv_heads  # one row: a stream per KV head shares each layer's pool
-    assert one_shot_peak * 16 >= streams * 600  # one-shot prefill stores the whole prompt first
+    # a prompt in one call stores only the keys that survive its step's evictions, never the whole prompt
+    assert one_shot_peak * 16 < 0.7 * streams * 600
     assert peak["blocks"] * 16 < 0.7 * streams * 600
     assert chunked.cache.stats().retained_fraction < 0.7
 
@@ -380,3 +381,73 @@ def test_last_logits_only_equals_the_last_row_and_caches_the_same(request, model
                [[p.tolist() for p in row] for row in whole_cache.positions(layer)]
     for got, want in zip(last_cache.storage_tensors(), whole_cache.storage_tensors()):
         assert torch.equal(got, want)
+
+
+def _store_all_then_evict(self, pool, q, k, v, positions, spec, out_rows):
+    """The way a prompt was stored before: every key appended, the policy's state read back
+    from the pool, evictions after the step (end_step) and a repack of the holes."""
+    b, hq, t, d = q.shape
+    hkv = self.num_kv_heads
+    new_keys = k.reshape(b * hkv, t, d)
+    stream_pos = positions[:, None, :].expand(b, hkv, t).reshape(b * hkv, t)
+    slots = pool.append(new_keys, v.reshape(b * hkv, t, d), stream_pos, self._stream_counts())
+    for name, value in self._stored(new_keys).items():
+        pool.state[name].view(-1)[slots[slots >= 0]] = value[slots >= 0].to(pool.state[name].dtype)
+    return self._attend_pool(pool, q, k, v, positions, slots, spec, out_rows)
+
+
+def _live_content(cache) -> list:
+    """Per layer and stream: positions, keys, values and state of the live keys, in position order."""
+    content = []
+    for pool in cache.pools:
+        keys, values, positions, slots = pool.gather_dense()
+        held = slots >= 0
+        state = {name: tensor.view(-1)[slots.clamp(min=0)][held] for name, tensor in pool.state.items()}
+        content.append((positions[held], keys[held], values[held], state, held.sum(dim=1)))
+    return content
+
+
+@pytest.mark.parametrize("model_name", ["gqa", "mistral"])
+@pytest.mark.parametrize("policy, params", [("corm", {"window": 8, "recent": 4}),
+                                            ("corm", {"window": 8, "recent": 4, "magnitude": 1.0}),
+                                            ("h2o", {"budget": 0.5}), ("scissorhands", {"budget": 12}),
+                                            ("streaming", {"sink": 2, "recent": 6}), ("knorm", {"budget": 9}),
+                                            ("full", {})])
+@pytest.mark.parametrize("padded", [False, True])
+@torch.inference_mode()
+def test_a_prompt_stores_only_its_survivors_as_store_evict_repack_would(request, monkeypatch, model_name, policy,
+                                                                        params, padded):
+    """A prompt into an empty cache stores only the keys its step's evictions leave: the same
+    keys, values, positions and state as storing all, evicting after the step and repacking,
+    each layer's tails aligned as a repack leaves them, and the next steps' logits are the same."""
+    model = request.getfixturevalue(model_name)
+    ids = _ids(2, 45, seed=21)
+    mask = torch.ones_like(ids)
+    if padded:
+        mask[0, :11] = 0
+    cfg = cormlm.CacheConfig(policy, **params)
+    tails = []
+
+    def run():
+        cache = cormlm.make_cache(model, cfg, batch_size=2)
+        logits = [model(ids, attention_mask=mask, cache=cache)[:, -1]]
+        content = _live_content(cache)
+        tails.append([(pool.fill[counts > 0]).tolist() for pool, (*_, counts) in zip(cache.pools, content)])
+        for _ in range(3):
+            logits.append(model(logits[-1].argmax(-1, keepdim=True), cache=cache)[:, -1])
+        return content, torch.stack(logits), cache
+
+    survivors, survivor_logits, cache = run()
+    with monkeypatch.context() as patch:
+        patch.setattr(cormlm.cache.ragged.RaggedCache, "_prompt_survivors", _store_all_then_evict)
+        everything, everything_logits, _ = run()
+    for (pos, keys, values, state, counts), (pos2, keys2, values2, state2, counts2) in zip(survivors, everything):
+        assert torch.equal(pos, pos2) and torch.equal(counts, counts2)
+        assert torch.equal(keys, keys2) and torch.equal(values, values2)
+        assert state.keys() == state2.keys() and all(torch.equal(state[n], state2[n]) for n in state)
+    # (the two pools may lay their blocks out differently: decode attention sums in another order)
+    torch.testing.assert_close(survivor_logits, everything_logits, rtol=1e-5, atol=1e-5)
+    if policy != "full" or model_name == "mistral":  # a policy or window that evicts
+        # each layer's streams with keys fill their tail blocks alike (they take new blocks on the same steps)
+        assert all(len(set(fills)) <= 1 for fills in tails[0])
+        assert any(int(c.sum()) < 2 * model.config.num_kv_heads * 45 for *_, c in survivors), "nothing was evicted"

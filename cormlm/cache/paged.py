@@ -154,11 +154,12 @@ class BlockPool:
         if self.allocated_upper + new_blocks > self.capacity:
             self._grow(self.allocated_upper + new_blocks)
 
-    def _new_blocks(self, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """For ``counts`` (host, [S]) new tokens per stream: each stream's room left in its tail
-        block, tokens past it, and fresh blocks those take."""
+    def _new_blocks(self, counts: torch.Tensor, lead: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """For ``counts`` (host, [S]) new tokens per stream, after ``lead`` empty slots: each
+        stream's room left in its tail block, slots taken past it, and fresh blocks those take."""
         room = self.block_size - self.fill
-        extra = (counts - room).clamp(min=0)
+        extra = (counts - room).clamp(min=0) if lead is None else (counts + lead - room).clamp(min=0)
         return room, extra, (extra + self.block_size - 1) // self.block_size
 
     def capacity_after(self, counts: torch.Tensor) -> int:
@@ -180,18 +181,23 @@ class BlockPool:
 
     # ------------------------------------------------------------------ append
     def append(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
-               counts: torch.Tensor | None) -> torch.Tensor:
-        """Store new tokens; return their flat slot ids [S, T] (-1 for padding).
+               counts: torch.Tensor | None, lead: torch.Tensor | None = None) -> torch.Tensor:
+        """Store new tokens; return their flat slot ids [S, T] (-1 for tokens not stored).
 
-        ``keys``/``values`` are [S, T, D], ``positions`` [S, T] (-1 = padding, which is left
-        padding and never stored); ``counts`` (host, [S]) are the valid tokens per stream,
-        None when all T are valid.
+        ``keys``/``values`` are [S, T, D], ``positions`` [S, T] (-1: padding, or a key already
+        evicted, never stored: the others are stored in order); ``counts`` (host, [S]) are the
+        stored tokens per stream, None when all T are. ``lead`` (host, [S]): empty slots left
+        before each stream's first key, for streams without a tail block (a pool filled in
+        one call then has its streams' tails aligned as a repack leaves them, see
+        :func:`aligned_lead`).
         """
         s, t, _ = keys.shape
         bs = self.block_size
         dev = self.device
         counts_host = torch.full((s,), t, dtype=torch.long) if counts is None else counts
-        room, extra, new_per_stream = self._new_blocks(counts_host)
+        room, extra, new_per_stream = self._new_blocks(counts_host, lead)
+        if lead is not None and bool((room[lead > 0] > 0).any()):
+            raise ValueError("append: a lead of empty slots is for streams without room in a tail block")
         total_new = int(new_per_stream.sum())
         new_ids = torch.empty(0, dtype=torch.long, device=dev)
         if total_new:
@@ -205,7 +211,7 @@ class BlockPool:
                 else valid.long().cumsum(dim=1) - 1)
         room_d, fill_d = room.to(dev)[:, None], self.fill.to(dev)[:, None]
         in_tail = rank < room_d
-        past = (rank - room_d).clamp(min=0)
+        past = (rank - room_d if lead is None else rank + lead.to(dev)[:, None] - room_d).clamp(min=0)
         if total_new:
             first_new = (new_per_stream.cumsum(0) - new_per_stream).to(dev)[:, None]
             fresh_block = new_ids[(first_new + past // bs).clamp(max=total_new - 1)]

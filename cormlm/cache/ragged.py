@@ -19,7 +19,7 @@ import torch
 
 from ..models.attention_ops import AttentionSpec, attend, key_alibi_bias, upcast, visibility_mask
 from .base import CacheStats, KVCache
-from .paged import BlockPool
+from .paged import BlockPool, aligned_lead
 from .paged_attention import decode_layer_observation, decode_layer_step
 from .policy import EvictionPolicy, SlotView
 from .slot_index import SlotIndex
@@ -169,13 +169,15 @@ class RaggedCache(KVCache):
             else:  # eagerly, one update of every layer's state after the step (end_step) costs less
                 out = self._observe_layer(layer, pool, queries, spec)
             out = out.view(b, hq, 1, d)
+        elif self._seen_before == 0 and (self._policy_evicts or spec.sliding_window is not None):
+            out = self._prompt_survivors(pool, q, k, v, positions, spec, out_rows)
         else:
             stream_pos = positions[:, None, :].expand(b, hkv, t).reshape(b * hkv, t)
             slots = pool.append(new_keys, v.reshape(b * hkv, t, d), stream_pos, self._stream_counts())
             for name, value in self._stored(new_keys).items():
                 stored = slots >= 0
                 pool.state[name].view(-1)[slots[stored]] = value[stored].to(pool.state[name].dtype)
-            out = self._attend_many(pool, q, k, v, positions, slots, spec, out_rows)
+            out = self._attend_pool(pool, q, k, v, positions, slots, spec, out_rows)
         if layer == 0:
             self._window = spec.sliding_window
         elif spec.sliding_window != self._window:
@@ -306,38 +308,56 @@ class RaggedCache(KVCache):
         live = torch.zeros(self.num_layers, dtype=torch.long, device=self.device)
         return live.index_add_(0, layer_of_row, (positions >= 0).sum(dim=1)).tolist()
 
-    def _attend_many(self, pool: BlockPool, q, k, v, positions, slots, spec, out_rows: int | None = None
-                     ) -> torch.Tensor:
-        """A multi-token call: SDPA for the output (of the last ``out_rows`` rows alone when
-        given), explicit scores for the policy's rows.
+    def _prompt_survivors(self, pool: BlockPool, q, k, v, positions, spec, out_rows: int | None) -> torch.Tensor:
+        """A multi-token call into an empty cache under a policy (or window) that evicts: the
+        output and the policy's state over the call's own keys, then this step's evictions,
+        and only the keys that survive them are stored, each stream's tail aligned as a repack
+        would leave it. The same keys, positions and state as storing every key, evicting
+        after the step and repacking, without writing and then moving the dropped keys."""
+        b, hq, t, d = q.shape
+        hkv, streams = self.num_kv_heads, self.batch_size * self.num_kv_heads
+        new_keys = k.reshape(streams, t, d)
+        state = {name: torch.full((b, hkv, t), fresh, dtype=dtype, device=self.device)
+                 for name, (dtype, fresh) in pool.state_fields.items()}
+        for name, value in self._stored(new_keys).items():
+            state[name].copy_(value.view(b, hkv, t))
+        out = self._attend_many(q, k, v, positions, positions, spec, out_rows, state)
+        # this step's evictions over the call's keys, one row per stream as if it were a block
+        key_pos = positions.to(torch.int32)[:, None, :].expand(b, hkv, t).reshape(streams, t).clone()
+        state = {name: value.view(streams, t) for name, value in state.items()}
+        owner = torch.arange(streams, device=self.device)
+        self._evict(SlotView(key_pos, state, self._block_t(owner), owner, self._stream_t), spec.sliding_window)
+        counts = (key_pos >= 0).sum(dim=1).cpu()
+        slots = pool.append(new_keys, v.reshape(streams, t, d), key_pos, counts, aligned_lead(counts, pool.block_size)[0])
+        stored = slots >= 0
+        flat = slots[stored]
+        for name, value in state.items():
+            pool.state[name].view(-1)[flat] = value[stored]
+        return out
+
+    def _attend_many(self, q, keys, values, positions, key_pos, spec, out_rows: int | None,
+                     state: dict[str, torch.Tensor]) -> torch.Tensor:
+        """A multi-token call's attention over ``keys``/``values`` [B, Hkv, S, D] at ``key_pos``:
+        SDPA for the output (of the last ``out_rows`` rows alone when given); explicit scores
+        for the rows the policy reads, its observations merged into ``state`` ([B, Hkv, S]
+        per field, in place).
 
         (Taking the scored rows' outputs from those scores instead of SDPA saved a few percent
         of a prompt, but rounded them otherwise than SDPA: tensor-parallel ranks, whose
         layers sum their heads' shares, then kept other keys than one process at a tie.)"""
         b, hq, t, d = q.shape
         hkv = self.num_kv_heads
-        fresh = self._seen_before == 0 and self._step_counts is None  # a whole unpadded prompt, nothing before
-        if self._seen_before == 0:  # nothing cached before: attend over the new tokens as they are
-            keys, values, key_pos = k, v, positions
-            key_slots = slots.view(b, hkv, t)
-        else:
-            keys, values, key_pos, key_slots = pool.gather_dense()
-            length = keys.shape[1]
-            keys, values = keys.view(b, hkv, length, d), values.view(b, hkv, length, d)
-            key_pos, key_slots = key_pos.view(b, hkv, length), key_slots.view(b, hkv, length)
+        # a whole unpadded prompt, nothing before: SDPA's causal kernel and a causal score mask
+        fresh = self._seen_before == 0 and self._step_counts is None
         if out_rows is not None:
             out = attend(q[:, :, -out_rows:], keys, values, spec, positions[:, -out_rows:], key_pos)
         elif fresh:
-            out = attend(q, k, v, spec, causal=True)
+            out = attend(q, keys, values, spec, causal=True)
         else:
             out = attend(q, keys, values, spec, positions, key_pos)
         rows = self.policy.query_rows(t) if self.policy.needs_probs else 0
         if not rows:
             return out
-        # the attended keys' state laid out as the keys are ([B, Hkv, S]; padding reads slot 0
-        # and is never written back): each chunk's observation merges in place, and the pool
-        # is written once
-        state = {name: value.view(-1)[key_slots.clamp(min=0)] for name, value in pool.state.items()}
         chunk = score_rows(b * hq, keys.shape[-2])
         keys_t = keys.transpose(-1, -2).contiguous()
         for start in range(t - rows, t, chunk):  # chunks of rows: never a full rows x keys matrix
@@ -349,7 +369,28 @@ class RaggedCache(KVCache):
             query_t = (q_pos + 1).clamp(min=0)[:, None, :].expand(b, hkv, stop - start)
             attended = visible.sum(dim=-1) if self.policy.needs_attended else None
             observed = self.policy.observe(probs, query_t, attended, visible)
-            state.update({name: value.to(state[name].dtype) for name, value in self.policy.merge(state, observed).items()})
+            for name, value in self.policy.merge(state, observed).items():
+                state[name].copy_(value)
+        return out
+
+    def _attend_pool(self, pool: BlockPool, q, k, v, positions, slots, spec, out_rows: int | None) -> torch.Tensor:
+        """A multi-token call after the new keys were stored in ``slots``: attention over the
+        call's own keys (nothing cached before) or every key the pool holds, the policy's
+        state of the attended keys read from the pool and written back once."""
+        b, hq, t, d = q.shape
+        hkv = self.num_kv_heads
+        if self._seen_before == 0:  # nothing cached before: attend over the new tokens as they are
+            keys, values, key_pos, key_slots = k, v, positions, slots.view(b, hkv, t)
+        else:
+            keys, values, key_pos, key_slots = pool.gather_dense()
+            length = keys.shape[1]
+            keys, values = keys.view(b, hkv, length, d), values.view(b, hkv, length, d)
+            key_pos, key_slots = key_pos.view(b, hkv, length), key_slots.view(b, hkv, length)
+        scored = self.policy.needs_probs and self.policy.query_rows(t) > 0
+        # the attended keys' state laid out as the keys are ([B, Hkv, S]; padding reads slot 0
+        # and is never written back)
+        state = {name: value.view(-1)[key_slots.clamp(min=0)] for name, value in pool.state.items()} if scored else {}
+        out = self._attend_many(q, keys, values, positions, key_pos, spec, out_rows, state)
         held = key_slots >= 0
         flat = key_slots[held]
         for name, value in state.items():
