@@ -9,6 +9,9 @@ again before the next call, so this is the rule's "after the step"): one pass ov
 layers' pools instead of a dozen small operations per layer. A compiled decode step instead
 updates and evicts each layer inside its graph, which fuses those operations with the
 attention. Keys that a sliding window has left behind are dropped under every policy.
+A prompt into an empty cache under a policy that evicts is the exception: its layers score
+the prompt's own keys, decide the step's evictions at once and store only the survivors
+(what storing all, evicting after the step and repacking would leave).
 """
 
 from __future__ import annotations
