@@ -419,20 +419,22 @@ def test_a_prompt_stores_only_its_survivors_as_store_evict_repack_would(request,
                                                                         params, padded):
     """A prompt into an empty cache stores only the keys its step's evictions leave: the same
     keys, values, positions and state as storing all, evicting after the step and repacking,
-    each layer's tails aligned as a repack leaves them, and the next steps' logits are the same."""
+    each layer's tails aligned and a block per stream free as a repack leaves them, and the
+    next steps' logits are the same."""
     model = request.getfixturevalue(model_name)
     ids = _ids(2, 45, seed=21)
     mask = torch.ones_like(ids)
     if padded:
         mask[0, :11] = 0
     cfg = cormlm.CacheConfig(policy, **params)
-    tails = []
+    tails, spare = [], []
 
     def run():
         cache = cormlm.make_cache(model, cfg, batch_size=2)
         logits = [model(ids, attention_mask=mask, cache=cache)[:, -1]]
         content = _live_content(cache)
         tails.append([(pool.fill[counts > 0]).tolist() for pool, (*_, counts) in zip(cache.pools, content)])
+        spare.append([pool.capacity - pool.used_blocks() for pool in cache.pools])
         for _ in range(3):
             logits.append(model(logits[-1].argmax(-1, keepdim=True), cache=cache)[:, -1])
         return content, torch.stack(logits), cache
@@ -450,4 +452,6 @@ def test_a_prompt_stores_only_its_survivors_as_store_evict_repack_would(request,
     if policy != "full" or model_name == "mistral":  # a policy or window that evicts
         # each layer's streams with keys fill their tail blocks alike (they take new blocks on the same steps)
         assert all(len(set(fills)) <= 1 for fills in tails[0])
+        # and, as a repack leaves it, a free block per stream: the first round of tail blocks needs no growth
+        assert min(spare[0]) >= 2 * model.config.num_kv_heads
         assert any(int(c.sum()) < 2 * model.config.num_kv_heads * 45 for *_, c in survivors), "nothing was evicted"

@@ -181,7 +181,7 @@ class BlockPool:
 
     # ------------------------------------------------------------------ append
     def append(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
-               counts: torch.Tensor | None, lead: torch.Tensor | None = None) -> torch.Tensor:
+               counts: torch.Tensor | None, lead: torch.Tensor | None = None, spare: int = 0) -> torch.Tensor:
         """Store new tokens; return their flat slot ids [S, T] (-1 for tokens not stored).
 
         ``keys``/``values`` are [S, T, D], ``positions`` [S, T] (-1: padding, or a key already
@@ -189,7 +189,8 @@ class BlockPool:
         stored tokens per stream, None when all T are. ``lead`` (host, [S]): empty slots left
         before each stream's first key, for streams without a tail block (a pool filled in
         one call then has its streams' tails aligned as a repack leaves them, see
-        :func:`aligned_lead`).
+        :func:`aligned_lead`). ``spare``: free blocks to leave beyond this call's when the pool
+        must grow for it (a repack leaves a block per stream: the next round of tail blocks).
         """
         s, t, _ = keys.shape
         bs = self.block_size
@@ -201,7 +202,7 @@ class BlockPool:
         total_new = int(new_per_stream.sum())
         new_ids = torch.empty(0, dtype=torch.long, device=dev)
         if total_new:
-            self._reserve(total_new)
+            self._reserve(total_new + spare)
             new_ids = self._take_free(total_new)
             streams = torch.arange(s, device=dev).repeat_interleave(new_per_stream.to(dev))
             self.owner[new_ids] = streams

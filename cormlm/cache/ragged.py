@@ -331,7 +331,8 @@ class RaggedCache(KVCache):
         owner = torch.arange(streams, device=self.device)
         self._evict(SlotView(key_pos, state, self._block_t(owner), owner, self._stream_t), spec.sliding_window)
         counts = (key_pos >= 0).sum(dim=1).cpu()
-        slots = pool.append(new_keys, v.reshape(streams, t, d), key_pos, counts, aligned_lead(counts, pool.block_size)[0])
+        slots = pool.append(new_keys, v.reshape(streams, t, d), key_pos, counts, aligned_lead(counts, pool.block_size)[0],
+                            spare=streams)
         stored = slots >= 0
         flat = slots[stored]
         for name, value in state.items():
