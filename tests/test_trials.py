@@ -31,11 +31,16 @@ def _spread(centre: float, half_width: float) -> list[float]:
     return [100.0] + [centre - half_width + i * step for i in range(TRIALS)]
 
 
-def test_another_than_the_baseline_must_beat_it_beyond_the_trials_spread():
-    # steady calls: 5% faster is faster (no margin fixed in advance)
-    assert decided(["base", "x"], _times(base=1.0, x=0.95), baseline="base") == "x"
+def test_another_than_the_baseline_must_beat_it_by_the_margin_or_beyond_the_trials_spread():
+    # steady calls: 5% faster is faster, margin or not
+    assert decided(["base", "x"], _times(base=1.0, x=0.95), baseline="base", margin=0.9) == "x"
     # the same medians in noisy calls: x's upper quartile (~1.02) is above base's lower one (~0.93)
     times = {"base": _spread(1.0, 0.1), "x": _spread(0.95, 0.1)}
+    assert decided(["base", "x"], times, baseline="base") == "base"
+    assert decided(["base", "x"], times, baseline="base", margin=0.9) == "base"
+    # noisy but faster by more than the margin: taken
+    times = {"base": _spread(1.0, 0.3), "x": _spread(0.8, 0.3)}
+    assert decided(["base", "x"], times, baseline="base", margin=0.9) == "x"
     assert decided(["base", "x"], times, baseline="base") == "base"
     assert decided(["base", "x"], times) == "x"  # no baseline: the fastest median
     # the quartiles just apart, then just overlapping

@@ -17,7 +17,7 @@ rotate over the kernels that can run them and are timed where they run, inside t
 own steps, so the weights are as cold or as hot in cache as they are in real use (timing one
 weight over and over, as a micro-benchmark does, finds it hot and misjudges a model that
 streams from DRAM). After ``TRIALS`` timed calls of each, the fastest is kept for the process
-(another kernel only where it beats ``F.linear`` beyond the trials' spread). Rows are bucketed (exact up to
+(another kernel only where it beats ``F.linear`` by ``MARGIN`` or beyond the trials' spread). Rows are bucketed (exact up to
 8, then powers of two), so prompts of any length share a few decisions. :func:`kernel_choices`
 lists what was chosen (``scripts/bench_decode.py`` prints it); ``CORMLM_LINEAR_KERNEL`` forces
 one kernel wherever it can run. GPU tensors, float64 and products that need gradients through
@@ -43,6 +43,7 @@ from ..trials import TRIALS, decided, next_trial
 SPLIT_MAX_ROWS = 8  # the split only ever targets matrix-vector-like products
 TRANSPOSED_MAX_ROWS = 16  # weight @ x.T only pays for a few input rows
 SPLIT_PARTS = 2
+MARGIN = 0.9  # another kernel whose median is 10% faster replaces F.linear (or one steadily faster: see decided)
 FORCE_ENV = "CORMLM_LINEAR_KERNEL"
 ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
 _choices: dict[tuple, str] = {}  # (out, in, row bucket, dtype, threads) -> kernel name
@@ -175,7 +176,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     started = time.perf_counter()
     y = _call(name, x, weight, bias)
     times.setdefault(name, []).append(time.perf_counter() - started)
-    choice = decided([n for n in names if n not in _broken], times, baseline="linear")
+    choice = decided([n for n in names if n not in _broken], times, baseline="linear", margin=MARGIN)
     if choice is not None:
         _choices[key] = choice
         del _trials[key]
