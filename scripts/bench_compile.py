@@ -118,7 +118,7 @@ def main() -> None:
             continue
         memory = "-" if added[name] is None else f"{added[name]:.0f}"
         ratio = f"{tps[name] / reference:.2f}x" if reference else "-"
-        print(f"| {name} | {warm[name]:.1f} | {memory} | {tps[name]:.2f} | {ratio} |")
+        print(f"| {name} | {warm[name]:.2f} | {memory} | {tps[name]:.2f} | {ratio} |")
     for name, error in failed.items():
         print(f"\n- {name} failed to compile: {error}")
 

@@ -45,7 +45,9 @@ def test_one_row_per_variant_with_the_default_as_reference(output):
         if row["warm-up s"] == "failed":  # then its error is named below the table
             assert re.search(rf"^- {row['variant']} failed to compile: \w+", output, re.MULTILINE)
             continue
-        assert float(row["warm-up s"]) > 0 and float(row["decode tok/s"]) > 0
+        # eager has nothing to compile: its warm-up of a toy model may round to 0.00 s
+        assert float(row["warm-up s"]) >= (0 if row["variant"] == "eager" else 0.01)
+        assert float(row["decode tok/s"]) > 0
         assert re.fullmatch(r"\d+\.\d\dx", row["vs default"])
 
 
