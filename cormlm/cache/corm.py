@@ -19,12 +19,13 @@ With no option set, ``policy="corm"`` is exactly docs/corm.md.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 
 from ..errors import CacheConfigError
 from .budget import check_recent_within_budget, drop_over_budget
-from .policy import EvictionPolicy, SlotView, group_max
+from .policy import EvictionPolicy, SlotView, group_max, group_max_
 
 DEFAULT_WINDOW_AND_RECENT = 256
 
@@ -77,11 +78,22 @@ class CormPolicy(EvictionPolicy):
         t = query_t.float()[..., :, None]  # [..., Q, 1]
         threshold = self.threshold / t  # padding queries: t = 0 -> inf, never important
         strongest = group_max(probs).squeeze(-3)  # union over the group: a >= x for some head iff max >= x
-        important = strongest >= threshold
-        lifetime = float(self.window)
-        if self.magnitude:
-            share = (strongest / threshold).clamp(min=1.0)  # k: how many times alpha/t
-            lifetime = self.window * (1.0 + self.magnitude * torch.log2(share))
+        # k: how many times alpha/t (only read by magnitude)
+        log2_share = torch.log2((strongest / threshold).clamp(min=1.0)) if self.magnitude else None
+        return self._marks(t, strongest >= threshold, log2_share)
+
+    def observe_log(self, log_probs: torch.Tensor, query_t: torch.Tensor, attended: torch.Tensor | None,
+                    visible: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """observe's test in logarithms: ln a - ln(alpha/t) >= 0, over the scratch in place."""
+        t = query_t.float()[..., :, None]
+        # ln k of the strongest head (padding queries: t = 0, ln(alpha/t) = inf, never important)
+        ln_share = group_max_(log_probs).squeeze(-3).sub_(math.log(self.threshold) - torch.log(t))
+        log2_share = ln_share.clamp(min=0.0) / math.log(2.0) if self.magnitude else None
+        return self._marks(t, ln_share >= 0.0, log2_share)
+
+    def _marks(self, t: torch.Tensor, important: torch.Tensor, log2_share: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """keep_until from each query's important keys [..., Q, S]: the latest t + lifetime."""
+        lifetime = float(self.window) if log2_share is None else self.window * (1.0 + self.magnitude * log2_share)
         until = torch.where(important, t + lifetime, 0.0)
         return {"keep_until": until.amax(dim=-2)}
 

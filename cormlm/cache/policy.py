@@ -39,6 +39,15 @@ def group_max(x: torch.Tensor, dim: int = -3) -> torch.Tensor:
     return x
 
 
+def group_max_(x: torch.Tensor, dim: int = -3) -> torch.Tensor:
+    """:func:`group_max` written over the first entry of ``dim`` of ``x`` and returned as a view
+    of it (size 1 kept): no new tensor, for scores that are scratch anyway."""
+    first = x.narrow(dim, 0, 1)
+    for i in range(1, x.shape[dim]):
+        torch.maximum(first, x.narrow(dim, i, 1), out=first)
+    return first
+
+
 @dataclass
 class SlotView:
     """One layer's pool as a policy sees it at eviction time (all [NB, block] unless noted)."""
@@ -76,6 +85,9 @@ class EvictionPolicy(ABC):
         if cls.group_reduce not in (None, "max", "sum"):  # read as a reduction, never silently ignored
             raise CacheConfigError(f"{cls.__module__}.{cls.__qualname__}.group_reduce must be 'max', 'sum' or None, "
                                    f"got {cls.group_reduce!r}")
+        if cls.group_reduce == "sum" and cls.reads_log_probs():  # sums of logarithms are no sum of probabilities
+            raise CacheConfigError(f"{cls.__module__}.{cls.__qualname__} reads log-probabilities (observe_log), "
+                                   f"which tensor-parallel ranks cannot combine by 'sum': use 'max' or None")
         if "name" in cls.__dict__:
             taken = POLICIES.get(cls.name)
             if taken is not None and (taken.__module__, taken.__qualname__) != (cls.__module__, cls.__qualname__):
@@ -113,6 +125,20 @@ class EvictionPolicy(ABC):
         [..., Q, S] which keys it could see (None: all held keys, as in decoding).
         """
         return {}
+
+    def observe_log(self, log_probs: torch.Tensor, query_t: torch.Tensor, attended: torch.Tensor | None,
+                    visible: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """``observe`` given natural-log probabilities (-inf for hidden keys). A multi-token
+        call hands its scored rows here instead when the policy overrides it (a threshold test
+        reads a logarithm as well as a probability): the cache then skips the softmax over
+        them wherever SDPA gave each row's log-sum-exp. ``log_probs`` is scratch: the policy
+        may overwrite it."""
+        return self.observe(log_probs.exp_(), query_t, attended, visible)
+
+    @classmethod
+    def reads_log_probs(cls) -> bool:
+        """Whether multi-token calls hand the policy log-probabilities (it overrides observe_log)."""
+        return cls.observe_log is not EvictionPolicy.observe_log
 
     def merge(self, state: dict[str, torch.Tensor], observed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """New values of the observed slots' state fields (same shapes as ``observed``)."""

@@ -20,7 +20,14 @@ from typing import Protocol
 
 import torch
 
-from ..models.attention_ops import AttentionSpec, attend, key_alibi_bias, upcast, visibility_mask
+from ..models.attention_ops import (
+    AttentionSpec,
+    attend,
+    attend_causal_with_lse,
+    key_alibi_bias,
+    upcast,
+    visibility_mask,
+)
 from .base import CacheStats, KVCache
 from .paged import BlockPool, aligned_lead
 from .paged_attention import decode_layer_observation, decode_layer_step
@@ -44,12 +51,13 @@ def score_rows(heads: int, keys: int) -> int:
     return max(SCORE_MIN_ROWS, SCORE_BYTES // (4 * heads * max(keys, 1)))
 
 
-def explicit_probs(q: torch.Tensor, keys_t: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor,
-                   spec: AttentionSpec, causal_start: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax probabilities [B, Hkv, G, Q, S] (float32) for a few query rows ``q`` [B, Hq, Q, D],
-    and which keys each row could see [B, Hkv, Q, S]. ``keys_t``: the keys transposed, [B, Hkv,
-    D, S], made contiguous once for all chunks of rows (BLAS multiplies a contiguous operand
-    faster than a transposed view, and the copy is paid once per layer, not per chunk).
+def explicit_scores(q: torch.Tensor, keys_t: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor,
+                    spec: AttentionSpec, causal_start: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scaled scores [B, Hkv, G, Q, S] (float32, -inf for hidden keys) of a few query rows ``q``
+    [B, Hq, Q, D], and which keys each row could see [B, Hkv, Q, S]. ``keys_t``: the keys
+    transposed, [B, Hkv, D, S], made contiguous once for all chunks of rows (BLAS multiplies a
+    contiguous operand faster than a transposed view, and the copy is paid once per layer,
+    not per chunk).
 
     ``causal_start``: the keys are a prompt's own tokens at positions 0..S-1 (nothing cached
     before, no padding) and the rows consecutive positions from ``causal_start``, so that only
@@ -69,10 +77,30 @@ def explicit_probs(q: torch.Tensor, keys_t: torch.Tensor, q_pos: torch.Tensor, k
         keys = torch.arange(scores.shape[-1], device=scores.device)
         visible = keys <= torch.arange(causal_start, causal_start + nq, device=scores.device)[:, None]  # [Q, S]
         scores[..., causal_start + 1:].masked_fill_(~visible[:, causal_start + 1:], float("-inf"))
-        return torch.softmax(scores, dim=-1), visible.expand(b, spec.num_kv_heads, nq, visible.shape[-1])
+        return scores, visible.expand(b, spec.num_kv_heads, nq, visible.shape[-1])
     mask = visibility_mask(q_pos, k_pos, spec.sliding_window)  # [B, Hk, Q, S]
     scores.masked_fill_(~mask[:, :, None], float("-inf"))
-    return torch.softmax(scores, dim=-1), mask.expand(b, spec.num_kv_heads, nq, mask.shape[-1])
+    return scores, mask.expand(b, spec.num_kv_heads, nq, mask.shape[-1])
+
+
+def explicit_probs(q: torch.Tensor, keys_t: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor,
+                   spec: AttentionSpec, causal_start: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax probabilities of :func:`explicit_scores` (same arguments), and what each row saw."""
+    scores, visible = explicit_scores(q, keys_t, q_pos, k_pos, spec, causal_start)
+    return torch.softmax(scores, dim=-1), visible
+
+
+def explicit_log_probs(q: torch.Tensor, keys_t: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor,
+                       spec: AttentionSpec, causal_start: int | None = None,
+                       lse: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probabilities of :func:`explicit_scores` (same arguments), and what each row saw.
+    ``lse`` [B, Hq, Q]: the rows' log-sum-exp as SDPA computed it over the same keys; it is
+    subtracted from the scores in place (no softmax pass, no second tensor of their size)."""
+    scores, visible = explicit_scores(q, keys_t, q_pos, k_pos, spec, causal_start)
+    if lse is None:
+        return torch.log_softmax(scores, dim=-1), visible
+    b, hkv, g, nq, _ = scores.shape
+    return scores.sub_(lse.view(b, hkv, g, nq, 1)), visible
 
 
 class QueryGroup(Protocol):
@@ -353,13 +381,17 @@ class RaggedCache(KVCache):
         hkv = self.num_kv_heads
         # a whole unpadded prompt, nothing before: SDPA's causal kernel and a causal score mask
         fresh = self._seen_before == 0 and self._step_counts is None
+        rows = self.policy.query_rows(t) if self.policy.needs_probs else 0
+        logs = self.policy.reads_log_probs()
+        lse = None  # each query's log-sum-exp, where SDPA gives it
         if out_rows is not None:
             out = attend(q[:, :, -out_rows:], keys, values, spec, positions[:, -out_rows:], key_pos)
+        elif fresh and rows and logs:
+            out, lse = attend_causal_with_lse(q, keys, values, spec)
         elif fresh:
             out = attend(q, keys, values, spec, causal=True)
         else:
             out = attend(q, keys, values, spec, positions, key_pos)
-        rows = self.policy.query_rows(t) if self.policy.needs_probs else 0
         if not rows:
             return out
         chunk = score_rows(b * hq, keys.shape[-2])
@@ -367,12 +399,18 @@ class RaggedCache(KVCache):
         for start in range(t - rows, t, chunk):  # chunks of rows: never a full rows x keys matrix
             stop = min(start + chunk, t)
             q_pos = positions[:, start:stop]
-            probs, visible = explicit_probs(q[:, :, start:stop], keys_t, q_pos, key_pos, spec, start if fresh else None)
+            causal_start = start if fresh else None
+            if logs:
+                probs, visible = explicit_log_probs(q[:, :, start:stop], keys_t, q_pos, key_pos, spec, causal_start,
+                                                    None if lse is None else lse[:, :, start:stop])
+            else:
+                probs, visible = explicit_probs(q[:, :, start:stop], keys_t, q_pos, key_pos, spec, causal_start)
             if self.query_group is not None:
                 probs = self.query_group.combine(probs, self.policy.group_reduce)
             query_t = (q_pos + 1).clamp(min=0)[:, None, :].expand(b, hkv, stop - start)
             attended = visible.sum(dim=-1) if self.policy.needs_attended else None
-            observed = self.policy.observe(probs, query_t, attended, visible)
+            observe = self.policy.observe_log if logs else self.policy.observe
+            observed = observe(probs, query_t, attended, visible)
             for name, value in self.policy.merge(state, observed).items():
                 state[name].copy_(value)
         return out

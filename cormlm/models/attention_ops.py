@@ -127,5 +127,29 @@ def attend(
     return _ungroup(out, spec.num_heads)
 
 
+# SDPA's CPU flash kernel as an op of its own: the same output as F.scaled_dot_product_attention
+# (which runs it on CPU), plus each query's log-sum-exp, which it computes anyway
+_FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+_flash_lse_broken = False  # set once the op refused a call: never offered again
+
+
+def attend_causal_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           spec: AttentionSpec) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``attend(q, k, v, spec, causal=True)`` and, where SDPA's CPU flash kernel computes it
+    (a plain causal prompt, float32 or bfloat16 on CPU), each query's log-sum-exp of its
+    scaled scores [B, Hq, T] (float32) as a by-product: a policy's log-probabilities of a few
+    rows are then their scores minus it, with no softmax over them. None where it is not."""
+    global _flash_lse_broken
+    plain = spec.sliding_window is None and spec.alibi_slopes is None and q.shape[2] == k.shape[2]
+    if plain and _FLASH_CPU is not None and not _flash_lse_broken and q.device.type == "cpu" \
+            and q.dtype in (torch.float32, torch.bfloat16):
+        try:
+            out, lse = _FLASH_CPU(q, k, v, is_causal=True, scale=spec.scale)
+            return out, lse
+        except RuntimeError:  # a torch whose kernel refuses this call (e.g. no native GQA): SDPA as always
+            _flash_lse_broken = True
+    return attend(q, k, v, spec, causal=True), None
+
+
 def default_scale(head_dim: int) -> float:
     return 1.0 / math.sqrt(head_dim)
