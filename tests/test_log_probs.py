@@ -161,6 +161,7 @@ def test_a_corm_prompt_scored_from_sdpa_log_sum_exp_keeps_what_the_softmax_keeps
     fast_logits = peaky_gqa(ids, cache=cache)
     fast = _kept_state(cache)
     assert len(calls) == peaky_gqa.config.num_layers
+    assert cache._scores is None  # the step's score scratch is freed with the step, never held
     monkeypatch.setattr(CormPolicy, "observe_log", EvictionPolicy.observe_log)  # a probabilities policy again
     monkeypatch.setattr(CormPolicy, "reads_log_probs", classmethod(lambda cls: False))
     cache = cormlm.make_cache(peaky_gqa, cfg, batch_size=1)

@@ -52,7 +52,8 @@ def score_rows(heads: int, keys: int) -> int:
 
 
 def explicit_scores(q: torch.Tensor, keys_t: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor,
-                    spec: AttentionSpec, causal_start: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                    spec: AttentionSpec, causal_start: int | None = None,
+                    scratch: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Scaled scores [B, Hkv, G, Q, S] (float32, -inf for hidden keys) of a few query rows ``q``
     [B, Hq, Q, D], and which keys each row could see [B, Hkv, Q, S]. ``keys_t``: the keys
     transposed, [B, Hkv, D, S], made contiguous once for all chunks of rows (BLAS multiplies a
@@ -61,15 +62,20 @@ def explicit_scores(q: torch.Tensor, keys_t: torch.Tensor, q_pos: torch.Tensor, 
 
     ``causal_start``: the keys are a prompt's own tokens at positions 0..S-1 (nothing cached
     before, no padding) and the rows consecutive positions from ``causal_start``, so that only
-    the keys after it can be hidden: the mask is made and applied there alone.
+    the keys after it can be hidden: the mask is made and applied there alone. ``scratch``: a
+    float32 buffer of at least the scores' size to write them into (float32 keys only).
     """
     b, hq, nq, d = q.shape
     g = spec.group_size
     # the scale on the few query rows, not on the [rows x keys] scores (the copy the reshape
     # makes of the strided queries anyway; exact for power-of-two scales such as 1/8)
     grouped = (q * spec.scale).reshape(b, spec.num_kv_heads, g * nq, d)
-    scores = upcast(torch.matmul(grouped, keys_t))
-    scores = scores.view(b, spec.num_kv_heads, g, nq, -1)
+    s = keys_t.shape[-1]
+    if scratch is not None and keys_t.dtype == torch.float32:
+        scores = torch.matmul(grouped, keys_t, out=scratch[:grouped.shape[:-1].numel() * s].view(*grouped.shape[:-1], s))
+    else:
+        scores = upcast(torch.matmul(grouped, keys_t))
+    scores = scores.view(b, spec.num_kv_heads, g, nq, s)
     if spec.alibi_slopes is not None:
         bias = key_alibi_bias(spec, k_pos)  # [B, Hq, 1, S]
         scores = scores + bias.view(b, spec.num_kv_heads, g, 1, -1)
@@ -84,19 +90,20 @@ def explicit_scores(q: torch.Tensor, keys_t: torch.Tensor, q_pos: torch.Tensor, 
 
 
 def explicit_probs(q: torch.Tensor, keys_t: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor,
-                   spec: AttentionSpec, causal_start: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                   spec: AttentionSpec, causal_start: int | None = None,
+                   scratch: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax probabilities of :func:`explicit_scores` (same arguments), and what each row saw."""
-    scores, visible = explicit_scores(q, keys_t, q_pos, k_pos, spec, causal_start)
+    scores, visible = explicit_scores(q, keys_t, q_pos, k_pos, spec, causal_start, scratch)
     return torch.softmax(scores, dim=-1), visible
 
 
 def explicit_log_probs(q: torch.Tensor, keys_t: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor,
-                       spec: AttentionSpec, causal_start: int | None = None,
-                       lse: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                       spec: AttentionSpec, causal_start: int | None = None, lse: torch.Tensor | None = None,
+                       scratch: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probabilities of :func:`explicit_scores` (same arguments), and what each row saw.
     ``lse`` [B, Hq, Q]: the rows' log-sum-exp as SDPA computed it over the same keys; it is
     subtracted from the scores in place (no softmax pass, no second tensor of their size)."""
-    scores, visible = explicit_scores(q, keys_t, q_pos, k_pos, spec, causal_start)
+    scores, visible = explicit_scores(q, keys_t, q_pos, k_pos, spec, causal_start, scratch)
     if lse is None:
         return torch.log_softmax(scores, dim=-1), visible
     b, hkv, g, nq, _ = scores.shape
@@ -138,6 +145,9 @@ class RaggedCache(KVCache):
         self._observed = False
         # live keys per layer after a compiled decode step evicted layer by layer; -1: no such step
         self._graph_live = torch.full((self.num_layers,), -1, dtype=torch.long, device=self.device)
+        # a multi-token step's explicit scores, shared by its layers' chunks of rows and freed
+        # after the step: a fresh tensor of several MiB per chunk is fresh pages to fault in
+        self._scores: torch.Tensor | None = None
         self._step_counts: torch.Tensor | None = None  # host, per row: valid tokens of this call
         self._seen_before = 0
         self._set_stream_t()
@@ -259,6 +269,7 @@ class RaggedCache(KVCache):
     def end_step(self) -> None:
         """After the last layer: evictions in every layer, host bookkeeping, and compaction of
         pools that holes or free blocks bloat."""
+        self._scores = None
         if self._single:
             for pool in self.pools:
                 pool.appended_one()
@@ -396,15 +407,19 @@ class RaggedCache(KVCache):
             return out
         chunk = score_rows(b * hq, keys.shape[-2])
         keys_t = keys.transpose(-1, -2).contiguous()
+        size = b * hq * min(chunk, rows) * keys.shape[-2]
+        if self._scores is None or self._scores.numel() < size:
+            self._scores = torch.empty(size, dtype=torch.float32, device=self.device)
         for start in range(t - rows, t, chunk):  # chunks of rows: never a full rows x keys matrix
             stop = min(start + chunk, t)
             q_pos = positions[:, start:stop]
             causal_start = start if fresh else None
             if logs:
                 probs, visible = explicit_log_probs(q[:, :, start:stop], keys_t, q_pos, key_pos, spec, causal_start,
-                                                    None if lse is None else lse[:, :, start:stop])
+                                                    None if lse is None else lse[:, :, start:stop], self._scores)
             else:
-                probs, visible = explicit_probs(q[:, :, start:stop], keys_t, q_pos, key_pos, spec, causal_start)
+                probs, visible = explicit_probs(q[:, :, start:stop], keys_t, q_pos, key_pos, spec, causal_start,
+                                                self._scores)
             if self.query_group is not None:
                 probs = self.query_group.combine(probs, self.policy.group_reduce)
             query_t = (q_pos + 1).clamp(min=0)[:, None, :].expand(b, hkv, stop - start)
