@@ -96,7 +96,8 @@ class CormPolicy(EvictionPolicy):
         """keep_until from each query's important keys [..., Q, S]: the latest t + lifetime
         (the marks are written into ``out`` when given: scratch of their shape)."""
         lifetime = float(self.window) if log2_share is None else self.window * (1.0 + self.magnitude * log2_share)
-        until = torch.where(important, t + lifetime, t.new_zeros(()), out=out)
+        marks = (t + lifetime).to(t.dtype if out is None else out.dtype)  # (float64 scores: float64 scratch)
+        until = torch.where(important, marks, marks.new_zeros(()), out=out)
         return {"keep_until": until.amax(dim=-2)}
 
     def merge(self, state: dict[str, torch.Tensor], observed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
