@@ -222,11 +222,16 @@ class BlockPool:
         slots = block * bs + torch.where(in_tail, fill_d + rank, past % bs)
         if valid is not None:
             slots = slots.masked_fill(~valid, -1)
-            write, src = slots[valid], valid
+            src = valid.view(-1).nonzero().squeeze(1)  # the stored tokens, found once for all tensors
+            write = slots.view(-1).index_select(0, src)
         else:
             write, src = slots.reshape(-1), None
         d = self.head_dim
-        flat = (lambda x: x.reshape(-1, *x.shape[2:])) if src is None else (lambda x: x[src])
+
+        def flat(x: torch.Tensor) -> torch.Tensor:
+            x = x.reshape(-1, *x.shape[2:])
+            return x if src is None else x.index_select(0, src)
+
         self.key_slots()[self._split_slots(write)] = flat(keys).to(self.dtype)
         self.values.view(-1, d)[write] = flat(values).to(self.dtype)
         self.positions.view(-1)[write] = flat(positions).to(torch.int32)
