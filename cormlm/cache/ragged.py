@@ -408,7 +408,8 @@ class RaggedCache(KVCache):
         chunk = score_rows(b * hq, keys.shape[-2])
         keys_t = keys.transpose(-1, -2).contiguous()
         size = b * hq * min(chunk, rows) * keys.shape[-2]
-        if self._scores is None or self._scores.numel() < size:
+        scratch = keys.dtype == torch.float32  # (other dtypes' products are upcast into a new tensor anyway)
+        if scratch and (self._scores is None or self._scores.numel() < size):
             self._scores = torch.empty(size, dtype=torch.float32, device=self.device)
         for start in range(t - rows, t, chunk):  # chunks of rows: never a full rows x keys matrix
             stop = min(start + chunk, t)
@@ -416,10 +417,11 @@ class RaggedCache(KVCache):
             causal_start = start if fresh else None
             if logs:
                 probs, visible = explicit_log_probs(q[:, :, start:stop], keys_t, q_pos, key_pos, spec, causal_start,
-                                                    None if lse is None else lse[:, :, start:stop], self._scores)
+                                                    None if lse is None else lse[:, :, start:stop],
+                                                    self._scores if scratch else None)
             else:
                 probs, visible = explicit_probs(q[:, :, start:stop], keys_t, q_pos, key_pos, spec, causal_start,
-                                                self._scores)
+                                                self._scores if scratch else None)
             if self.query_group is not None:
                 probs = self.query_group.combine(probs, self.policy.group_reduce)
             query_t = (q_pos + 1).clamp(min=0)[:, None, :].expand(b, hkv, stop - start)
