@@ -35,8 +35,9 @@ implementation (after a short warm-up run), above the resident set before it (Li
 (dynamic=True)``, cormlm through ``cormlm.compile_model``; the number of dynamo graphs each
 built, and how many of those appeared during timed decoding (recompilations as caches grow
 or shrink), are printed. "Of bandwidth limit": decode tokens/s times the bytes a step must
-read (weights but the embedding, plus the KV cache held) over the read bandwidth measured in
-the same run (a reduction over ``--bandwidth-gib`` GiB). After the tables, the kernel
+read (weights but the embedding, plus the KV cache held) over the read bandwidth sampled
+between that repeat's decode rounds (a reduction over ``--bandwidth-gib`` GiB after every
+round; a shared machine's bandwidth drifts too much for one figure per run). After the tables, the kernel
 cormlm's linear layer chose for each product shape (``kernel_choices``) and the decode
 attention path chosen for each pool shape (``paged_kernel.kernel_status``). ``--pack-weights``
 adds, in eager mode, each cormlm implementation on a copy of the model whose weights are
@@ -274,24 +275,39 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def read_bandwidth(device: torch.device, gib: float = 1.0) -> float:
-    """Bytes/s the device streams through a reduction over ``gib`` GiB (median of 5)."""
-    data = torch.ones(int(gib * 2**30) // 4, device=device)
-    times = []
-    for _ in range(6):
-        sync(device)
+class BandwidthProbe:
+    """The device's read bandwidth, sampled while the benchmark runs: one reduction over
+    ``gib`` GiB per sample. A shared machine's bandwidth moves by 1.5x or more between minutes,
+    so the decode steps are compared with samples taken between them, not with one figure
+    from the start of the run."""
+
+    def __init__(self, device: torch.device, gib: float) -> None:
+        self.device = device
+        self.data = torch.ones(max(1, int(gib * 2**30) // 4), device=device)
+        self.data.sum()  # first touch: pages faulted in, not timed
+        self.seconds: list[float] = []
+
+    def sample(self) -> None:
+        sync(self.device)
         started = time.perf_counter()
-        data.sum()
-        sync(device)
-        times.append(time.perf_counter() - started)
-    return data.numel() * 4 / statistics.median(times[1:])
+        self.data.sum()
+        sync(self.device)
+        self.seconds.append(time.perf_counter() - started)
+
+    def take(self) -> float:
+        """Bytes/s over the samples since the last take (their median), and a fresh start."""
+        seconds, self.seconds = self.seconds, []
+        return self.data.numel() * 4 / statistics.median(seconds)
 
 
-def timed_round(runners: list[Runner], ids: torch.Tensor, steps: int, prefills: int = 1) -> None:
+def timed_round(runners: list[Runner], ids: torch.Tensor, steps: int, prefills: int, probe: BandwidthProbe,
+                weight_bytes: int) -> float:
     """One repeat: the implementations prefill in turn, ``prefills`` times (the last cache
-    kept), then they decode in alternation, one step each, every step timed on its own. A
-    machine whose speed drifts (shared cores, frequency changes) then slows every
-    implementation alike, and the median prefill and step times are the figures."""
+    kept), then they decode in alternation, one step each, every step timed on its own, and
+    the read bandwidth is sampled after each round of steps. A machine whose speed drifts
+    (shared cores, frequency changes) then slows every implementation alike, and the median
+    prefill and step times are the figures; each implementation's share of the bandwidth
+    limit is taken against this repeat's samples. Returns the repeat's bandwidth (bytes/s)."""
     states, tokens, step_s, recompiles, kept = {}, {}, {}, {}, {}
     for _ in range(prefills):
         for runner in runners:
@@ -316,6 +332,8 @@ def timed_round(runners: list[Runner], ids: torch.Tensor, steps: int, prefills: 
             sync(ids.device)
             step_s[runner.name].append(time.perf_counter() - started)
             recompiles[runner.name] += graphs_built() - graphs
+        probe.sample()
+    bandwidth = probe.take()
     for runner in runners:
         record = runner.results.setdefault
         record("decode_tps", []).append(ids.shape[0] / statistics.median(step_s[runner.name]))
@@ -325,6 +343,10 @@ def timed_round(runners: list[Runner], ids: torch.Tensor, steps: int, prefills: 
         record("kv_mib", []).append(kv.held / 2**20)
         record("retained_kv_mib", []).append(None if kv.retained is None else kv.retained / 2**20)
         record("held_over_retained", []).append(kv.held / kv.retained if kv.retained else None)
+        # bytes a decode step (all rows) must read at least: the weights + the KV held
+        steps_per_s = 1 / statistics.median(step_s[runner.name])
+        record("bandwidth_share", []).append(steps_per_s * (weight_bytes + kv.held) / bandwidth)
+    return bandwidth
 
 
 def _median(values: list) -> float | None:
@@ -339,7 +361,8 @@ def table_header(first: str) -> str:
 
 
 def run_context(runners: list[Runner], context: int, args, mode: str, vocab: int, weight_bytes: int,
-                bandwidth: float) -> None:
+                probe: BandwidthProbe) -> list[float]:
+    """The table rows of one context; returns each repeat's read bandwidth (bytes/s)."""
     torch.manual_seed(context)
     ids = torch.randint(0, vocab, (args.batch, context)).to(args.device)
     graphs_before = {}
@@ -349,9 +372,10 @@ def run_context(runners: list[Runner], context: int, args, mode: str, vocab: int
         decode(runner, *runner.prefill(ids[:, :64]), 2)
         runner.results["peak_mib"] = [measure_memory(runner, ids, args.steps)]
         graphs_before[runner.name] = graphs_built() - before
+    bandwidths = []
     for repeat in range(args.repeats):
         print(f"  [{mode} {context}] repeat {repeat + 1}/{args.repeats}", file=sys.stderr, flush=True)
-        timed_round(runners, ids, args.steps, args.prefills)
+        bandwidths.append(timed_round(runners, ids, args.steps, args.prefills, probe, weight_bytes))
     b = {key: _median(v) for key, v in runners[0].results.items()}
     for runner in runners:
         r = {key: _median(v) for key, v in runner.results.items()}
@@ -365,13 +389,12 @@ def run_context(runners: list[Runner], context: int, args, mode: str, vocab: int
         def mib(value):  # three decimals below 10 MiB, so tiny test models' caches show
             return "-" if value is None else f"{value:.{1 if value >= 10 else 3}f}"
 
-        # bytes a decode step (all rows) must read at least: the weights + the KV held
-        roofline = r["decode_tps"] / args.batch * (weight_bytes + r["kv_mib"] * 2**20) / bandwidth
         print(f"| {context} | {mode} | {runner.name} | {show(r['retained'], '.1%')} | {mib(r['kv_mib'])} | "
               f"{mib(r['retained_kv_mib'])} | {show(r['held_over_retained'], '.2f')} | "
               f"{show(r['peak_mib'], '.0f')} | "
               f"{r['prefill_tps']:.0f} | {r['prefill_tps'] / b['prefill_tps']:.2f}x | {r['decode_tps']:.2f} | "
-              f"{r['decode_tps'] / b['decode_tps']:.2f}x | {roofline:.0%} | {graphs or '-'} |", flush=True)
+              f"{r['decode_tps'] / b['decode_tps']:.2f}x | {r['bandwidth_share']:.0%} | {graphs or '-'} |", flush=True)
+    return bandwidths
 
 
 # ------------------------------------------------------------------------- models
@@ -415,7 +438,8 @@ def load_pair(spec: str, args, dtype: torch.dtype, scratch: Path) -> Loaded:
     return Loaded(label, model, hf_model)
 
 
-def bench_model(spec: str, args, modes: list[str], bandwidth: float, scratch: Path, compiled_before: bool) -> None:
+def bench_model(spec: str, args, modes: list[str], probe: BandwidthProbe, scratch: Path, compiled_before: bool
+                ) -> None:
     import cormlm
     from cormlm.compile import compile_model
 
@@ -450,8 +474,12 @@ def bench_model(spec: str, args, modes: list[str], bandwidth: float, scratch: Pa
             runners += [cormlm_runner(packed, name.split("-")[1], args.window, args.recent, args.block_size, "-packed")
                         for name in args.impls if name != "transformers"]
         print(f"\n### {spec}, {mode}\n\n{table_header(args.impls[0])}", flush=True)
-        for context in args.contexts:
-            run_context(runners, context, args, mode, config.vocab_size, weight_bytes, bandwidth)
+        probed = {context: run_context(runners, context, args, mode, config.vocab_size, weight_bytes, probe)
+                  for context in args.contexts}
+        print("\nRead bandwidth sampled between decode rounds (each repeat's median; the shares above use "
+              "their own repeat's): " + "; ".join(
+                  f"{context}: {' / '.join(f'{b / 1e9:.1f}' for b in values)} GB/s" for context, values in probed.items()),
+              flush=True)
     del loaded, model, runners
     gc.collect()
     _malloc_trim()
@@ -509,7 +537,8 @@ def main() -> None:
     parser.add_argument("--recent", type=int, default=256, help="CORM r")
     parser.add_argument("--block-size", type=int, default=None,
                         help="slots per cache block (CacheConfig.block_size; default: each policy's)")
-    parser.add_argument("--bandwidth-gib", type=float, default=1.0, help="size of the read-bandwidth probe")
+    parser.add_argument("--bandwidth-gib", type=float, default=0.25,
+                        help="size of the read-bandwidth probe run after every round of decode steps")
     parser.add_argument("--pack-weights", action="store_true",
                         help="eager mode also runs each cormlm implementation on a copy of the model whose weights "
                              "are oneDNN-packed for --batch rows (cormlm.pack_weights; rows named '-packed')")
@@ -524,12 +553,15 @@ def main() -> None:
         print("# decode benchmark: cormlm against transformers\n")
         for line in describe_machine(args.device):
             print(f"- {line}")
-        bandwidth = read_bandwidth(torch.device(args.device), args.bandwidth_gib)
-        print(f"- measured read bandwidth {bandwidth / 1e9:.1f} GB/s ({args.device})", flush=True)
+        probe = BandwidthProbe(torch.device(args.device), args.bandwidth_gib)
+        for _ in range(5):
+            probe.sample()
+        print(f"- read bandwidth at the start {probe.take() / 1e9:.1f} GB/s ({args.device}; sampled again between "
+              "decode rounds, see each table)", flush=True)
         compiled_before = False
         for spec in args.model:
             scratch = Path(stack.enter_context(tempfile.TemporaryDirectory()))
-            bench_model(spec, args, modes, bandwidth, scratch, compiled_before)
+            bench_model(spec, args, modes, probe, scratch, compiled_before)
             compiled_before = compiled_before or "compiled" in modes
         print_kernel_choices()
 

@@ -88,3 +88,14 @@ def test_decode_attention_choices_are_printed(output):
     lines = re.findall(r"^- streams (\d+), up to (\d+) blocks of (\d+), group (\d+), head (\d+)(, probabilities)?, 1 threads: "
                        r"(native|torch)$", tail, re.MULTILINE)
     assert lines or "native kernel unavailable" in tail, tail
+
+
+def test_bandwidth_is_sampled_in_every_repeat(output):
+    """The share of the bandwidth limit is taken against samples from its own repeat: one
+    figure per repeat and context is printed after each table (--repeats 1, --contexts 32)."""
+    line = next(line for line in output.splitlines() if line.startswith("Read bandwidth sampled between decode rounds"))
+    figures = re.findall(r"(\d+): ([\d.]+(?: / [\d.]+)*) GB/s", line)
+    assert [context for context, _ in figures] == ["32"]
+    assert all(float(b) > 0 for b in figures[0][1].split(" / ")) and len(figures[0][1].split(" / ")) == 1
+    share = [c.strip() for c in next(line for line in output.splitlines() if line.startswith("| 32 |")).split("|")]
+    assert re.fullmatch(r"\d+%", share[-3])
