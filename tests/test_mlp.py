@@ -27,7 +27,7 @@ def _fused(mlp: GatedMLP, x: torch.Tensor, bias: bool) -> torch.Tensor:
 
 @pytest.mark.parametrize("rows", [CHUNK_MIN_ROWS + 1, 3 * CHUNK_MIN_ROWS, 5 * CHUNK_MIN_ROWS + 7])
 @pytest.mark.parametrize("with_bias", [False, True])
-@pytest.mark.parametrize("activation", ["silu", "gelu_new"])
+@pytest.mark.parametrize("activation", ["silu", "relu", "gelu_new"])  # in place, in place, not
 def test_chunked_prompt_mlp_equals_the_fused_product(monkeypatch, rows, with_bias, activation):
     # chunks of CHUNK_MIN_ROWS rows: several chunks, the last one short
     monkeypatch.setattr(mlp_module, "CHUNK_BYTES", 1)
