@@ -131,7 +131,16 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -
     an operand to a table), so the same bits, in four operations on the whole tensor. The
     model rotates queries and keys of all heads in one call.
     """
-    dim = cos.shape[-1]
+    dim, half = cos.shape[-1], cos.shape[-1] // 2
     rot = x if dim == x.shape[-1] else x[..., :dim]
-    out = rot * cos + torch.roll(rot, dim // 2, dims=-1) * signed_sin
+    # (x2, x1) * (-sin, sin) written half by half into one tensor: torch.roll would first
+    # copy x into a tensor of its own (a prompt's fresh tensors cost page faults); out= has
+    # no gradient, so training takes the roll
+    if torch.is_grad_enabled() and (rot.requires_grad or cos.requires_grad or signed_sin.requires_grad):
+        swapped = torch.roll(rot, half, dims=-1) * signed_sin
+    else:
+        swapped = torch.empty_like(rot)
+        torch.mul(rot[..., half:], signed_sin[..., :half], out=swapped[..., :half])
+        torch.mul(rot[..., :half], signed_sin[..., half:], out=swapped[..., half:])
+    out = (rot * cos).add_(swapped)
     return out if dim == x.shape[-1] else torch.cat((out, x[..., dim:]), dim=-1)
