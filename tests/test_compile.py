@@ -78,3 +78,20 @@ def test_compiling_twice_changes_nothing(folder):
     model = cormlm.compile_model(cormlm.load_model(folder))
     compiled_head = model.head
     assert cormlm.compile_model(model) is model and model.head is compiled_head
+
+
+@torch.inference_mode()
+def test_compiled_steps_have_no_graph_breaks(folder):
+    """The decode step is one graph and each block's dense parts one graph each: an operation
+    Dynamo cannot trace (e.g. out= into a view) would split them, one graph per layer, and
+    the compiled step would run at eager's speed or worse."""
+    torch._dynamo.reset()
+    counters.clear()
+    model = cormlm.compile_model(cormlm.load_model(folder))
+    cache = cormlm.make_cache(model, cormlm.CacheConfig("corm", window=8, recent=4))
+    logits = model(torch.tensor([random_prompt(40, 3, VOCAB)]), cache=cache)[:, -1]
+    for _ in range(3):
+        logits = model(logits.argmax(-1, keepdim=True), cache=cache)[:, -1]
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    # a prompt's three kinds of graph (before and after attention, the head) and the decode step
+    assert counters["stats"]["unique_graphs"] <= 4

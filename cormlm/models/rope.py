@@ -134,9 +134,11 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -
     dim, half = cos.shape[-1], cos.shape[-1] // 2
     rot = x if dim == x.shape[-1] else x[..., :dim]
     # (x2, x1) * (-sin, sin) written half by half into one tensor: torch.roll would first
-    # copy x into a tensor of its own (a prompt's fresh tensors cost page faults); out= has
-    # no gradient, so training takes the roll
-    if torch.is_grad_enabled() and (rot.requires_grad or cos.requires_grad or signed_sin.requires_grad):
+    # copy x into a tensor of its own (a prompt's fresh tensors cost page faults). Training
+    # (out= has no gradient) and compiled graphs (Dynamo breaks the graph at out= into
+    # views; inductor fuses the roll anyway) take the roll.
+    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and (
+            rot.requires_grad or cos.requires_grad or signed_sin.requires_grad)):
         swapped = torch.roll(rot, half, dims=-1) * signed_sin
     else:
         swapped = torch.empty_like(rot)
