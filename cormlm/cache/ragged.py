@@ -82,11 +82,12 @@ def explicit_scores(q: torch.Tensor, keys_t: torch.Tensor, q_pos: torch.Tensor, 
     if causal_start is not None and spec.sliding_window is None:
         keys = torch.arange(scores.shape[-1], device=scores.device)
         visible = keys <= torch.arange(causal_start, causal_start + nq, device=scores.device)[:, None]  # [Q, S]
-        # row r hides the keys from causal_start + 1 + r on: -inf on and above the corner's
-        # diagonal, added (a float addend broadcasts over the heads several times faster
-        # than a boolean mask's fill; x + 0 = x)
+        # only keys after causal_start can be hidden: that corner gets -inf added where a row
+        # cannot see (a float addend broadcasts over the heads several times faster than a
+        # boolean mask's fill; x + 0 = x), made from ``visible`` itself
+        hidden = ~visible[:, causal_start + 1:]
         corner = scores[..., causal_start + 1:]
-        corner.add_(torch.full(corner.shape[-2:], float("-inf"), dtype=scores.dtype, device=scores.device).triu_())
+        corner.add_(torch.zeros(hidden.shape, dtype=scores.dtype, device=scores.device).masked_fill_(hidden, float("-inf")))
         return scores, visible.expand(b, spec.num_kv_heads, nq, visible.shape[-1])
     mask = visibility_mask(q_pos, k_pos, spec.sliding_window)  # [B, Hk, Q, S]
     scores.masked_fill_(~mask[:, :, None], float("-inf"))
