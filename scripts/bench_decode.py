@@ -545,6 +545,8 @@ def main() -> None:
     args = parser.parse_args()
     if min(args.repeats, args.prefills, args.steps) < 1:
         parser.error("--repeats, --prefills and --steps must be >= 1")
+    if not args.bandwidth_gib > 0:
+        parser.error(f"--bandwidth-gib must be a size in GiB above 0 (got {args.bandwidth_gib}); e.g. 0.25")
     if args.no_compile and args.compile_only:
         parser.error("--no-compile and --compile-only exclude each other")
     modes = ["eager"] * (not args.compile_only) + ["compiled"] * (not args.no_compile)

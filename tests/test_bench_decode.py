@@ -99,3 +99,11 @@ def test_bandwidth_is_sampled_in_every_repeat(output):
     assert all(float(b) > 0 for b in figures[0][1].split(" / ")) and len(figures[0][1].split(" / ")) == 1
     share = [c.strip() for c in next(line for line in output.splitlines() if line.startswith("| 32 |")).split("|")]
     assert re.fullmatch(r"\d+%", share[-3])
+
+
+@pytest.mark.parametrize("size", ["0", "-1"])
+def test_a_bandwidth_probe_of_no_size_is_refused_before_anything_loads(size):
+    done = run_script("bench_decode", "--bandwidth-gib", size, timeout=120)
+    assert done.returncode == 2
+    assert "--bandwidth-gib must be a size in GiB above 0" in done.stderr
+    assert "Traceback" not in done.stderr
