@@ -73,6 +73,10 @@ def stream_live_counts(positions: torch.Tensor, owner: torch.Tensor, num_streams
     return out.index_add_(0, owner.clamp(min=0), live)
 
 
+# what torch._dynamo.maybe_mark_dynamic sets on a tensor (torch 2.13)
+DIM_MARKS = ("_dynamo_weak_dynamic_indices", "_has_dynamo_dim_marking")
+
+
 class BlockPool:
     """One layer's pool. Its keys and values are its own tensors; its per-slot bookkeeping
     (``positions``, ``owner``, ``state``) is a region of a :class:`SlotIndex` shared by all the
@@ -81,6 +85,7 @@ class BlockPool:
     def __init__(self, num_streams: int, block_size: int, head_dim: int, dtype: torch.dtype,
                  device: torch.device, state_fields: dict[str, tuple[torch.dtype, float]],
                  index: SlotIndex | None = None, region: int = 0) -> None:
+        self.dynamic_marks = True  # see set_dynamic_marks
         self.num_streams = num_streams
         self.block_size = block_size
         self.head_dim = head_dim
@@ -103,16 +108,33 @@ class BlockPool:
         bs, d, dev = self.block_size, self.head_dim, self.device
         self.keys = torch.zeros(num_blocks, d, bs, dtype=self.dtype, device=dev)  # transposed per block
         self.values = torch.zeros(num_blocks, bs, d, dtype=self.dtype, device=dev)
-        for tensor in (self.keys, self.values):
-            # compiled steps: the block count is symbolic (no recompilation as the pool resizes)
-            torch._dynamo.maybe_mark_dynamic(tensor, 0)
+        self._mark_dynamic(self.keys, self.values)
         self.index.resize(self.region, num_blocks, keep=False)
 
     def bind(self) -> None:
         """Take this pool's bookkeeping views from the index (after it moved or resized them)."""
         self.positions, self.owner, self.state = self.index.views(self.region)
-        for tensor in (self.positions, self.owner, *self.state.values()):
-            torch._dynamo.maybe_mark_dynamic(tensor, 0)
+        self._mark_dynamic(self.positions, self.owner, *self.state.values())
+
+    def _mark_dynamic(self, *tensors: torch.Tensor) -> None:
+        """Compiled steps: the block count is symbolic (no recompilation as the pool resizes)."""
+        if self.dynamic_marks:
+            for tensor in tensors:
+                torch._dynamo.maybe_mark_dynamic(tensor, 0)
+
+    def set_dynamic_marks(self, on: bool) -> None:
+        """Mark (the default) or unmark this pool's tensors, now and as they are replaced. A
+        decode step loaded from disk (``cormlm.compile_cache``) wants unmarked tensors: its
+        guards, rebuilt from the saved state, refuse marks (its block counts are symbolic anyway)."""
+        self.dynamic_marks = on
+        tensors = (self.keys, self.values, self.positions, self.owner, *self.state.values())
+        if on:
+            self._mark_dynamic(*tensors)
+            return
+        for tensor in tensors:
+            for name in DIM_MARKS:
+                if hasattr(tensor, name):
+                    delattr(tensor, name)
 
     def key_slots(self) -> torch.Tensor:
         """The keys as [blocks, block, head_dim] (a view of the transposed storage)."""
@@ -141,8 +163,7 @@ class BlockPool:
         self.keys = torch.zeros(blocks, *old_keys.shape[1:], dtype=self.dtype, device=self.device)
         self.values = torch.zeros(blocks, *old_values.shape[1:], dtype=self.dtype, device=self.device)
         self.keys[:n], self.values[:n] = old_keys, old_values
-        for tensor in (self.keys, self.values):
-            torch._dynamo.maybe_mark_dynamic(tensor, 0)
+        self._mark_dynamic(self.keys, self.values)
         self.index.resize(self.region, blocks, keep=True)
 
     def _reserve(self, new_blocks: int) -> None:
