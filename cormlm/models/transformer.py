@@ -47,6 +47,9 @@ class Block(nn.Module):
         self.mlp = make_mlp(config)
         has_mlp_norm = not self.parallel or config.parallel_norms == 2
         self.mlp_norm = make_norm(config) if has_mlp_norm else None
+        # compile_model: (pre_attention, post_attention) compiled for prompts; a traced decode
+        # step inlines the plain methods instead (its saved form must not refer to these)
+        self.prompt_graphs: tuple[Callable, Callable] | None = None
 
     def pre_attention(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -80,11 +83,13 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, step: StepContext, last_only: bool = False) -> torch.Tensor:
         """The block's output for every token, or with ``last_only`` for the last one alone
         (keys and values of every token are still made and cached)."""
-        h, q, k, v = self.pre_attention(x, step.rotary)
+        pre, post = (self.pre_attention, self.post_attention) if (
+            torch.compiler.is_compiling() or self.prompt_graphs is None) else self.prompt_graphs
+        h, q, k, v = pre(x, step.rotary)
         if not last_only:
-            return self.post_attention(x, h, self.attn.attend(q, k, v, step))
+            return post(x, h, self.attn.attend(q, k, v, step))
         out = self.attn.attend(q, k, v, step, out_rows=1)
-        return self.post_attention(x[:, -1:], h[:, -1:], out)
+        return post(x[:, -1:], h[:, -1:], out)
 
 
 class CausalLM(nn.Module):
@@ -101,6 +106,7 @@ class CausalLM(nn.Module):
         self.local_config = config if tp is None else tp.plan.local_config()
         self.compiled = False  # set by cormlm.compile.compile_model; caches made afterwards compile too
         self.compiled_decode = None  # compile_model: body as one graph for decode steps
+        self.compiled_head = None  # compile_model: head compiled for prompts (a traced step inlines head)
         if tp is None:
             self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
         else:
@@ -241,7 +247,9 @@ class CausalLM(nn.Module):
             x = block(x, step, last_only and i == len(self.blocks) - 1)
         if last_logits_only:
             x = x[:, -1:]
-        return self.head(x)
+        if torch.compiler.is_compiling() or self.compiled_head is None:
+            return self.head(x)
+        return self.compiled_head(x)
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
         """Final norm and LM head: logits for the hidden states ``x`` (every rank: the whole vocabulary)."""
