@@ -11,7 +11,8 @@ evict and compact reuse it. Allocation of blocks and compaction run eagerly betw
 Compiled functions use the modules' parameters: nothing is copied. Their linear layers call
 the kernel measured fastest on this machine (``cormlm.models.linear.calibrate`` decides
 before tracing), not whatever inductor would pick. Inductor keeps its
-compiled kernels in its on-disk cache, so only a machine's first run pays for compiling.
+compiled kernels in its on-disk cache, and the decode step is saved whole, trace included
+(:mod:`cormlm.compile_cache`), so only a machine's first run pays for compiling it.
 """
 
 from __future__ import annotations
@@ -21,19 +22,22 @@ from collections.abc import Callable
 
 import torch
 
+from . import compile_cache
 from .errors import CormlmError
-from .models.linear import calibrate
 
 INDUCTOR_OPTIONS = ("freezing", "cpp_wrapper", "max_autotune")  # what scripts/bench_compile.py measures
 
 
-def compile_model(model: torch.nn.Module, options: dict[str, object] | None = None) -> torch.nn.Module:
+def compile_model(model: torch.nn.Module, options: dict[str, object] | None = None,
+                  log: Callable[[str], None] | None = None) -> torch.nn.Module:
     """Compile ``model`` in place (once: a second call changes nothing); returns the model.
 
     ``options`` go to inductor as ``torch.compile(options=...)`` for every graph, e.g.
     ``{"freezing": True}`` (weights folded in as constants and pre-packed), ``{"cpp_wrapper":
     True}`` (the graph's Python wrapper as C++), ``{"max_autotune": True}`` (GEMM templates
     benchmarked at compile time); ``scripts/bench_compile.py`` measures what each buys here.
+    ``log`` receives a line when the decode step is compiled ahead of time or loaded from disk
+    (:mod:`cormlm.compile_cache`).
     """
     if not hasattr(torch, "compile"):
         raise CormlmError(f"torch {torch.__version__} has no torch.compile; drop --compile")
@@ -48,13 +52,18 @@ def compile_model(model: torch.nn.Module, options: dict[str, object] | None = No
         raise CormlmError("torch.compile is not supported with tensor parallelism (its all-reduces run eagerly); "
                           "drop --compile or compile_model() for a model loaded with tp=")
     options = _checked_options(options)
-    calibrate(model)  # graphs cannot time kernels: decide decode- and prefill-sized products now
+    where = compile_cache.folder() if compile_cache.supported() else None
+    # graphs cannot time kernels: decide decode- and prefill-sized products now (or as measured before)
+    compile_cache.calibrate_once(model, where)
     for block in model.blocks:
-        block.pre_attention = torch.compile(block.pre_attention, dynamic=True, options=options)
-        block.post_attention = torch.compile(block.post_attention, dynamic=True, options=options)
-    model.head = torch.compile(model.head, dynamic=True, options=options)
+        block.prompt_graphs = (torch.compile(block.pre_attention, dynamic=True, options=options),
+                               torch.compile(block.post_attention, dynamic=True, options=options))
+    model.compiled_head = torch.compile(model.head, dynamic=True, options=options)
     # dynamic=None: sizes stay static but the pools' block counts, which the pool marks dynamic
-    model.compiled_decode = _without_duck_sizing(torch.compile(model.body, dynamic=None, options=options))
+    decode = _without_duck_sizing(torch.compile(model.body, dynamic=None, options=options))
+    if where is not None:
+        decode = compile_cache.SavedDecodeStep(model, decode, options, where, log)
+    model.compiled_decode = decode
     model.compiled = True
     return model
 

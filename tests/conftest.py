@@ -1,5 +1,12 @@
+import os
+
 import pytest
 import torch
+
+# compile_model saves and loads decode steps under ~/.cache unless told otherwise: tests (and
+# the commands they start, whose environments are copied at import) leave the user's cache
+# alone; tests/test_compile_cache.py and the CLI's compile test turn saving on in a tmp folder
+os.environ["CORMLM_COMPILE_CACHE"] = "off"
 
 
 @pytest.fixture(scope="session", autouse=True)

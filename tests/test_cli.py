@@ -12,13 +12,14 @@ from pathlib import Path
 import pytest
 
 CORMLM = str(Path(sys.executable).parent / "cormlm")
-OFFLINE = {**os.environ, "HF_HUB_OFFLINE": "1"}
+def offline() -> dict[str, str]:
+    return {**os.environ, "HF_HUB_OFFLINE": "1"}  # as the test left it (monkeypatch.setenv)
 PROMPT = "def parse(text):\n"
 
 
 def run(*args: str, stdin: str | None = None, timeout: int = 120) -> subprocess.CompletedProcess:
     return subprocess.run([CORMLM, *args], input=stdin, capture_output=True, text=True, timeout=timeout,
-                          env=OFFLINE)
+                          env=offline())
 
 
 def generate_json(*args: str) -> dict:
@@ -127,7 +128,7 @@ def test_chat_needs_a_template():
 
 def test_ctrl_c_stops_cleanly_and_keeps_output():
     proc = subprocess.Popen([CORMLM, "generate", "--max-new-tokens", "1900", "--policy", "full", "def f():"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=OFFLINE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=offline(),
                             # a background job inherits SIGINT ignored; a terminal's process does not
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     first = proc.stdout.read(8)  # several tokens streamed (however slow a loaded machine is), then Ctrl-C
@@ -155,9 +156,17 @@ def test_chat_uses_the_checkpoint_template_and_its_stop_tokens(tmp_path):
     assert data["stopped_at_eos"] == (data["new_ids"][-1] in tok.eos_token_ids)
 
 
-def test_compile_gives_the_eager_tokens():
-    eager = generate_json("--max-new-tokens", "6", "--policy", "corm", "--window", "4", "--recent", "2", PROMPT)
-    compiled = generate_json("--compile", "--max-new-tokens", "6", "--policy", "corm", "--window", "4",
-                             "--recent", "2", PROMPT)
-    assert compiled["new_ids"] == eager["new_ids"]
-    assert compiled["cache"]["retained_tokens"] == eager["cache"]["retained_tokens"]
+def test_compile_gives_the_eager_tokens_and_a_second_run_loads_the_saved_step(tmp_path, monkeypatch):
+    """The first compiled run saves its decode step (cormlm.compile_cache), the second, a new
+    process, loads it instead of tracing; both decode what eager decodes."""
+    flags = ("--max-new-tokens", "6", "--policy", "corm", "--window", "4", "--recent", "2", PROMPT)
+    eager = generate_json(*flags)
+    monkeypatch.setenv("CORMLM_COMPILE_CACHE", str(tmp_path))
+    for said in ("compiling the decode step ahead of time", "loaded the compiled decode step"):
+        done = run("generate", "--json", "--compile", *flags, timeout=300)
+        assert done.returncode == 0, done.stderr
+        assert said in done.stderr
+        compiled = json.loads(done.stdout)
+        assert compiled["new_ids"] == eager["new_ids"]
+        assert compiled["cache"]["retained_tokens"] == eager["cache"]["retained_tokens"]
+    assert len(list(tmp_path.glob("decode-*.pt2"))) == 1 and len(list(tmp_path.glob("kernels-*.json"))) == 1

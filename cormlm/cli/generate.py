@@ -145,7 +145,7 @@ def _run(args: argparse.Namespace, tp: int | None) -> None:
         ids = model.tp.broadcast_object(ids)
     if args.compile:
         from ..compile import compile_model
-        compile_model(model)
+        compile_model(model, log=lambda message: _status(args, message))
     streamer = None if args.json else Streamer(tokenizer)
     out = generate(model, [ids], max_new_tokens=args.max_new_tokens, cache=cfg, temperature=args.temperature,
                    top_k=args.top_k, top_p=args.top_p, seed=args.seed,

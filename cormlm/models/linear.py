@@ -237,6 +237,22 @@ def calibrate(model: nn.Module, rows: tuple[int, ...] = CALIBRATION_ROWS) -> Non
                                for layer in layers for n in rows})
 
 
+def graph_choices() -> dict[tuple, str]:
+    """What compiled graphs call per (out, in, row bucket, dtype), as :func:`calibrate` decided."""
+    return dict(_graph_choices)
+
+
+def adopt_graph_choices(choices: dict[tuple, str]) -> bool:
+    """Take ``choices`` (an earlier :func:`calibrate`'s for the same model on this machine:
+    the caller's to match) instead of measuring again, unless a kernel is forced or one they
+    name is unknown or broken here; returns whether they were taken."""
+    if _forced() is not None or not all(name in GRAPH_KERNELS and name not in _broken for name in choices.values()):
+        return False
+    _graph_choices.clear()
+    _graph_choices.update(choices)
+    return True
+
+
 class Linear(nn.Linear):
     """``nn.Linear`` (same parameters, same state dict) with the kernel measured fastest here,
     or, once :meth:`pack` ran, oneDNN's product on its own blocked copy of the weight."""
