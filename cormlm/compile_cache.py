@@ -32,6 +32,8 @@ from pathlib import Path
 
 import torch
 
+from .cache.ragged import RaggedCache
+
 FORMAT = 1  # bump when what is saved, or how it is keyed, changes
 OFF = ("off", "0", "false", "no")
 
@@ -128,6 +130,8 @@ class SavedDecodeStep:
 
     def __call__(self, *args):
         cache = args[3]
+        if not isinstance(cache, RaggedCache):  # another cache class: its tensors are its own to mark
+            return self.fallback(*args)
         kinds = self.chosen.setdefault(cache, {})
         kind = (args[0].shape, args[4], args[5])
         if kind not in kinds:
@@ -193,6 +197,8 @@ class SavedDecodeStep:
                               if k and entry.is_global and entry.has_value})
             return kept
 
+        # the saved guards' state takes the model along: not this wrapper, whose loaded steps cannot be pickled
+        self.model.compiled_decode = None
         try:
             # duck sizing off: pools that share a size now must not share a symbol (they part later)
             with fx_config.patch(use_duck_shape=False):
@@ -203,6 +209,8 @@ class SavedDecodeStep:
             warnings.warn(f"cormlm: the decode step could not be compiled ahead of time ({type(error).__name__}: "
                           f"{str(error)[:200]}); using torch.compile without saving it", RuntimeWarning, stacklevel=4)
             return None
+        finally:
+            self.model.compiled_decode = self
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             partial = path.with_name(f"{path.name}.{os.getpid()}.partial")

@@ -70,6 +70,18 @@ def test_a_later_run_loads_the_saved_step_and_decodes_as_eager(folder, saved, cf
 
 
 @torch.inference_mode()
+def test_one_model_saves_a_step_per_kind_of_cache(folder, saved):
+    """A second kind of step traced while the first is held in memory (the saved guards'
+    state takes the model along, and a loaded step cannot be pickled)."""
+    model, step, fallbacks = compiled(folder)
+    prompt = random_prompt(40, 9, VOCAB)
+    for cfg in (FULL, CORM):
+        decode(model, cfg, prompt, 2)
+    assert (step.saved, fallbacks) == (2, []) and len(list(saved.glob("decode-*.pt2"))) == 2
+    assert model.compiled_decode is step
+
+
+@torch.inference_mode()
 @pytest.mark.parametrize("when", ["before loading", "after loading"])
 def test_a_changed_module_constant_takes_torch_compile(folder, saved, monkeypatch, when):
     """A module constant the trace read (the dense-segments threshold) differs from the saved
