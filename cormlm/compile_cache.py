@@ -85,7 +85,7 @@ def step_key(model: torch.nn.Module, cache: object, args: tuple, options: dict[s
 
     input_ids, _positions, _max_position, _cache, plain_causal, last_logits_only = args
     policy = cache.policy
-    settings = sorted((name, repr(value)) for name, value in vars(policy).items()
+    settings = sorted((name, repr(value)) for name, value in getattr(policy, "__dict__", {}).items()
                       if isinstance(value, (bool, int, float, str, tuple, type(None))))
     parts = [
         f"format {FORMAT}", f"torch {torch.__version__}", f"python {sys.version_info[:2]}", _source_digest(), _cpu(),
