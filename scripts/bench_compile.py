@@ -14,8 +14,9 @@ shows it; the first compiled variant's figure also holds inductor's own one-off 
 Then every variant prefills the same ``--context`` random tokens and they decode in
 alternation, one timed step each, ``--steps`` times: tok/s is one over the median step,
 and ratios are to ``default`` in the same run. Inductor writes to a fresh cache folder
-unless ``--warm-cache``, so every warm-up is a first compile. A variant that fails to
-compile is reported with its error and left out of the timing.
+unless ``--warm-cache``, so every warm-up is a first compile; saved decode steps
+(``cormlm.compile_cache``) are off: the options are measured on ``torch.compile``'s path.
+A variant that fails to compile is reported with its error and left out of the timing.
 """
 
 from __future__ import annotations
@@ -67,6 +68,7 @@ def main() -> None:
         parser.error("--context and --steps must be >= 1")
     if not args.warm_cache:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="cormlm-inductor-")
+    os.environ["CORMLM_COMPILE_CACHE"] = "off"  # each variant traces and compiles its own step
 
     print("# inductor options for compiled decoding\n")
     for line in describe_machine("cpu"):
@@ -75,7 +77,8 @@ def main() -> None:
     base = cormlm.load_model(source, dtype=torch.float32)
     print(f"- model: {args.model} ({base.config.num_layers} layers), float32, batch 1, full cache, context "
           f"{args.context}, {args.steps} alternated decode steps; inductor cache: "
-          f"{'the usual folder' if args.warm_cache else 'a fresh folder (every warm-up compiles)'}\n", flush=True)
+          f"{'the usual folder' if args.warm_cache else 'a fresh folder (every warm-up compiles)'}; "
+          f"no saved decode steps\n", flush=True)
     torch.manual_seed(0)
     ids = torch.randint(0, base.config.vocab_size, (1, args.context))
 

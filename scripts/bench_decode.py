@@ -32,9 +32,10 @@ and "held / retained" their ratio (1.00 = no slack; transformers: its key/value 
 "-"). Peak memory is the resident-set high-water mark of one extra prefill + decode per
 implementation (after a short warm-up run), above the resident set before it (Linux
 ``/proc/self/clear_refs``). Compiled: transformers' forward under ``torch.compile
-(dynamic=True)``, cormlm through ``cormlm.compile_model``; the number of dynamo graphs each
-built, and how many of those appeared during timed decoding (recompilations as caches grow
-or shrink), are printed. "Of bandwidth limit": decode tokens/s times the bytes a step must
+(dynamic=True)``, cormlm through ``cormlm.compile_model`` (its decode steps saved and
+loaded as for any user, ``cormlm.compile_cache``: a machine's first run compiles them during
+warm-up); the number of dynamo graphs each built, and how many of those appeared during
+timed decoding (recompilations as caches grow or shrink), are printed. "Of bandwidth limit": decode tokens/s times the bytes a step must
 read (weights but the embedding, plus the KV cache held) over the read bandwidth sampled
 between that repeat's decode rounds (a reduction over ``--bandwidth-gib`` GiB after every
 round; a shared machine's bandwidth drifts too much for one figure per run). After the tables, the kernel
