@@ -212,17 +212,22 @@ class SavedDecodeStep:
         finally:
             self.model.compiled_decode = self
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
-            _constants_path(partial).write_text(json.dumps(constants), encoding="utf-8")
-            os.replace(_constants_path(partial), _constants_path(path))
-            step.save_compiled_function(str(partial))
-            os.replace(partial, path)  # whole or not at all, also with two processes saving at once
+            _write_whole(_constants_path(path), lambda partial: partial.write_text(json.dumps(constants), encoding="utf-8"))
+            _write_whole(path, lambda partial: step.save_compiled_function(str(partial)))
             self.saved += 1
         except OSError as error:
             warnings.warn(f"cormlm: could not save the compiled decode step to {path} ({error}); "
                           "later runs will compile it again", RuntimeWarning, stacklevel=4)
         return step
+
+
+def _write_whole(path: Path, write: Callable[[Path], object]) -> None:
+    """``write`` to a partial file beside ``path``, then rename it: whole or not at all, also
+    with two processes saving at once."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
+    write(partial)
+    os.replace(partial, path)
 
 
 def _constants_path(path: Path) -> Path:
@@ -277,10 +282,7 @@ def calibrate_once(model: torch.nn.Module, where: Path | None) -> None:
         return
     rows = [[out, inp, n, str(dtype).removeprefix("torch."), name] for (out, inp, n, dtype), name in graph_choices().items()]
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
-        partial.write_text(json.dumps(rows), encoding="utf-8")
-        os.replace(partial, path)
+        _write_whole(path, lambda partial: partial.write_text(json.dumps(rows), encoding="utf-8"))
     except OSError as error:
         warnings.warn(f"cormlm: could not save the measured kernel choices to {path} ({error})",
                       RuntimeWarning, stacklevel=2)

@@ -12,9 +12,12 @@ from pathlib import Path
 import pytest
 
 CORMLM = str(Path(sys.executable).parent / "cormlm")
-def offline() -> dict[str, str]:
-    return {**os.environ, "HF_HUB_OFFLINE": "1"}  # as the test left it (monkeypatch.setenv)
 PROMPT = "def parse(text):\n"
+
+
+def offline() -> dict[str, str]:
+    """The environment for a command: the test's as it stands now (monkeypatch.setenv included)."""
+    return {**os.environ, "HF_HUB_OFFLINE": "1"}
 
 
 def run(*args: str, stdin: str | None = None, timeout: int = 120) -> subprocess.CompletedProcess:
