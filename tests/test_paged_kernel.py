@@ -8,6 +8,7 @@ import time
 import pytest
 import torch
 
+from cormlm import native
 from cormlm.cache import paged_kernel
 from cormlm.cache.paged_attention import paged_decode_attention, tensor_decode_attention
 from cormlm.errors import InputError
@@ -145,38 +146,36 @@ def test_a_misspelt_forced_path_names_the_choices(monkeypatch):
 
 def test_without_a_compiler_the_tensor_operations_run(monkeypatch, tmp_path):
     monkeypatch.setenv("CORMLM_CACHE", str(tmp_path))
-    monkeypatch.setattr(paged_kernel, "_compiler", lambda: None)
-    monkeypatch.setattr(paged_kernel, "_unavailable", [])
-    paged_kernel._library.cache_clear()
+    monkeypatch.setattr(native, "compiler", lambda: None)
+    paged_kernel.KERNEL.reset()
     try:
         assert set(_calls("native", monkeypatch)) == {"torch"}
         assert paged_kernel.kernel_status() == ["native kernel unavailable (no C compiler (cc, gcc or clang) on PATH): "
                                                 "tensor operations"]
     finally:
-        paged_kernel._library.cache_clear()
+        paged_kernel.KERNEL.reset()
 
 
 def test_a_compiler_error_leaves_the_tensor_operations(monkeypatch, tmp_path):
     monkeypatch.setenv("CORMLM_CACHE", str(tmp_path))
-    monkeypatch.setattr(paged_kernel, "FLAGS", (*paged_kernel.FLAGS, "-fno-such-flag"))
-    monkeypatch.setattr(paged_kernel, "_unavailable", [])
-    paged_kernel._library.cache_clear()
+    monkeypatch.setattr(paged_kernel.KERNEL, "flags", (*native.FLAGS, "-fno-such-flag"))
+    paged_kernel.KERNEL.reset()
     try:
         assert not paged_kernel.available()
         assert "could not build or load it" in paged_kernel.kernel_status()[0]
         assert not list((tmp_path / "kernels").glob("*.so"))  # no partial library left to load later
     finally:
-        paged_kernel._library.cache_clear()
+        paged_kernel.KERNEL.reset()
 
 
 def test_the_library_is_built_once_per_cpu(monkeypatch, tmp_path):
     monkeypatch.setenv("CORMLM_CACHE", str(tmp_path))
-    compiler = paged_kernel._compiler()
-    first = paged_kernel._build(compiler)
+    compiler = native.compiler()
+    first = native.build(paged_kernel.SOURCE, compiler)
     built_at = first.stat().st_mtime_ns
-    assert paged_kernel._build(compiler) == first and first.stat().st_mtime_ns == built_at  # reused
-    monkeypatch.setattr(paged_kernel, "_cpu_signature", lambda: "model name : another CPU")
-    assert paged_kernel._build(compiler) != first  # another CPU never loads this one's binary
+    assert native.build(paged_kernel.SOURCE, compiler) == first and first.stat().st_mtime_ns == built_at  # reused
+    monkeypatch.setattr(native, "cpu_signature", lambda: "model name : another CPU")
+    assert native.build(paged_kernel.SOURCE, compiler) != first  # another CPU never loads this one's binary
 
 
 @torch.inference_mode()

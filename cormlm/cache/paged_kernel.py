@@ -5,11 +5,8 @@ operations it replaces.
 PyTorch's CPU build has no paged attention kernel, and the tensor-operation version runs a
 dozen operations per layer (scores, masks, two segmented reductions, a second product),
 whose fixed costs dominate a small model's decode step. The C kernel reads each key and
-value once and keeps the per-block intermediates in cache. It is compiled at first use for
-the CPU at hand (``-march=native``) into ``<cache folder>/kernels`` under a name that hashes
-the source, the compiler and the CPU, so a shared home folder never hands one machine's
-binary to another. Its OpenMP threads are torch's own (the same ``libgomp`` is already
-loaded), so the two never compete.
+value once and keeps the per-block intermediates in cache. It is built for the CPU at hand
+at first use (:mod:`cormlm.native`).
 
 Which path a call takes is measured, like the linear products' kernels
 (:mod:`cormlm.models.linear`): the first calls of each (streams, pool blocks, group, head
@@ -22,86 +19,29 @@ rule is :mod:`cormlm.trials`). ``CORMLM_PAGED_KERNEL=native`` or ``=torch`` forc
 from __future__ import annotations
 
 import ctypes
-import functools
-import hashlib
 import os
-import platform
-import shutil
-import subprocess
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+from .. import native
 from ..errors import InputError
 from ..trials import decided, next_trial
 
 SOURCE = Path(__file__).with_name("paged_kernel.c")
-FLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC", "-shared")
 FORCE_ENV = "CORMLM_PAGED_KERNEL"
 PATHS = ("native", "torch")
+_p, _i64 = ctypes.c_void_p, ctypes.c_int64
+KERNEL = native.Kernel(SOURCE, "cormlm_paged_decode_f32",
+                       [_p, _p, _p, _p, _p, _p, _i64, _i64, _i64, _i64, _i64, ctypes.c_float, _i64, _p, _p, _p, _p,
+                        ctypes.c_int, ctypes.c_int])
 _choices: dict[tuple, str] = {}
 _trials: dict[tuple, dict[str, list[float]]] = {}
-_unavailable: list[str] = []  # why the native kernel could not be built or loaded (empty: it was, or not tried)
 
 
-def _cpu_signature() -> str:
-    """The CPU's model and flags (what ``-march=native`` compiles for)."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return platform.processor() or platform.machine()
-    wanted = [line for line in lines if line.startswith(("model name", "flags", "Features", "CPU part"))]
-    return "\n".join(dict.fromkeys(wanted))
-
-
-def _cache_folder() -> Path:
-    from ..checkpoint.real_model import cache_folder
-
-    return cache_folder() / "kernels"
-
-
-def _compiler() -> str | None:
-    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
-
-
-def _build(compiler: str) -> Path:
-    """The shared library for this source, compiler and CPU: from the cache, or compiled now
-    (into a temporary name, then renamed: concurrent first uses never load a partial file)."""
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, version, " ".join(FLAGS),
-                                    _cpu_signature()]).encode()).hexdigest()[:16]
-    target = _cache_folder() / f"paged_kernel-{key}.so"
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
-        built = Path(scratch) / target.name
-        result = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(built), "-lm"], capture_output=True, text=True)
-        if result.returncode != 0:
-            raise RuntimeError(f"{compiler} failed: {result.stderr.strip()[-500:]}")
-        os.replace(built, target)
-    return target
-
-
-@functools.cache
 def _library() -> Callable[..., None] | None:
-    """The loaded kernel, or None (the reason kept in ``_unavailable``)."""
-    compiler = _compiler()
-    if compiler is None:
-        _unavailable.append("no C compiler (cc, gcc or clang) on PATH")
-        return None
-    try:
-        kernel = ctypes.CDLL(str(_build(compiler))).cormlm_paged_decode_f32
-    except (OSError, RuntimeError, subprocess.SubprocessError) as error:
-        _unavailable.append(f"could not build or load it: {error}")
-        return None
-    p, i64 = ctypes.c_void_p, ctypes.c_int64
-    kernel.argtypes = [p, p, p, p, p, p, i64, i64, i64, i64, i64, ctypes.c_float, i64, p, p, p, p, ctypes.c_int,
-                        ctypes.c_int]
-    kernel.restype = None
-    return kernel
+    return KERNEL.function()
 
 
 def available() -> bool:
@@ -201,7 +141,7 @@ def _numeric_order(item: tuple[tuple, str]) -> tuple:
 
 def kernel_status() -> list[str]:
     """What decode attention runs as, e.g. 'streams 3, up to 64 blocks of 64, group 3, head 64, 2 threads: native'."""
-    if _unavailable:
-        return [f"native kernel unavailable ({_unavailable[0]}): tensor operations"]
+    if KERNEL.unavailable:
+        return [f"native kernel unavailable ({KERNEL.unavailable[0]}): tensor operations"]
     return [f"streams {s}, up to {nb} blocks of {bs}, group {g}, head {d}{_PROBS_LABEL[probs]}, {t} threads: {name}"
             for (s, nb, g, d, bs, probs, t), name in sorted(_choices.items(), key=_numeric_order)]
