@@ -28,8 +28,8 @@ def _all_kernels() -> list[str]:
         return linear_module.candidates(torch.ones(1, 4), torch.ones(2, 4))
 
 
-@pytest.mark.parametrize("kernel", ["split", "linear", "onednn", "linear_t", "onednn_t", None])
-@pytest.mark.parametrize("shape", [(1, 1), (1, 3), (2, 1), (2, 2), (4, 1), (2, 4), (3, 7)])
+@pytest.mark.parametrize("kernel", ["split", "linear", "onednn", "linear_t", "onednn_t", "rows", None])
+@pytest.mark.parametrize("shape", [(1, 1), (1, 3), (2, 1), (2, 2), (4, 1), (2, 4), (1, 5), (3, 7)])
 @pytest.mark.parametrize("bias", [False, True])
 @torch.inference_mode()
 def test_every_kernel_matches_f_linear(monkeypatch, kernel, shape, bias):
@@ -39,16 +39,16 @@ def test_every_kernel_matches_f_linear(monkeypatch, kernel, shape, bias):
     layer = Linear(96, 250, bias=bias)
     x = torch.randn(*shape, 96)
     expected = F.linear(x.double(), layer.weight.double(), None if layer.bias is None else layer.bias.double())
-    for _ in range(5 * TRIALS + 6 if kernel is None else 1):  # measuring: every trial call is right too
+    for _ in range(len(_all_kernels()) * (TRIALS + 1) if kernel is None else 1):  # every trial call is right too
         got = layer(x)
         assert got.shape == (*shape, 250)
         torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_onednn_is_offered_where_torch_has_it():
-    """This machine's torch (an x86 CPU wheel) is built with oneDNN: all five kernels compete
-    for a few rows; F.linear and oneDNN for many."""
-    assert _all_kernels() == ["linear", "split", "onednn", "linear_t", "onednn_t"]
+    """This machine's torch (an x86 CPU wheel) is built with oneDNN and it has a C compiler:
+    all six kernels compete for a few rows; F.linear and oneDNN for many."""
+    assert _all_kernels() == ["linear", "split", "onednn", "linear_t", "onednn_t", "rows"]
     with torch.inference_mode():
         assert linear_module.candidates(torch.ones(17, 4), torch.ones(2, 4)) == ["linear", "onednn"]
 
@@ -82,7 +82,7 @@ def _slow_kernel(monkeypatch, *slow: str) -> list[str]:
     return ran
 
 
-@pytest.mark.parametrize("fast", ["linear", "split", "onednn", "linear_t", "onednn_t"])
+@pytest.mark.parametrize("fast", ["linear", "split", "onednn", "linear_t", "onednn_t", "rows"])
 @torch.inference_mode()
 def test_kernels_rotate_in_place_then_the_fastest_is_kept_per_shape(monkeypatch, fast):
     kernels = _all_kernels()
@@ -123,7 +123,7 @@ def test_products_that_need_gradients_never_go_through_onednn(monkeypatch):
     x = torch.randn(2, 16, requires_grad=True)
     for _ in range(5 * (TRIALS + 1)):
         layer(x).sum().backward()
-    assert not any(name.startswith("onednn") for name in ran) and x.grad is not None
+    assert not any(name.startswith("onednn") or name == "rows" for name in ran) and x.grad is not None
 
 
 def test_forced_kernel_skips_measurement_and_falls_back_where_it_cannot_run(monkeypatch):
@@ -156,6 +156,39 @@ def test_a_kernel_that_fails_on_this_machine_is_dropped_for_f_linear(monkeypatch
     for _ in range(5 * (TRIALS + 1)):
         torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias))
     assert linear_module._broken == {"onednn"} and not any(c.endswith(": oneDNN") for c in kernel_choices())
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@torch.inference_mode()
+def test_the_few_row_c_kernel_matches_float64_on_every_row_count_and_ragged_shapes(threads):
+    """Every row count has its own C function; widths off the vector length and weight rows
+    off the per-thread span take the kernel's tail loops."""
+    torch.manual_seed(0)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for rows in range(1, linear_module.ROWS_MAX + 1):
+            for out_features, in_features in [(1, 1), (7, 5), (25, 17), (49, 100), (97, 576), (3, 1536)]:
+                x, w, b = torch.randn(rows, in_features), torch.randn(out_features, in_features), torch.randn(out_features)
+                for bias in (None, b):
+                    expected = F.linear(x.double(), w.double(), None if bias is None else bias.double())
+                    torch.testing.assert_close(linear_module.rows_gemm(x, w, bias).double(), expected,
+                                               rtol=1e-5, atol=1e-4)
+        strided = torch.randn(3, 40)[:, ::2]  # a strided input is read as its values
+        torch.testing.assert_close(linear_module.rows_gemm(strided, w[:, :20].contiguous()), strided @ w[:, :20].T)
+    finally:
+        torch.set_num_threads(previous)
+
+
+@torch.inference_mode()
+def test_without_the_c_kernel_the_other_kernels_compete(monkeypatch):
+    monkeypatch.setattr(linear_module.ROWS_GEMM, "function", lambda: None)
+    assert "rows" not in _all_kernels() and "split" in _all_kernels()
+    assert not linear_module.adopt_graph_choices({(8, 16, 1, torch.float32): "rows"})  # a saved choice it cannot run
+    monkeypatch.setenv(FORCE_ENV, "rows")
+    layer = Linear(16, 8)
+    x = torch.randn(1, 16)
+    torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias))  # forced but absent: F.linear
 
 
 def test_state_dict_is_that_of_nn_linear():
@@ -204,6 +237,21 @@ def test_compiled_graphs_call_the_kernel_measured_for_their_rows(monkeypatch):
                                    rtol=1e-5, atol=1e-5)
     assert calls == [(1, 20), (48, 1), (17, 20), (30, 20)]  # transposed: the weight is the rows
     assert counters["stats"]["unique_graphs"] - frames == 2  # rows 1, then every other row count
+
+
+@torch.inference_mode()
+def test_compiled_decode_graphs_call_the_c_kernel_as_one_opaque_op(monkeypatch):
+    torch._dynamo.reset()
+    calls: list[int] = []
+    real = linear_module.rows_gemm
+    monkeypatch.setattr(linear_module, "rows_gemm", lambda x, w, b=None: calls.append(x.shape[0]) or real(x, w, b))
+    torch.manual_seed(0)
+    layer = Linear(48, 20)
+    monkeypatch.setitem(linear_module._graph_choices, (20, 48, 3, torch.float32), "rows")
+    compiled = torch.compile(layer, fullgraph=True)
+    x = torch.randn(3, 1, 48)  # three rows of one token: a decode step of batch 3
+    torch.testing.assert_close(compiled(x), F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
+    assert calls == [3]
 
 
 def test_calibrate_decides_every_product_of_a_model_before_compiling():

@@ -1,7 +1,7 @@
 """The one linear layer every projection uses; CPU products take whichever kernel is
 faster on the machine the code runs on.
 
-Five kernels compute ``x @ weight.T`` on CPU, and which is fastest depends on the CPU and
+Six kernels compute ``x @ weight.T`` on CPU, and which is fastest depends on the CPU and
 its BLAS (each has been 1.5-3x faster than another on some machine, for some row count):
 
 - ``linear``: ``F.linear``, the BLAS torch was built with (MKL on x86 wheels);
@@ -10,7 +10,10 @@ its BLAS (each has been 1.5-3x faster than another on some machine, for some row
 - ``onednn``: oneDNN's inner product straight from the stored weight (no packed copy, so no
   extra memory), where torch was built with oneDNN (float32 and bfloat16);
 - ``linear_t`` and ``onednn_t``: products of at most ``TRANSPOSED_MAX_ROWS`` rows as
-  ``weight @ x.T``, transposed back (the large matrix as the rows of the product).
+  ``weight @ x.T``, transposed back (the large matrix as the rows of the product);
+- ``rows``: float32 products of at most ``ROWS_MAX`` rows by a C kernel built for the CPU at
+  hand (``rows_gemm.c``, :mod:`cormlm.native`; absent where no compiler is), which streams
+  each weight row once against every input row.
 
 Nothing is tuned in advance: the first products of each (shape, row bucket, dtype, threads)
 rotate over the kernels that can run them and are timed where they run, inside the model's
@@ -28,21 +31,25 @@ those kernels (oneDNN as an opaque custom op), F.linear for anything left undeci
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import os
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import native
 from ..errors import InputError
 from ..trials import TRIALS, decided, next_trial
 
 SPLIT_MAX_ROWS = 8  # the split only ever targets matrix-vector-like products
 TRANSPOSED_MAX_ROWS = 16  # weight @ x.T only pays for a few input rows
 SPLIT_PARTS = 2
+ROWS_MAX = 8  # the C kernel's rows (one function per row count, its accumulators in registers)
 MARGIN = 0.9  # another kernel whose median is 10% faster replaces F.linear (or one steadily faster: see decided)
 FORCE_ENV = "CORMLM_LINEAR_KERNEL"
 ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
@@ -60,6 +67,35 @@ def split_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     y = torch.bmm(halves, x.t().expand(SPLIT_PARTS, in_features, rows))  # [2, out/2, rows]
     y = y.permute(2, 0, 1).reshape(rows, out_features).contiguous()
     return y if bias is None else y + bias
+
+
+_p, _i64 = ctypes.c_void_p, ctypes.c_int64
+ROWS_GEMM = native.Kernel(Path(__file__).with_name("rows_gemm.c"), "cormlm_rows_gemm_f32",
+                          [_p, _p, _p, _p, _i64, _i64, _i64, ctypes.c_int])
+
+
+def rows_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x`` [rows <= 8, in] @ ``weight``.T (+ ``bias``) by the C kernel (float32, contiguous
+    weight and bias): each weight row streamed once against every input row."""
+    function = ROWS_GEMM.function()
+    assert function is not None, "rows_gemm called although the kernel is unavailable"
+    x = x.contiguous()
+    rows, in_features = x.shape
+    y = x.new_empty(rows, weight.shape[0])
+    function(x.data_ptr(), weight.data_ptr(), None if bias is None else bias.contiguous().data_ptr(), y.data_ptr(),
+             rows, weight.shape[0], in_features, torch.get_num_threads())
+    return y
+
+
+@torch.library.custom_op("cormlm::rows_gemm", mutates_args=())
+def _rows_gemm_graph_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """:func:`rows_gemm` as one opaque operation of a compiled graph."""
+    return rows_gemm(x, weight, bias)
+
+
+@_rows_gemm_graph_op.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return x.new_empty((x.shape[0], weight.shape[0]))
 
 
 def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -90,12 +126,12 @@ def transposed(kernel: Callable[..., torch.Tensor]) -> Callable[..., torch.Tenso
 
 KERNELS: dict[str, Callable[..., torch.Tensor]] = {
     "linear": F.linear, "split": split_gemv, "onednn": onednn_linear,
-    "linear_t": transposed(F.linear), "onednn_t": transposed(onednn_linear)}
+    "linear_t": transposed(F.linear), "onednn_t": transposed(onednn_linear), "rows": rows_gemm}
 GRAPH_KERNELS: dict[str, Callable[..., torch.Tensor]] = {
-    **KERNELS, "onednn": _onednn_graph_op, "onednn_t": transposed(_onednn_graph_op)}
+    **KERNELS, "onednn": _onednn_graph_op, "onednn_t": transposed(_onednn_graph_op), "rows": _rows_gemm_graph_op}
 CALIBRATION_ROWS = (1, 256)  # compile_model decides these before tracing: decode, and any symbolic (prefill) row count
 NAMES = {"linear": "F.linear", "split": "split GEMV", "onednn": "oneDNN", "linear_t": "F.linear, transposed",
-         "onednn_t": "oneDNN, transposed"}
+         "onednn_t": "oneDNN, transposed", "rows": "C few-row kernel"}
 
 
 @functools.cache
@@ -124,6 +160,8 @@ def _fits(name: str, rows: int, x: torch.Tensor, weight: torch.Tensor) -> bool:
     (what both eager trials and compiled graphs obey)."""
     if name == "split":
         return rows <= SPLIT_MAX_ROWS and weight.shape[0] % SPLIT_PARTS == 0
+    if name == "rows":  # (and built here: see _usable)
+        return rows <= ROWS_MAX and weight.dtype == x.dtype == torch.float32 and weight.device.type == "cpu"
     if name.endswith("_t") and rows > TRANSPOSED_MAX_ROWS:
         return False
     return not name.startswith("onednn") or weight.dtype in ONEDNN_DTYPES and x.dtype == weight.dtype
@@ -136,8 +174,13 @@ def candidates(x: torch.Tensor, weight: torch.Tensor) -> list[str]:
         return ["linear"]
     grad = torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad)
     onednn = not grad and _onednn_available()
-    return [name for name in KERNELS if name not in _broken and _fits(name, x.shape[0], x, weight)
-            and (onednn or not name.startswith("onednn"))]
+    return [name for name in KERNELS if _usable(name) and _fits(name, x.shape[0], x, weight)
+            and (onednn or not name.startswith("onednn")) and not (grad and name == "rows")]
+
+
+def _usable(name: str) -> bool:
+    """Whether kernel ``name`` runs on this machine: not broken, and the C kernel built."""
+    return name not in _broken and (name != "rows" or ROWS_GEMM.function() is not None)
 
 
 def _key(weight: torch.Tensor, rows: int) -> tuple:
@@ -232,7 +275,7 @@ def calibrate(model: nn.Module, rows: tuple[int, ...] = CALIBRATION_ROWS) -> Non
     _graph_choices.clear()
     _graph_choices.update({(out, inp, n, dtype): name for (out, inp, n, dtype, t, device), name in _choices.items()
                            if t == threads and device == "cpu" and name not in _broken})
-    if forced is not None:
+    if forced is not None and _usable(forced):
         _graph_choices.update({(*layer.weight.shape, row_bucket(n), layer.weight.dtype): forced
                                for layer in layers for n in rows})
 
@@ -246,7 +289,7 @@ def adopt_graph_choices(choices: dict[tuple, str]) -> bool:
     """Take ``choices`` (an earlier :func:`calibrate`'s for the same model on this machine:
     the caller's to match) instead of measuring again, unless a kernel is forced or one they
     name is unknown or broken here; returns whether they were taken."""
-    if _forced() is not None or not all(name in GRAPH_KERNELS and name not in _broken for name in choices.values()):
+    if _forced() is not None or not all(name in GRAPH_KERNELS and _usable(name) for name in choices.values()):
         return False
     _graph_choices.clear()
     _graph_choices.update(choices)

@@ -1,0 +1,103 @@
+/* y = x @ w.T (+ bias) for a few rows of x (float32): x [M, K], w [N, K], y [M, N], M <= 8.
+ *
+ * A decode step's products: each weight row is read once from memory and multiplied with all
+ * M rows of x (which stay in L1), a few weight rows at a time so that each row of x is loaded
+ * once per few weight rows; the weight's rows are split between the threads. One function
+ * per M, so that the accumulators are registers. Vectors are GCC/Clang vector extensions: the
+ * compiler maps them to the machine's own (AVX-512, AVX2, NEON) under -march=native.
+ * Built and loaded at first use by linear.py (cormlm.native).
+ */
+#include <stdint.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#if defined(__AVX512F__)
+#define VW 16
+#else
+#define VW 8
+#endif
+typedef float vf __attribute__((vector_size(VW * 4), aligned(4)));
+typedef float vf8 __attribute__((vector_size(32), aligned(4)));
+typedef float vf4 __attribute__((vector_size(16), aligned(4)));
+
+/* the lanes' sum by halving (a shuffle tree, not a chain of VW scalar adds) */
+static inline float lane_sum(vf v) {
+#if VW == 16
+    vf8 a, b;
+    memcpy(&a, &v, 32);
+    memcpy(&b, (const char *)&v + 32, 32);
+    a += b;
+#else
+    vf8 a = v;
+#endif
+    vf4 c, d;
+    memcpy(&c, &a, 16);
+    memcpy(&d, (const char *)&a + 16, 16);
+    c += d;
+    return (c[0] + c[2]) + (c[1] + c[3]);
+}
+
+/* Output columns n0..n1 of M rows, RB weight rows at a time (M * RB accumulators). */
+#define DEFINE_ROWS(M, RB)                                                                                   \
+    static void rows_##M(const float *restrict x, const float *restrict w, const float *restrict bias,       \
+                         float *restrict y, int64_t N, int64_t K, int64_t n0, int64_t n1) {                  \
+        const int64_t KV = K / VW * VW;                                                                      \
+        int64_t n = n0;                                                                                      \
+        for (; n + RB <= n1; n += RB) {                                                                      \
+            vf acc[M][RB];                                                                                   \
+            for (int m = 0; m < M; m++)                                                                      \
+                for (int r = 0; r < RB; r++) acc[m][r] = (vf){0};                                            \
+            for (int64_t k = 0; k < KV; k += VW) {                                                           \
+                vf wv[RB];                                                                                   \
+                for (int r = 0; r < RB; r++) memcpy(&wv[r], w + (n + r) * K + k, sizeof(vf));                \
+                for (int m = 0; m < M; m++) {                                                                \
+                    vf xv;                                                                                   \
+                    memcpy(&xv, x + m * K + k, sizeof(vf));                                                  \
+                    for (int r = 0; r < RB; r++) acc[m][r] += xv * wv[r];                                    \
+                }                                                                                            \
+            }                                                                                                \
+            for (int m = 0; m < M; m++)                                                                      \
+                for (int r = 0; r < RB; r++) {                                                               \
+                    float s = lane_sum(acc[m][r]);                                                           \
+                    for (int64_t k = KV; k < K; k++) s += x[m * K + k] * w[(n + r) * K + k];                 \
+                    y[m * N + n + r] = bias ? s + bias[n + r] : s;                                           \
+                }                                                                                            \
+        }                                                                                                    \
+        for (; n < n1; n++)                                                                                  \
+            for (int m = 0; m < M; m++) {                                                                    \
+                float s = 0.0f;                                                                              \
+                for (int64_t k = 0; k < K; k++) s += x[m * K + k] * w[n * K + k];                            \
+                y[m * N + n] = bias ? s + bias[n] : s;                                                       \
+            }                                                                                                \
+    }
+
+DEFINE_ROWS(1, 8)
+DEFINE_ROWS(2, 8)
+DEFINE_ROWS(3, 4)
+DEFINE_ROWS(4, 4)
+DEFINE_ROWS(5, 3)
+DEFINE_ROWS(6, 3)
+DEFINE_ROWS(7, 2)
+DEFINE_ROWS(8, 2)
+
+typedef void (*rows_fn)(const float *, const float *, const float *, float *, int64_t, int64_t, int64_t, int64_t);
+static const rows_fn ROWS[9] = {0, rows_1, rows_2, rows_3, rows_4, rows_5, rows_6, rows_7, rows_8};
+#define SPAN 24 /* a thread's share of weight rows is a multiple of every RB above */
+
+/* bias may be NULL; x, w, bias, y contiguous; 1 <= M <= 8 (the caller checks). */
+void cormlm_rows_gemm_f32(const float *x, const float *w, const float *bias, float *y, int64_t M, int64_t N,
+                          int64_t K, int threads) {
+#pragma omp parallel num_threads(threads)
+    {
+        int t = 0, T = 1;
+#ifdef _OPENMP
+        t = omp_get_thread_num();
+        T = omp_get_num_threads();
+#endif
+        const int64_t per = ((N + T - 1) / T + SPAN - 1) / SPAN * SPAN;
+        const int64_t n0 = t * per, n1 = n0 + per < N ? n0 + per : N;
+        if (n0 < N) ROWS[M](x, w, bias, y, N, K, n0, n1);
+    }
+}
