@@ -80,7 +80,7 @@ MODELS = ("smollm2", "random")  # named models; anything else is a path or hub i
 # ISA extensions that matter to GEMM/GEMV speed, as /proc/cpuinfo spells them (x86 "flags",
 # Arm "Features"); printed in this order when present.
 ISA_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx_vnni", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
-             "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8", "amx_fp16",
+             "avx512_bf16", "avx512_fp16", "avx512_vp2intersect", "amx_tile", "amx_bf16", "amx_int8", "amx_fp16",
              "asimd", "asimdhp", "asimddp", "fphp", "bf16", "i8mm", "sve", "sve2", "sme")
 BUILD_KEYS = ("BLAS_INFO", "LAPACK_INFO", "USE_MKL", "USE_MKLDNN", "USE_OPENMP")
 
@@ -103,6 +103,27 @@ def cpu_name() -> str:
     info = _cpuinfo()
     name = info.get("model name") or info.get("Model") or info.get("Hardware") or platform.processor()
     return name or platform.machine() or "unknown CPU"
+
+
+def cpu_identity() -> str:
+    """Vendor, family / model / stepping and cache sizes: one model name ("AMD EPYC") covers
+    several generations, whose caches and memory differ."""
+    info = _cpuinfo()
+    parts = [" ".join(f"{label} {info[key]}" for key, label in (("cpu family", "family"), ("model", "model"),
+                                                                    ("stepping", "stepping")) if key in info)]
+    if info.get("vendor_id"):
+        parts[0] = f"{info['vendor_id']} {parts[0]}".strip()
+    caches = []
+    for index in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
+        try:
+            level, kind, size = ((index / name).read_text().strip() for name in ("level", "type", "size"))
+        except OSError:
+            continue
+        if kind != "Instruction":
+            caches.append(f"L{level}{'d' if kind == 'Data' else ''} {size}")
+    if caches:
+        parts.append("caches " + ", ".join(caches))
+    return "; ".join(part for part in parts if part) or "no identity found"
 
 
 def cpu_flags() -> list[str]:
@@ -136,6 +157,7 @@ def describe_machine(device: str | torch.device = "cpu") -> list[str]:
         (f"CPU: {cpu_name()} ({platform.machine()}), {os.cpu_count()} logical cores ({usable} usable), "
          f"torch {torch.get_num_threads()} threads ({torch.get_num_interop_threads()} inter-op); "
          f"{platform.system()} {platform.release()}, Python {platform.python_version()}"),
+        f"CPU identity: {cpu_identity()}",
         f"ISA: {' '.join(cpu_flags()) or '(no flags found)'}; torch CPU capability {capability}",
         (f"torch {torch.__version__}; BLAS: {'; '.join(blas_description()) or '(torch reports none)'}; "
          f"oneDNN (mkldnn) available: {torch.backends.mkldnn.is_available()}, "

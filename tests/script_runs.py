@@ -9,15 +9,24 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def cpu_model_name() -> str | None:
-    """/proc/cpuinfo's model name, which a benchmark's header must name (None where unreadable)."""
+def _cpuinfo_field(name: str) -> str | None:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
+            if line.split(":", 1)[0].strip() == name:
                 return line.split(":", 1)[1].strip()
     except OSError:
         pass
     return None
+
+
+def cpu_model_name() -> str | None:
+    """/proc/cpuinfo's model name, which a benchmark's header must name (None where unreadable)."""
+    return _cpuinfo_field("model name")
+
+
+def cpu_family() -> str | None:
+    """/proc/cpuinfo's CPU family (one model name covers several generations; None where absent)."""
+    return _cpuinfo_field("cpu family")
 
 
 def run_script(name: str, *args: object, timeout: float = 300, env: dict[str, str] | None = None

@@ -6,7 +6,7 @@ import re
 
 import pytest
 import torch
-from script_runs import cpu_model_name, run_script
+from script_runs import cpu_family, cpu_model_name, run_script
 
 from cormlm.models.linear import NAMES
 
@@ -34,6 +34,10 @@ def test_header_names_the_cpu_and_blas(output):
         assert name in cpu
     assert "threads" in cpu and "cores" in cpu
     assert re.search(r"^- ISA: .*torch CPU capability \S+", output, re.MULTILINE)
+    identity = next(line for line in output.splitlines() if line.startswith("- CPU identity: "))
+    family = cpu_family()
+    if family:  # one model name covers several generations: the family tells them apart
+        assert f"family {family}" in identity
     blas = next(line for line in output.splitlines() if re.match(r"- torch \S+; BLAS: ", line))
     assert torch.__version__ in blas
     assert "(torch reports none)" not in blas
