@@ -39,8 +39,11 @@ static inline float lane_sum(vf v) {
     return (c[0] + c[2]) + (c[1] + c[3]);
 }
 
-/* Output columns n0..n1 of M rows, RB weight rows at a time (M * RB accumulators). */
-#define DEFINE_ROWS(M, RB)                                                                                   \
+/* Output columns n0..n1 of M rows, RB weight rows at a time (M * RB accumulators); AHEAD > 0
+ * asks for the weight rows AHEAD blocks on while this block is multiplied: with several input
+ * rows each weight byte takes more arithmetic, and the memory idles between the hardware
+ * prefetcher's requests unless asked early (one vector product per row needs no help). */
+#define DEFINE_ROWS(M, RB, AHEAD)                                                                            \
     static void rows_##M(const float *restrict x, const float *restrict w, const float *restrict bias,       \
                          float *restrict y, int64_t N, int64_t K, int64_t n0, int64_t n1) {                  \
         const int64_t KV = K / VW * VW;                                                                      \
@@ -52,6 +55,8 @@ static inline float lane_sum(vf v) {
             for (int64_t k = 0; k < KV; k += VW) {                                                           \
                 vf wv[RB];                                                                                   \
                 for (int r = 0; r < RB; r++) memcpy(&wv[r], w + (n + r) * K + k, sizeof(vf));                \
+                for (int r = 0; AHEAD && r < RB; r++) /* a prefetch past the end never faults */             \
+                    __builtin_prefetch(w + (n + AHEAD * RB + r) * K + k, 0, 0);                              \
                 for (int m = 0; m < M; m++) {                                                                \
                     vf xv;                                                                                   \
                     memcpy(&xv, x + m * K + k, sizeof(vf));                                                  \
@@ -73,14 +78,14 @@ static inline float lane_sum(vf v) {
             }                                                                                                \
     }
 
-DEFINE_ROWS(1, 8)
-DEFINE_ROWS(2, 8)
-DEFINE_ROWS(3, 4)
-DEFINE_ROWS(4, 4)
-DEFINE_ROWS(5, 3)
-DEFINE_ROWS(6, 3)
-DEFINE_ROWS(7, 2)
-DEFINE_ROWS(8, 2)
+DEFINE_ROWS(1, 8, 0)
+DEFINE_ROWS(2, 8, 2)
+DEFINE_ROWS(3, 4, 2)
+DEFINE_ROWS(4, 4, 2)
+DEFINE_ROWS(5, 3, 2)
+DEFINE_ROWS(6, 3, 2)
+DEFINE_ROWS(7, 2, 2)
+DEFINE_ROWS(8, 2, 2)
 
 typedef void (*rows_fn)(const float *, const float *, const float *, float *, int64_t, int64_t, int64_t, int64_t);
 static const rows_fn ROWS[9] = {0, rows_1, rows_2, rows_3, rows_4, rows_5, rows_6, rows_7, rows_8};
