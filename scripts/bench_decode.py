@@ -509,7 +509,7 @@ def bench_model(spec: str, args, modes: list[str], probe: BandwidthProbe, scratc
 
 
 def print_kernel_choices() -> None:
-    from cormlm.models.linear import FORCE_ENV, kernel_choices
+    from cormlm.models.linear import FORCE_ENV, graph_kernel_choices, kernel_choices
 
     print("\ncormlm linear-layer kernel per product shape (measured at first use):")
     choices = kernel_choices()
@@ -520,9 +520,15 @@ def print_kernel_choices() -> None:
         print(f"- {choice}")
     if not choices and not forced:
         print("- (none measured: no eager CPU products ran)")
+    graph_choices = graph_kernel_choices()
+    if graph_choices:
+        print("\ncormlm linear-layer kernel in compiled graphs (measured before tracing, or saved with the step):")
+        for choice in graph_choices:
+            print(f"- {choice}")
     from cormlm.cache import paged_kernel
 
-    print("\ncormlm decode attention per shape (fused C kernel or tensor operations, measured at first use):")
+    print("\ncormlm decode attention per shape (fused C kernel or tensor operations, measured at first use; "
+          "compiled graphs fuse the tensor operations):")
     forced = os.environ.get(paged_kernel.FORCE_ENV)
     if forced:
         print(f"- {paged_kernel.FORCE_ENV}={forced} forces the path")

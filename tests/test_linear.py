@@ -269,3 +269,6 @@ def test_calibrate_under_a_forced_kernel_runs_no_trials_and_graphs_take_that_ker
     assert linear_module._choices == {} and linear_module._trials == {}
     assert linear_module._graph_choices == {(64, 32, 1, torch.float32): "onednn", (32, 64, 1, torch.float32): "onednn",
                                             (64, 32, 64, torch.float32): "onednn", (32, 64, 64, torch.float32): "onednn"}
+    assert linear_module.graph_kernel_choices() == [  # what benchmarks print of compiled graphs
+        "32x64, 1 row, float32: oneDNN", "32x64, 64 rows (bucket), float32: oneDNN",
+        "64x32, 1 row, float32: oneDNN", "64x32, 64 rows (bucket), float32: oneDNN"]

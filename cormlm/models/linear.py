@@ -226,11 +226,22 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return y
 
 
+def _product(out: int, inp: int, rows: int, dtype: torch.dtype) -> str:
+    return (f"{out}x{inp}, {rows} row{'s' * (rows > 1)}{' (bucket)' * (rows > SPLIT_MAX_ROWS)}, "
+            f"{str(dtype).removeprefix('torch.')}")
+
+
 def kernel_choices() -> list[str]:
     """What each measured product runs as, e.g. '576x576, 1 row, float32, 2 threads: F.linear'."""
-    return [f"{out}x{inp}, {rows} row{'s' * (rows > 1)}{' (bucket)' * (rows > SPLIT_MAX_ROWS)}, "
-            f"{str(dtype).removeprefix('torch.')}, {threads} threads: {NAMES[name]}"
+    return [f"{_product(out, inp, rows, dtype)}, {threads} threads: {NAMES[name]}"
             for (out, inp, rows, dtype, threads, _), name in sorted(_choices.items(), key=str)]
+
+
+def graph_kernel_choices() -> list[str]:
+    """What compiled graphs call per product (:func:`calibrate`'s decisions, or those saved with
+    a compiled step), e.g. '576x576, 1 row, float32: C few-row kernel'."""
+    return [f"{_product(out, inp, rows, dtype)}: {NAMES[name]}"
+            for (out, inp, rows, dtype), name in sorted(_graph_choices.items(), key=str)]
 
 
 def graph_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
