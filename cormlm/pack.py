@@ -3,8 +3,10 @@
 Which layout of a weight is fastest depends on how many rows each product has. One row
 (decoding a single sequence) reads the weight once and is fastest from the plain layout
 (``cormlm.models.linear`` measures its kernels there). A few rows (a batch of sequences,
-a server's running requests) are faster from oneDNN's blocked layout, which the plain
-kernels would have to reorder on every call. ``pack_weights`` makes that trade for the
+a server's running requests) can be faster from oneDNN's blocked layout, which oneDNN
+would otherwise reorder on every call; whether they are depends on the machine (where
+cormlm's few-row C kernel streams the plain weight at the memory's speed, packing gains
+nothing). ``pack_weights`` makes that trade for the
 whole model: each linear layer's weight is reordered once and the plain copy dropped, so
 memory stays the same; single-row products then run slower than before.
 ``scripts/bench_decode.py --pack-weights`` measures both sides on the machine at hand.

@@ -32,8 +32,9 @@ def add_parser(sub) -> None:
     runtime.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16", "float64"), default="auto")
     runtime.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     runtime.add_argument("--pack-weights", action="store_true",
-                         help="oneDNN-packed weights (CPU): faster products for batches of requests, slower for one "
-                              "(cormlm.pack_weights)")
+                         help="oneDNN-packed weights (CPU, cormlm.pack_weights): faster batched products on "
+                              "machines where oneDNN's blocked layout beats the measured plain kernels, slower for one "
+                              "request; measure with scripts/bench_decode.py --pack-weights")
     runtime.add_argument("--log-level", choices=("critical", "error", "warning", "info", "debug"), default="warning",
                          help="uvicorn's log level (default warning)")
 
