@@ -180,6 +180,17 @@ def test_the_few_row_c_kernel_matches_float64_on_every_row_count_and_ragged_shap
         torch.set_num_threads(previous)
 
 
+@pytest.mark.parametrize("kernel", ["split", "linear", "onednn", "linear_t", "onednn_t", "rows", None])
+@torch.inference_mode()
+def test_a_product_of_no_rows_is_empty_on_every_kernel(monkeypatch, kernel):
+    if kernel is not None:
+        monkeypatch.setenv(FORCE_ENV, kernel)
+    layer = Linear(16, 8)
+    for _ in range(len(_all_kernels()) * (TRIALS + 1) if kernel is None else 1):
+        assert layer(torch.randn(0, 16)).shape == (0, 8)
+    assert "rows" not in linear_module.candidates(torch.randn(0, 16), layer.weight)
+
+
 @torch.inference_mode()
 def test_without_the_c_kernel_the_other_kernels_compete(monkeypatch):
     monkeypatch.setattr(linear_module.ROWS_GEMM, "function", lambda: None)

@@ -79,7 +79,7 @@ def rows_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None =
     weight and bias): each weight row streamed once against every input row."""
     function = ROWS_GEMM.function()
     assert function is not None, "rows_gemm called although the kernel is unavailable"
-    x = x.contiguous()
+    x, weight = x.contiguous(), weight.contiguous()  # (no copy for the layers' own tensors)
     rows, in_features = x.shape
     y = x.new_empty(rows, weight.shape[0])
     function(x.data_ptr(), weight.data_ptr(), None if bias is None else bias.contiguous().data_ptr(), y.data_ptr(),
@@ -161,7 +161,7 @@ def _fits(name: str, rows: int, x: torch.Tensor, weight: torch.Tensor) -> bool:
     if name == "split":
         return rows <= SPLIT_MAX_ROWS and weight.shape[0] % SPLIT_PARTS == 0
     if name == "rows":  # (and built here: see _usable)
-        return rows <= ROWS_MAX and weight.dtype == x.dtype == torch.float32 and weight.device.type == "cpu"
+        return 1 <= rows <= ROWS_MAX and weight.dtype == x.dtype == torch.float32 and weight.device.type == "cpu"
     if name.endswith("_t") and rows > TRANSPOSED_MAX_ROWS:
         return False
     return not name.startswith("onednn") or weight.dtype in ONEDNN_DTYPES and x.dtype == weight.dtype

@@ -91,9 +91,11 @@ typedef void (*rows_fn)(const float *, const float *, const float *, float *, in
 static const rows_fn ROWS[9] = {0, rows_1, rows_2, rows_3, rows_4, rows_5, rows_6, rows_7, rows_8};
 #define SPAN 24 /* a thread's share of weight rows is a multiple of every RB above */
 
-/* bias may be NULL; x, w, bias, y contiguous; 1 <= M <= 8 (the caller checks). */
+/* bias may be NULL; x, w, bias, y contiguous; 1 <= M <= 8 (the caller checks; anything else
+ * returns with y untouched). */
 void cormlm_rows_gemm_f32(const float *x, const float *w, const float *bias, float *y, int64_t M, int64_t N,
                           int64_t K, int threads) {
+    if (M < 1 || M > 8) return;
 #pragma omp parallel num_threads(threads)
     {
         int t = 0, T = 1;
