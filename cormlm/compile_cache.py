@@ -23,7 +23,6 @@ import hashlib
 import importlib
 import json
 import os
-import platform
 import sys
 import warnings
 import weakref
@@ -32,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from . import native
 from .cache.ragged import RaggedCache
 
 FORMAT = 1  # bump when what is saved, or how it is keyed, changes
@@ -66,19 +66,6 @@ def _source_digest() -> str:
     return digest.hexdigest()
 
 
-@functools.cache
-def _cpu() -> str:
-    """The CPU's model and instruction sets: inductor compiles for the machine it runs on."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            lines = f.read().splitlines()
-        model = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "")
-        flags = next((line.split(":", 1)[1].strip() for line in lines if line.startswith(("flags", "Features"))), "")
-        return f"{model}|{flags}"
-    except OSError:
-        return f"{platform.machine()}|{platform.processor()}"
-
-
 def step_key(model: torch.nn.Module, cache: object, args: tuple, options: dict[str, object] | None) -> str:
     """The saved step's file name for this model, cache and call (see the module's docstring)."""
     from .models.linear import graph_choices
@@ -88,7 +75,8 @@ def step_key(model: torch.nn.Module, cache: object, args: tuple, options: dict[s
     settings = sorted((name, repr(value)) for name, value in getattr(policy, "__dict__", {}).items()
                       if isinstance(value, (bool, int, float, str, tuple, type(None))))
     parts = [
-        f"format {FORMAT}", f"torch {torch.__version__}", f"python {sys.version_info[:2]}", _source_digest(), _cpu(),
+        f"format {FORMAT}", f"torch {torch.__version__}", f"python {sys.version_info[:2]}", _source_digest(),
+        native.cpu_signature(),
         f"threads {torch.get_num_threads()}", repr(model.config), f"{model.dtype} {model.device}",
         f"{type(model).__qualname__} {type(cache).__qualname__} {type(policy).__qualname__} {settings}",
         f"rows {tuple(input_ids.shape)} block {getattr(cache, 'block_size', None)} "
@@ -257,7 +245,7 @@ def _choices_path(model: torch.nn.Module, where: Path) -> Path:
 
     shapes = sorted({(*m.weight.shape, str(m.weight.dtype), str(m.weight.device)) for m in model.modules()
                      if isinstance(m, Linear)})
-    parts = [f"format {FORMAT}", f"torch {torch.__version__}", _source_digest(), _cpu(),
+    parts = [f"format {FORMAT}", f"torch {torch.__version__}", _source_digest(), native.cpu_signature(),
              f"threads {torch.get_num_threads()}", repr(shapes), repr(CALIBRATION_ROWS)]
     return where / f"kernels-{hashlib.sha256(chr(10).join(parts).encode()).hexdigest()[:24]}.json"
 

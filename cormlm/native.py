@@ -13,6 +13,7 @@ their tensor operations.
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import platform
@@ -25,13 +26,15 @@ from pathlib import Path
 FLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC", "-shared")
 
 
+@functools.cache
 def cpu_signature() -> str:
-    """The CPU's model and flags (what ``-march=native`` compiles for)."""
+    """The CPU's family, model and flags (what ``-march=native`` and inductor compile for; one
+    model name can cover several generations)."""
     try:
         lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
-        return platform.processor() or platform.machine()
-    wanted = [line for line in lines if line.startswith(("model name", "flags", "Features", "CPU part"))]
+        return f"{platform.machine()}|{platform.processor()}"
+    wanted = [line for line in lines if line.startswith(("model", "cpu family", "flags", "Features", "CPU part"))]
     return "\n".join(dict.fromkeys(wanted))
 
 
