@@ -34,3 +34,26 @@ def run_script(name: str, *args: object, timeout: float = 300, env: dict[str, st
     """The finished run (output captured as text); the caller checks its return code."""
     return subprocess.run([sys.executable, str(ROOT / "scripts" / f"{name}.py"), *map(str, args)],
                           capture_output=True, text=True, cwd=ROOT, env=env, timeout=timeout)
+
+
+def table_rows(output: str, columns: list[str]) -> list[dict[str, str]]:
+    """The rows of the first markdown table in ``output`` whose header is ``columns``, as dicts."""
+    lines = output.splitlines()
+    header = next(line for line in lines if line.startswith(f"| {columns[0]} |"))
+    assert [c.strip() for c in header.strip("|").split("|")] == columns
+    rows = []
+    for line in lines[lines.index(header) + 2:]:
+        if not line.startswith("|"):
+            break
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert len(cells) == len(columns), line
+        rows.append(dict(zip(columns, cells)))
+    return rows
+
+
+def cpu_line(output: str) -> str:
+    """A benchmark's "- CPU: " header line, checked to name this machine's CPU model."""
+    cpu = next(line for line in output.splitlines() if line.startswith("- CPU: "))
+    name = cpu_model_name()
+    assert name is None or name in cpu
+    return cpu

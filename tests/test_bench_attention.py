@@ -7,7 +7,7 @@ import os
 import re
 
 import pytest
-from script_runs import cpu_model_name, run_script
+from script_runs import cpu_line, run_script, table_rows
 
 from cormlm import CacheConfig
 from cormlm.cache import paged_kernel
@@ -28,31 +28,14 @@ def output() -> str:
     return done.stdout
 
 
-def _rows(output: str) -> list[dict[str, str]]:
-    lines = output.splitlines()
-    header = next(line for line in lines if line.startswith("| batch |"))
-    assert [c.strip() for c in header.strip("|").split("|")] == COLUMNS
-    rows = []
-    for line in lines[lines.index(header) + 2:]:
-        if not line.startswith("|"):
-            break
-        cells = [c.strip() for c in line.strip("|").split("|")]
-        assert len(cells) == len(COLUMNS), line
-        rows.append(dict(zip(COLUMNS, cells)))
-    return rows
-
-
 def test_header_names_the_cpu_before_the_table(output):
-    cpu = next(line for line in output.splitlines() if line.startswith("- CPU: "))
-    name = cpu_model_name()
-    if name:
-        assert name in cpu
+    cpu_line(output)
     assert re.search(r"^- torch \S+; BLAS: ", output, re.MULTILINE)
     assert output.index("- CPU: ") < output.index("| batch |")
 
 
 def test_one_row_per_batch_context_and_implementation(output):
-    rows = _rows(output)
+    rows = table_rows(output, COLUMNS)
     keys = [(int(r["batch"]), int(r["context"]), r["implementation"]) for r in rows]
     assert sorted(keys) == sorted((b, CONTEXT, name) for b in BATCHES for name in IMPLEMENTATIONS)
     block = {"paged-full": CacheConfig("full").slots_per_block(), "paged-corm-probs": CacheConfig("corm").slots_per_block()}
