@@ -173,3 +173,32 @@ def test_compile_gives_the_eager_tokens_and_a_second_run_loads_the_saved_step(tm
         assert compiled["new_ids"] == eager["new_ids"]
         assert compiled["cache"]["retained_tokens"] == eager["cache"]["retained_tokens"]
     assert len(list(tmp_path.glob("decode-*.pt2"))) == 1 and len(list(tmp_path.glob("kernels-*.json"))) == 1
+
+
+class _Letters:
+    """A tokenizer whose token i is the letter 'a' + i; 99 is half of a character."""
+
+    @staticmethod
+    def decode(ids: list[int]) -> str:
+        return "".join("\ufffd" if i == 99 else chr(ord("a") + i) for i in ids)
+
+
+@pytest.mark.parametrize("hold", [0, 1])
+def test_the_streamer_holds_the_first_tokens_it_is_told_to_and_loses_none(capsys, hold):
+    import torch
+
+    from cormlm.cli.generate import Streamer
+
+    streamer = Streamer(_Letters(), hold=hold)
+    written = []
+    for token in (0, 1, 99, 2):
+        streamer(torch.tensor([token]))
+        written.append(capsys.readouterr().out)
+    # held: nothing until the second token (a compiled step's status line comes first);
+    # a partial character waits for the next token
+    assert written == (["a", "b", "", "\ufffdc"] if hold == 0 else ["", "ab", "", "\ufffdc"])
+    single = Streamer(_Letters(), hold=1)
+    single(torch.tensor([3]))
+    assert capsys.readouterr().out == ""
+    single.flush()  # generation ended after one token: it is written, not lost
+    assert capsys.readouterr().out == "d"

@@ -73,15 +73,23 @@ def load(args: argparse.Namespace, tp: int | None = None):
 
 
 class Streamer:
-    """Writes each step's final text to stdout as tokens arrive."""
+    """Writes each step's final text to stdout as tokens arrive. The first ``hold`` tokens wait
+    for the next one: with --compile the first decode step compiles or loads its graph and says
+    so on stderr, and on a terminal that line then comes before the text, not inside it."""
 
-    def __init__(self, tokenizer) -> None:
+    def __init__(self, tokenizer, hold: int = 0) -> None:
         self.tokenizer = tokenizer
+        self.hold = hold
         self.ids: list[int] = []
         self.shown = ""
 
     def __call__(self, tokens: torch.Tensor) -> None:
         self.ids.append(int(tokens[0]))
+        if len(self.ids) > self.hold:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write what is decoded and not shown yet (a partial character waits for its bytes)."""
         text = self.tokenizer.decode(self.ids)
         if not text.endswith("\ufffd"):
             sys.stdout.write(text[len(self.shown):])
@@ -146,7 +154,7 @@ def _run(args: argparse.Namespace, tp: int | None) -> None:
     if args.compile:
         from ..compile import compile_model
         compile_model(model, log=lambda message: _status(args, message))
-    streamer = None if args.json else Streamer(tokenizer)
+    streamer = None if args.json else Streamer(tokenizer, hold=1 if args.compile else 0)
     out = generate(model, [ids], max_new_tokens=args.max_new_tokens, cache=cfg, temperature=args.temperature,
                    top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                    eos_token_id=tokenizer.eos_token_ids or None, on_tokens=streamer)
@@ -167,6 +175,7 @@ def _run(args: argparse.Namespace, tp: int | None) -> None:
             **({} if tp is None else {"tensor_parallel": {"ranks": tp, "cache_of_rank": 0}}),
         }))
         return
+    streamer.flush()  # a held first token, when it was the only one
     sys.stdout.write("\n")
     sys.stdout.flush()
     # What was kept and what it holds; no ratio to a full cache, which block granularity makes
