@@ -174,6 +174,8 @@ def test_the_few_row_c_kernel_matches_float64_on_every_row_count_and_ragged_shap
                     expected = F.linear(x.double(), w.double(), None if bias is None else bias.double())
                     torch.testing.assert_close(linear_module.rows_gemm(x, w, bias).double(), expected,
                                                rtol=1e-5, atol=1e-4)
+        # only a contiguous weight is offered to any kernel but F.linear (the C kernel reads it as laid out)
+        assert linear_module.candidates(torch.randn(1, 8), torch.randn(8, 4).t()) == ["linear"]
         strided = torch.randn(3, 40)[:, ::2]  # a strided input is read as its values
         torch.testing.assert_close(linear_module.rows_gemm(strided, w[:, :20].contiguous()), strided @ w[:, :20].T)
     finally:

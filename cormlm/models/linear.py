@@ -53,6 +53,7 @@ ROWS_MAX = 8  # the C kernel's rows (one function per row count, its accumulator
 MARGIN = 0.9  # another kernel whose median is 10% faster replaces F.linear (or one steadily faster: see decided)
 FORCE_ENV = "CORMLM_LINEAR_KERNEL"
 ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
+NO_GRADIENT = frozenset({"onednn", "onednn_t", "rows"})  # kernels autograd cannot differentiate
 _choices: dict[tuple, str] = {}  # (out, in, row bucket, dtype, threads) -> kernel name
 _trials: dict[tuple, dict[str, list[float]]] = {}  # same key -> kernel -> seconds of each trial call
 _broken: set[str] = set()  # kernels that raised on this machine (not offered again)
@@ -75,11 +76,11 @@ ROWS_GEMM = native.Kernel(Path(__file__).with_name("rows_gemm.c"), "cormlm_rows_
 
 
 def rows_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``x`` [rows <= 8, in] @ ``weight``.T (+ ``bias``) by the C kernel (float32, contiguous
-    weight and bias): each weight row streamed once against every input row."""
+    """``x`` [rows <= 8, in] @ ``weight``.T (+ ``bias``) by the C kernel (float32, a contiguous
+    weight): each weight row streamed once against every input row."""
     function = ROWS_GEMM.function()
     assert function is not None, "rows_gemm called although the kernel is unavailable"
-    x, weight = x.contiguous(), weight.contiguous()  # (no copy for the layers' own tensors)
+    x = x.contiguous()  # (the weight is: candidates and graph_linear offer this kernel no other)
     rows, in_features = x.shape
     y = x.new_empty(rows, weight.shape[0])
     function(x.data_ptr(), weight.data_ptr(), None if bias is None else bias.contiguous().data_ptr(), y.data_ptr(),
@@ -173,14 +174,18 @@ def candidates(x: torch.Tensor, weight: torch.Tensor) -> list[str]:
     if weight.device.type != "cpu" or torch.compiler.is_compiling() or not weight.is_contiguous():
         return ["linear"]
     grad = torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad)
-    onednn = not grad and _onednn_available()
     return [name for name in KERNELS if _usable(name) and _fits(name, x.shape[0], x, weight)
-            and (onednn or not name.startswith("onednn")) and not (grad and name == "rows")]
+            and not (grad and name in NO_GRADIENT)]
 
 
 def _usable(name: str) -> bool:
-    """Whether kernel ``name`` runs on this machine: not broken, and the C kernel built."""
-    return name not in _broken and (name != "rows" or ROWS_GEMM.function() is not None)
+    """Whether kernel ``name`` runs on this machine: its library is there (oneDNN in this torch
+    build, the C kernel built) and it has not failed here."""
+    if name in _broken:
+        return False
+    if name.startswith("onednn"):
+        return _onednn_available()
+    return name != "rows" or ROWS_GEMM.function() is not None
 
 
 def _key(weight: torch.Tensor, rows: int) -> tuple:
