@@ -22,6 +22,14 @@ typedef float vf __attribute__((vector_size(VW * 4), aligned(4)));
 typedef float vf8 __attribute__((vector_size(32), aligned(4)));
 typedef float vf4 __attribute__((vector_size(16), aligned(4)));
 
+/* Keeps a loaded vector in a register: without it the compiler folds the load into each of the
+ * RB multiply-adds that use it, and a few-row product becomes bound by loads, not arithmetic. */
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define IN_REGISTER(v) __asm__("" : "+v"(v))
+#else
+#define IN_REGISTER(v) ((void)0)
+#endif
+
 /* the lanes' sum by halving (a shuffle tree, not a chain of VW scalar adds) */
 static inline float lane_sum(vf v) {
 #if VW == 16
@@ -60,6 +68,7 @@ static inline float lane_sum(vf v) {
                 for (int m = 0; m < M; m++) {                                                                \
                     vf xv;                                                                                   \
                     memcpy(&xv, x + m * K + k, sizeof(vf));                                                  \
+                    IN_REGISTER(xv);                                                                         \
                     for (int r = 0; r < RB; r++) acc[m][r] += xv * wv[r];                                    \
                 }                                                                                            \
             }                                                                                                \
