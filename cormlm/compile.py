@@ -9,8 +9,10 @@ the cache appends, decode attention, the policy's state update and evictions
 (``CausalLM.body``); the pools' block counts are symbolic, so caches that grow,
 evict and compact reuse it. Allocation of blocks and compaction run eagerly between steps.
 Compiled functions use the modules' parameters: nothing is copied. Their linear layers call
-the kernel measured fastest on this machine (``cormlm.models.linear.calibrate`` decides
-before tracing), not whatever inductor would pick. Inductor keeps its
+the kernel measured fastest on this machine for each decode batch of up to 8 rows and for
+prompts (``cormlm.models.linear.calibrate`` decides before tracing), not whatever inductor
+would pick; decode attention calls the C kernel where it is built
+(:func:`cormlm.cache.paged_kernel.choose_for_graphs`). Inductor keeps its
 compiled kernels in its on-disk cache, and the decode step is saved whole, trace included
 (:mod:`cormlm.compile_cache`), so only a machine's first run pays for compiling it.
 """
@@ -23,6 +25,7 @@ from collections.abc import Callable
 import torch
 
 from . import compile_cache
+from .cache import paged_kernel
 from .errors import CormlmError
 
 INDUCTOR_OPTIONS = ("freezing", "cpp_wrapper", "max_autotune")  # what scripts/bench_compile.py measures
@@ -55,6 +58,7 @@ def compile_model(model: torch.nn.Module, options: dict[str, object] | None = No
     where = compile_cache.folder() if compile_cache.supported() else None
     # graphs cannot time kernels: decide decode- and prefill-sized products now (or as measured before)
     compile_cache.calibrate_once(model, where)
+    paged_kernel.choose_for_graphs()
     for block in model.blocks:
         block.prompt_graphs = (torch.compile(block.pre_attention, dynamic=True, options=options),
                                torch.compile(block.post_attention, dynamic=True, options=options))

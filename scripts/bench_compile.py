@@ -7,7 +7,10 @@ One copy of the model per variant: ``eager`` (not compiled), ``default``
 (``cormlm.compile_model(model)``), then ``compile_model(model, options={name: True})`` for
 each of ``--options`` (default: ``freezing``, weights folded into the graph as constants
 and pre-packed; ``cpp_wrapper``, the graph's Python wrapper generated as C++;
-``max_autotune``, GEMM templates benchmarked at compile time). Each compiled variant
+``max_autotune``, GEMM templates benchmarked at compile time), and ``attention-ops``: the
+default, but decode attention as tensor operations fused by inductor instead of the C
+kernel the graphs call where it is built (:mod:`cormlm.cache.paged_kernel`; left out where
+it is not). Each compiled variant
 reports its warm-up (compiling during the first prefill and two decode steps) and the
 resident memory that warm-up added (a variant that keeps a second copy of the weights
 shows it; the first compiled variant's figure also holds inductor's own one-off memory).
@@ -33,8 +36,11 @@ import torch
 from bench_decode import describe_machine, reset_peak_rss
 
 import cormlm
+from cormlm.cache import paged_kernel
 from cormlm.checkpoint.real_model import resolve_model_argument
 from cormlm.compile import INDUCTOR_OPTIONS
+
+TENSOR_OPS = "attention-ops"  # the variant whose graphs fuse decode attention's tensor operations
 
 
 def warm_up(model, ids: torch.Tensor) -> tuple[float, cormlm.KVCache, torch.Tensor]:
@@ -83,6 +89,11 @@ def main() -> None:
     ids = torch.randint(0, base.config.vocab_size, (1, args.context))
 
     variants: dict[str, dict | None] = {"eager": None, "default": {}, **{name: {name: True} for name in args.options}}
+    if paged_kernel.choose_for_graphs() == "native":
+        variants[TENSOR_OPS] = {}
+    # what each variant's graphs call for decode attention: a module constant their traces read
+    # (and guard on), so it is set before each of the variant's calls
+    graph_path = {name: "torch" if name == TENSOR_OPS else paged_kernel.graph_path for name in variants}
     models, warm, added, failed = {}, {}, {}, {}
     with torch.inference_mode():
         for name, options in variants.items():
@@ -92,6 +103,7 @@ def main() -> None:
             try:
                 if options is not None:
                     cormlm.compile_model(model, options=options or None)
+                paged_kernel.graph_path = graph_path[name]
                 warm[name], _, _ = warm_up(model, ids)
             except Exception as error:  # noqa: BLE001 - a variant inductor cannot build is a result, not a crash
                 failed[name] = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
@@ -106,6 +118,7 @@ def main() -> None:
         for _ in range(args.steps):
             for name, model in models.items():
                 cache, token = states[name]
+                paged_kernel.graph_path = graph_path[name]
                 started = time.perf_counter()
                 token = model(token, cache=cache)[:, -1].argmax(-1, keepdim=True)
                 step_s[name].append(time.perf_counter() - started)
@@ -124,6 +137,9 @@ def main() -> None:
         print(f"| {name} | {warm[name]:.2f} | {memory} | {tps[name]:.2f} | {ratio} |")
     for name, error in failed.items():
         print(f"\n- {name} failed to compile: {error}")
+    if TENSOR_OPS not in variants:
+        print(f"\n- {TENSOR_OPS} left out: the decode-attention kernel is not built here "
+              f"({'; '.join(paged_kernel.KERNEL.unavailable) or 'CORMLM_PAGED_KERNEL=torch'})")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ from checkpoints import make_peaky_checkpoint
 from torch._dynamo.utils import counters
 
 import cormlm
-from cormlm.cache import paged_attention
+from cormlm.cache import paged_attention, paged_kernel
 from cormlm.cache.ragged import RaggedCache
 
 VOCAB = 160
@@ -41,18 +41,24 @@ def decode(model, cfg: cormlm.CacheConfig, prompt: list[int], steps: int, after_
 
 
 @torch.inference_mode()
-@pytest.mark.parametrize("cfg,dense", [(cormlm.CacheConfig("full", block_size=16), True),  # small blocks: the pool grows
-                                       (cormlm.CacheConfig("corm", window=8, recent=4), True),
-                                       (cormlm.CacheConfig("corm", window=8, recent=4), False),
-                                       (cormlm.CacheConfig("h2o", budget=24), True)],
-                         ids=["full", "corm", "corm-scatter", "h2o"])
-def test_compiled_decode_matches_eager_with_bounded_graphs(folder, cfg, dense, monkeypatch):
-    """``dense=False``: the compiled step's per-stream reductions take the scatter path that
-    large caches (or CUDA) use instead of the membership matrix."""
+@pytest.mark.parametrize("cfg,path,dense", [
+    (cormlm.CacheConfig("full", block_size=16), "native", True),  # small blocks: the pool grows
+    (cormlm.CacheConfig("corm", window=8, recent=4), "native", True),
+    (cormlm.CacheConfig("corm", window=8, recent=4), "torch", True),
+    (cormlm.CacheConfig("corm", window=8, recent=4), "torch", False),
+    (cormlm.CacheConfig("h2o", budget=24), "native", True)], ids=["full", "corm", "corm-ops", "corm-scatter", "h2o"])
+def test_compiled_decode_matches_eager_with_bounded_graphs(folder, cfg, path, dense, monkeypatch):
+    """``path``: what the graph calls for decode attention, the C kernel (an opaque op) or the
+    tensor operations inductor fuses; ``dense=False``: those take the scatter path that large
+    caches (or CUDA) use for per-stream reductions instead of the membership matrix."""
+    if path == "native" and not paged_kernel.available():
+        pytest.skip("no C compiler to build the decode-attention kernel with")
+    monkeypatch.setenv(paged_kernel.FORCE_ENV, path)
     if not dense:
         monkeypatch.setattr(paged_attention, "DENSE_SEGMENTS_MAX", 0)
     eager = cormlm.load_model(folder)
     compiled = cormlm.compile_model(cormlm.load_model(folder))
+    assert paged_kernel.graph_path == path
     prompt = random_prompt(40, 7, VOCAB)
     want_tokens, want_logits, want_kept, capacities = decode(eager, cfg, prompt, STEPS)
 
@@ -60,9 +66,13 @@ def test_compiled_decode_matches_eager_with_bounded_graphs(folder, cfg, dense, m
     passes = []  # the eager all-layers eviction pass: the prompt's only (the graph evicts each decode step)
     all_layers = RaggedCache._evict_all
     monkeypatch.setattr(RaggedCache, "_evict_all", lambda self, observed: passes.append(1) or all_layers(self, observed))
+    kernel_calls = []  # the compiled step's calls of the C kernel (a prompt's attention never calls it)
+    run = paged_kernel.run
+    monkeypatch.setattr(paged_kernel, "run", lambda *args: kernel_calls.append(1) or run(*args))
     got_tokens, got_logits, got_kept, _ = decode(
         compiled, cfg, prompt, STEPS, after_warmup=lambda: seen.update(graphs=counters["stats"]["unique_graphs"]))
     assert len(passes) == (0 if cfg.policy == "full" else 1)
+    assert len(kernel_calls) == (STEPS * compiled.config.num_layers if path == "native" else 0)
 
     assert got_tokens == want_tokens
     torch.testing.assert_close(got_logits, want_logits, rtol=1e-4, atol=1e-4)

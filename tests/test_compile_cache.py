@@ -14,7 +14,7 @@ from test_compile import STEPS, VOCAB, decode
 
 import cormlm
 from cormlm import compile_cache
-from cormlm.cache import paged_attention
+from cormlm.cache import paged_attention, paged_kernel
 from cormlm.cache.paged import DIM_MARKS
 from cormlm.models import linear
 
@@ -84,10 +84,11 @@ def test_one_model_saves_a_step_per_kind_of_cache(folder, saved):
 @torch.inference_mode()
 @pytest.mark.parametrize("when", ["before loading", "after loading"])
 def test_a_changed_module_constant_takes_torch_compile(folder, saved, monkeypatch, when):
-    """A module constant the trace read (the dense-segments threshold) differs from the saved
-    step's: found when the file is loaded (the saved values) or, changed later, by the loaded
-    step's guards; either way torch.compile decodes, as eager does, with the pools marked
-    dynamic again for it."""
+    """A module constant the trace read (what graphs call for decode attention, or the
+    dense-segments threshold of its tensor operations) differs from the saved step's: found
+    when the file is loaded (the saved values) or, changed later, by the loaded step's
+    guards; either way torch.compile decodes, as eager does, with the pools marked dynamic
+    again for it."""
     prompt = random_prompt(40, 3, VOCAB)
     first, _, _ = compiled(folder)
     decode(first, CORM, prompt, 2)
@@ -97,7 +98,10 @@ def test_a_changed_module_constant_takes_torch_compile(folder, saved, monkeypatc
     if when == "after loading":
         decode(later, CORM, prompt, 2)
         assert (step.loaded, fallbacks) == (1, [])
-    monkeypatch.setattr(paged_attention, "DENSE_SEGMENTS_MAX", 0)
+    if paged_kernel.graph_path == "native":  # the graph calls the C kernel: have it fuse the tensor operations
+        monkeypatch.setattr(paged_kernel, "graph_path", "torch")
+    else:  # it fuses the tensor operations: have them take the scatter path
+        monkeypatch.setattr(paged_attention, "DENSE_SEGMENTS_MAX", 0)
     want_tokens, want_logits, want_kept, _ = decode(cormlm.load_model(folder), CORM, prompt, 24)
     tokens, logits, kept, _ = decode(later, CORM, prompt, 24)
     assert step.refusals == 1 and len(fallbacks) == 24 and step.saved == 0

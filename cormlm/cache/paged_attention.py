@@ -10,8 +10,9 @@ after the step (``decode_layer_observation`` gives what the update reads).
 
 Eagerly, on CPU, the same computation also exists as one fused C kernel
 (:mod:`cormlm.cache.paged_kernel`), which reads each key and value once; each pool shape
-takes whichever of the two measures faster where it runs. A compiled graph fuses the tensor
-operations itself.
+takes whichever of the two measures faster where it runs. A compiled decode step, which
+cannot time anything, calls that kernel as one opaque operation wherever it is built (see
+:func:`cormlm.cache.paged_kernel.choose_for_graphs`), else inductor fuses the tensor operations.
 """
 
 from __future__ import annotations
@@ -81,8 +82,14 @@ def paged_decode_attention(keys: torch.Tensor, values: torch.Tensor, positions: 
     if probs not in paged_kernel.PROBS_MODES:  # never a silent fall-back to another form
         raise ValueError(f"probs must be one of {list(paged_kernel.PROBS_MODES)}, got {probs!r}")
     s, g, d = q.shape
+    fits = paged_kernel.fits(keys, values, positions, owner, q, spec.alibi_slopes is not None)
+    if torch.compiler.is_compiling():
+        if fits and paged_kernel.graph_path == "native":
+            return paged_kernel.graph_run(keys, values, positions, owner, q, q_pos, spec.scale, spec.sliding_window,
+                                          probs)
+        return tensor_decode_attention(keys, values, positions, owner, q, q_pos, spec, probs)
     # the fused kernel or the tensor operations, whichever measured faster for this shape
-    if paged_kernel.fits(keys, values, positions, owner, q, spec.alibi_slopes is not None):
+    if fits:
         key = (s, paged_kernel.block_bucket(keys.shape[0]), g, d, keys.shape[2], probs, torch.get_num_threads())
         path, trial = paged_kernel.choose(key)
         started = time.perf_counter() if trial else 0.0

@@ -13,7 +13,12 @@ Which path a call takes is measured, like the linear products' kernels
 size, block size, which probabilities, threads) alternate between the two, timed where they
 run, and the faster is kept for the process (pool blocks bucketed to powers of two; the
 rule is :mod:`cormlm.trials`). ``CORMLM_PAGED_KERNEL=native`` or ``=torch`` forces one;
-:func:`kernel_status` says what was chosen (``scripts/bench_decode.py`` prints it).
+:func:`kernel_status` says what was chosen (``scripts/bench_decode.py`` prints it). Compiled
+decode steps call the kernel as an opaque operation (``cormlm::paged_decode``) where it is
+built: a graph cannot time anything, and inductor's fusion of the tensor operations still
+makes several passes over the scores (max, sum, normalisation) where the kernel makes one
+over each block while it is in cache (``scripts/bench_compile.py`` measures both);
+``CORMLM_PAGED_KERNEL=torch`` gives graphs the tensor operations.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ _p, _i64 = ctypes.c_void_p, ctypes.c_int64
 KERNEL = native.Kernel(SOURCE, "cormlm_paged_decode_f32",
                        [_p, _p, _p, _p, _p, _p, _i64, _i64, _i64, _i64, _i64, ctypes.c_float, _i64, _p, _p, _p, _p,
                         ctypes.c_int, ctypes.c_int])
+graph_path = "torch"  # what compiled decode steps call (choose_for_graphs decides it before tracing)
 _choices: dict[tuple, str] = {}
 _trials: dict[tuple, dict[str, list[float]]] = {}
 
@@ -52,9 +58,8 @@ def available() -> bool:
 
 def fits(keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, owner: torch.Tensor,
          q: torch.Tensor, alibi: bool) -> bool:
-    """Whether the kernel can run this call: float32 CPU tensors in the pool's own layout,
-    outside a compiled graph (which fuses the tensor operations itself), no ALiBi."""
-    return (not alibi and not torch.compiler.is_compiling() and q.device.type == "cpu"
+    """Whether the kernel can run this call: float32 CPU tensors in the pool's own layout, no ALiBi."""
+    return (not alibi and q.device.type == "cpu"
             and keys.dtype == values.dtype == q.dtype == torch.float32
             and positions.dtype == torch.int32 and owner.dtype == torch.int64
             and keys.is_contiguous() and values.is_contiguous() and positions.is_contiguous() and owner.is_contiguous())
@@ -87,6 +92,40 @@ def run(keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, owner
            s, g, d, nb, bs, scale, window or 0, out.data_ptr(), per_head.data_ptr(), reduced.data_ptr(),
            work.data_ptr(), PROBS_MODES[probs], torch.get_num_threads())
     return out, None if probs is None else reduced
+
+
+@torch.library.custom_op("cormlm::paged_decode", mutates_args=())
+def _graph_op(keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, owner: torch.Tensor, q: torch.Tensor,
+              q_pos: torch.Tensor, scale: float, window: int, probs: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`run` as one opaque operation of a compiled graph (``probs`` "none": an empty
+    second output)."""
+    out, reduced = run(keys, values, positions, owner, q, q_pos, scale, window, None if probs == "none" else probs)
+    return out, q.new_empty(0) if reduced is None else reduced
+
+
+@_graph_op.register_fake
+def _(keys, values, positions, owner, q, q_pos, scale, window, probs):
+    nb, _, bs = keys.shape
+    rows = 0 if probs == "none" else q.shape[1] if probs == "heads" else 1
+    return q.new_empty(q.shape), q.new_empty((nb, rows, bs) if rows else (0,))
+
+
+def graph_run(keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, owner: torch.Tensor, q: torch.Tensor,
+              q_pos: torch.Tensor, scale: float, window: int | None, probs: str | None
+              ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`run` inside a compiled graph (the same arguments, no ``probs_out``)."""
+    out, reduced = _graph_op(keys, values, positions, owner, q, q_pos, scale, window or 0, probs or "none")
+    return out, None if probs is None else reduced
+
+
+def choose_for_graphs() -> str:
+    """Decide, before a decode step is traced, what its graph calls for decode attention:
+    the kernel (an opaque operation) wherever it is built, unless ``CORMLM_PAGED_KERNEL=torch``
+    asks for inductor's fusion of the tensor operations. Kept in :data:`graph_path`, a module
+    constant the trace reads (and a saved step is checked against)."""
+    global graph_path
+    graph_path = "native" if _forced() != "torch" and _library() is not None else "torch"
+    return graph_path
 
 
 def block_bucket(blocks: int) -> int:

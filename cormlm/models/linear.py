@@ -25,8 +25,9 @@ streams from DRAM). After ``TRIALS`` timed calls of each, the fastest is kept fo
 lists what was chosen (``scripts/bench_decode.py`` prints it); ``CORMLM_LINEAR_KERNEL`` forces
 one kernel wherever it can run. GPU tensors, float64 and products that need gradients through
 oneDNN use ``F.linear``. A compiled graph cannot time anything: ``cormlm.compile_model``
-decides decode- and prefill-sized products first (:func:`calibrate`), and its graphs call
-those kernels (oneDNN as an opaque custom op), F.linear for anything left undecided.
+decides the products of every decode batch of 1-8 rows and prefill-sized ones first
+(:func:`calibrate`), and its graphs call those kernels (oneDNN and the C kernel as opaque
+custom ops), F.linear for anything left undecided.
 """
 
 from __future__ import annotations
@@ -130,7 +131,7 @@ KERNELS: dict[str, Callable[..., torch.Tensor]] = {
     "linear_t": transposed(F.linear), "onednn_t": transposed(onednn_linear), "rows": rows_gemm}
 GRAPH_KERNELS: dict[str, Callable[..., torch.Tensor]] = {
     **KERNELS, "onednn": _onednn_graph_op, "onednn_t": transposed(_onednn_graph_op), "rows": _rows_gemm_graph_op}
-CALIBRATION_ROWS = (1, 256)  # compile_model decides these before tracing: decode, and any symbolic (prefill) row count
+CALIBRATION_ROWS = (*range(1, ROWS_MAX + 1), 256)  # decided before tracing: decode batches, and any symbolic (prefill) row count
 NAMES = {"linear": "F.linear", "split": "split GEMV", "onednn": "oneDNN", "linear_t": "F.linear, transposed",
          "onednn_t": "oneDNN, transposed", "rows": "C few-row kernel"}
 
