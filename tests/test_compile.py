@@ -106,3 +106,17 @@ def test_compiled_steps_have_no_graph_breaks(folder):
     assert not counters["graph_break"], dict(counters["graph_break"])
     # a prompt's three kinds of graph (before and after attention, the head) and the decode step
     assert counters["stats"]["unique_graphs"] <= 4
+
+
+def test_every_decode_batch_up_to_eight_rows_has_its_products_decided_before_tracing(folder):
+    """A compiled step cannot time anything: compile_model measures each product for every
+    decode batch of 1-8 rows (each its own row bucket) and for prompts. A batch it left out
+    would run F.linear in its graph (a compiled batch of 8 did: 1.8x the eager step's time)."""
+    from cormlm.models import linear
+
+    model = cormlm.compile_model(cormlm.load_model(folder))
+    shapes = {(*m.weight.shape, m.weight.dtype) for m in model.modules() if isinstance(m, linear.Linear)}
+    decided = {(out, inp, dtype) for out, inp, rows, dtype in linear.graph_choices() if rows == 1}
+    assert decided == shapes
+    for rows in range(1, 9):
+        assert {(out, inp, dtype) for out, inp, n, dtype in linear.graph_choices() if n == rows} == shapes, rows
