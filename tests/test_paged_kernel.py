@@ -85,6 +85,23 @@ def test_kernel_equals_the_rule(streams, group, head_dim, block, blocks, window,
             torch.testing.assert_close(probs.double(), reduced[wanted], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@torch.inference_mode()
+def test_kernel_equals_the_rule_with_the_free_blocks_at_the_end(threads, monkeypatch):
+    """A pool takes its lowest free blocks first, so its free blocks gather at the end; the
+    kernel splits the owned blocks between its threads (not the block range): any split must
+    give the rule's output and probabilities."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    for seed in range(3):
+        keys, values, positions, owner, q, q_pos = random_pool(5, 3, 64, 16, 40, seed)
+        owner[5:30] = torch.arange(25) % 5  # owned blocks first, in any stream order
+        owner[30:], positions[30:] = -1, -1
+        expected_out, expected_probs = naive_attention(keys, values, positions, owner, q, q_pos, 0.125, None)
+        out, probs = paged_kernel.run(keys, values, positions, owner, q, q_pos, 0.125, None, "heads")
+        torch.testing.assert_close(out.double(), expected_out, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(probs.double(), expected_probs, rtol=1e-5, atol=1e-6)
+
+
 @torch.inference_mode()
 def test_kernel_equals_the_tensor_operations_on_a_non_contiguous_query():
     """Also pins the tensor operations' reduced probabilities to the kernel's (which the rule pins)."""

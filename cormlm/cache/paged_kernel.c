@@ -14,6 +14,9 @@
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #define HIDDEN (-FLT_MAX)
 
@@ -174,19 +177,37 @@ void cormlm_paged_decode_f32(const float *q, const float *keys, const float *val
                              float *reduced, float *work, int probs_mode, int threads) {
     const int write_probs = probs_mode != PROBS_NONE;
     float *bmax = work, *bsum = work + NB * G, *coef = work + 2 * NB * G, *part = work + 3 * NB * G;
+    int64_t owned = 0;
+    for (int64_t b = 0; b < NB; b++) owned += owner[b] >= 0;
 #pragma omp parallel num_threads(threads)
     {
-#pragma omp for schedule(static)
-        for (int64_t b = 0; b < NB; b++) {
+        int t = 0, T = 1;
+#ifdef _OPENMP
+        t = omp_get_thread_num();
+        T = omp_get_num_threads();
+#endif
+        /* the owned blocks split evenly between the threads, whatever their order: a pool takes
+         * its lowest free blocks first, so its free ones gather at the end and an even split of
+         * the block range would leave one thread most of the work */
+        const int64_t first = owned * t / T, last = owned * (t + 1) / T;
+        int64_t rank = 0, b = 0;
+        for (; b < NB && rank < first; b++) rank += owner[b] >= 0;
+        for (; b < NB && rank < last; b++) {
             const int64_t s = owner[b];
-            if (s < 0) {
-                memset(probs + b * G * BS, 0, sizeof(float) * G * BS);
-                for (int64_t g = 0; g < G; g++) { bmax[b * G + g] = HIDDEN; bsum[b * G + g] = 0.0f; }
-                continue;
-            }
+            if (s < 0) continue;
+            rank++;
+            int64_t next = b + 1;  /* the thread's next block, fetched while this one is computed */
+            while (next < NB && owner[next] < 0) next++;
+            const int has_next = next < NB && rank < last;
             score_block(q + s * G * D, keys + b * D * BS, values + b * BS * D, pos + b * BS, q_pos[s], G, D, BS,
                         scale, window, probs + b * G * BS, bmax + b * G, bsum + b * G, part + b * G * D,
-                        b + 1 < NB ? keys + (b + 1) * D * BS : NULL, b + 1 < NB ? values + (b + 1) * BS * D : NULL);
+                        has_next ? keys + next * D * BS : NULL, has_next ? values + next * BS * D : NULL);
+        }
+#pragma omp for schedule(static)
+        for (int64_t f = 0; f < NB; f++) {  /* free blocks: nothing visible */
+            if (owner[f] >= 0) continue;
+            memset(probs + f * G * BS, 0, sizeof(float) * G * BS);
+            for (int64_t g = 0; g < G; g++) { bmax[f * G + g] = HIDDEN; bsum[f * G + g] = 0.0f; }
         }
         /* each (stream, query) combines its blocks, scanning the owner list (no per-stream
          * index needed); pairs rather than streams, so a few streams still share out evenly */
