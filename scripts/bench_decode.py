@@ -527,8 +527,9 @@ def print_kernel_choices() -> None:
             print(f"- {choice}")
     from cormlm.cache import paged_kernel
 
+    in_graphs = "the C kernel" if paged_kernel.choose_for_graphs() == "native" else "the tensor operations, fused"
     print("\ncormlm decode attention per shape (fused C kernel or tensor operations, measured at first use; "
-          "compiled graphs fuse the tensor operations):")
+          f"compiled graphs here: {in_graphs}):")
     forced = os.environ.get(paged_kernel.FORCE_ENV)
     if forced:
         print(f"- {paged_kernel.FORCE_ENV}={forced} forces the path")

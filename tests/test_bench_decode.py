@@ -8,6 +8,7 @@ import pytest
 import torch
 from script_runs import cpu_family, cpu_model_name, run_script
 
+from cormlm.cache import paged_kernel
 from cormlm.models.linear import NAMES
 
 pytest.importorskip("transformers")
@@ -89,6 +90,9 @@ def test_kernel_choices_are_printed(output):
 
 def test_decode_attention_choices_are_printed(output):
     tail = output[output.index("cormlm decode attention per shape"):]
+    native = paged_kernel.available() and os.environ.get(paged_kernel.FORCE_ENV, "").strip().lower() != "torch"
+    in_graphs = "the C kernel" if native else "the tensor operations, fused"  # what compiled steps call
+    assert f"compiled graphs here: {in_graphs})" in tail.splitlines()[0]
     lines = re.findall(r"^- streams (\d+), up to (\d+) blocks of (\d+), group (\d+), head (\d+)(, probabilities)?, 1 threads: "
                        r"(native|torch)$", tail, re.MULTILINE)
     assert lines or "native kernel unavailable" in tail, tail
