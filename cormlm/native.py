@@ -24,6 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 FLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC", "-shared")
+HEADERS = (Path(__file__).with_name("native_vectors.h"),)  # what every kernel may include (-I this folder)
 
 
 @functools.cache
@@ -52,7 +53,8 @@ def build(source: Path, cc: str, flags: tuple[str, ...] = FLAGS) -> Path:
     """The shared library for this source, compiler, flags and CPU: from the cache, or compiled
     now (into a temporary name, then renamed: concurrent first uses never load a partial file)."""
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=True).stdout
-    key = hashlib.sha256("\0".join([source.read_text(), cc, version, " ".join(flags),
+    headers = [header.read_text() for header in HEADERS]
+    key = hashlib.sha256("\0".join([source.read_text(), *headers, cc, version, " ".join(flags),
                                     cpu_signature()]).encode()).hexdigest()[:16]
     target = _cache_folder() / f"{source.stem}-{key}.so"
     if target.exists():
@@ -60,7 +62,9 @@ def build(source: Path, cc: str, flags: tuple[str, ...] = FLAGS) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
         built = Path(scratch) / target.name
-        result = subprocess.run([cc, *flags, str(source), "-o", str(built), "-lm"], capture_output=True, text=True)
+        include = f"-I{HEADERS[0].parent}"
+        result = subprocess.run([cc, *flags, include, str(source), "-o", str(built), "-lm"], capture_output=True,
+                                text=True)
         if result.returncode != 0:
             raise RuntimeError(f"{cc} failed: {result.stderr.strip()[-500:]}")
         os.replace(built, target)

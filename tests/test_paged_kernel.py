@@ -195,6 +195,18 @@ def test_the_library_is_built_once_per_cpu(monkeypatch, tmp_path):
     assert native.build(paged_kernel.SOURCE, compiler) != first  # another CPU never loads this one's binary
 
 
+def test_a_changed_shared_header_builds_the_kernel_again(monkeypatch, tmp_path):
+    """The kernels include native_vectors.h: a binary built from another version of it is
+    never loaded (the header is part of the build's key), and the include path is passed."""
+    monkeypatch.setenv("CORMLM_CACHE", str(tmp_path))
+    compiler = native.compiler()
+    first = native.build(paged_kernel.SOURCE, compiler)
+    header = tmp_path / "native_vectors.h"
+    header.write_text(native.HEADERS[0].read_text() + "\n/* another version */\n")
+    monkeypatch.setattr(native, "HEADERS", (header,))
+    assert native.build(paged_kernel.SOURCE, compiler) != first
+
+
 @torch.inference_mode()
 def test_calls_the_kernel_cannot_take_use_the_tensor_operations(monkeypatch):
     monkeypatch.setenv(paged_kernel.FORCE_ENV, "native")

@@ -20,12 +20,8 @@
 
 #define HIDDEN (-FLT_MAX)
 
-#if defined(__AVX512F__)
-#define VW 16
-#else
-#define VW 8
-#endif
-typedef float vf __attribute__((vector_size(VW * 4), aligned(4)));
+#include "native_vectors.h"
+
 #define GT 4 /* queries of the group per register tile */
 #define JT 2 /* vectors of keys per score tile */
 #define DT 4 /* vectors of the head per value tile */

@@ -13,22 +13,10 @@
 #include <omp.h>
 #endif
 
-#if defined(__AVX512F__)
-#define VW 16
-#else
-#define VW 8
-#endif
-typedef float vf __attribute__((vector_size(VW * 4), aligned(4)));
+#include "native_vectors.h"
+
 typedef float vf8 __attribute__((vector_size(32), aligned(4)));
 typedef float vf4 __attribute__((vector_size(16), aligned(4)));
-
-/* Keeps a loaded vector in a register: without it the compiler folds the load into each of the
- * RB multiply-adds that use it, and a few-row product becomes bound by loads, not arithmetic. */
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define IN_REGISTER(v) __asm__("" : "+v"(v))
-#else
-#define IN_REGISTER(v) ((void)0)
-#endif
 
 /* the lanes' sum by halving (a shuffle tree, not a chain of VW scalar adds) */
 static inline float lane_sum(vf v) {
