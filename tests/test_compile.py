@@ -116,7 +116,5 @@ def test_every_decode_batch_up_to_eight_rows_has_its_products_decided_before_tra
 
     model = cormlm.compile_model(cormlm.load_model(folder))
     shapes = {(*m.weight.shape, m.weight.dtype) for m in model.modules() if isinstance(m, linear.Linear)}
-    decided = {(out, inp, dtype) for out, inp, rows, dtype in linear.graph_choices() if rows == 1}
-    assert decided == shapes
-    for rows in range(1, 9):
-        assert {(out, inp, dtype) for out, inp, n, dtype in linear.graph_choices() if n == rows} == shapes, rows
+    for rows in range(1, 9):  # (the choices also hold other models' products measured in this process)
+        assert shapes <= {(out, inp, dtype) for out, inp, n, dtype in linear.graph_choices() if n == rows}, rows
