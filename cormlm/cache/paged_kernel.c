@@ -22,105 +22,81 @@
 
 #include "native_vectors.h"
 
-#define GT 4 /* queries of the group per register tile */
-#define JT 2 /* vectors of keys per score tile */
-#define DT 4 /* vectors of the head per value tile */
+#define GT 4 /* rows of the group's queries or probabilities per register tile */
+#define CT 4 /* column vectors per register tile */
+#define JT 2 /* column vectors of keys per score tile */
+#define DT 4 /* column vectors of the head per value tile */
 #define LINE (64 / (int)sizeof(float))
 #define INLINE static inline __attribute__((always_inline))
 
-/* Scores of GN queries against JN vectors of one block's keys [D, BS]: GN * JN accumulators in
- * registers, each key row loaded once for all GN queries. ``next`` (or NULL): the same columns
- * of the thread's next block, asked for from memory row by row while this one is computed
- * (a block is a short stream, which the hardware prefetcher only learns late). */
-INLINE void score_tile(const float *restrict q, const float *restrict k, int64_t D, int64_t BS, float *restrict p,
-                       const float *next, const int GN, const int JN) {
-    vf acc[GT][JT];
+/* out[g][c] = sum over r of a[g][r] * m[r][c], for GN rows of a and CN vectors of columns: a
+ * block's scores (a: the group's queries, m: its keys [D, BS]) and its weighted values (a: the
+ * probabilities, m: its values [BS, D]) are this one product. GN * CN accumulators in
+ * registers, each row of m loaded once for all GN rows of a. ``next`` (or NULL): the same
+ * columns of the thread's next block, asked for from memory row by row while this one is
+ * computed (a block is a short stream, which the hardware prefetcher only learns late). */
+INLINE void tile(const float *restrict a, int64_t lda, const float *restrict m, int64_t ldm, int64_t R,
+                 float *restrict out, int64_t ldo, const float *next, const int GN, const int CN) {
+    vf acc[GT][CT];
     for (int g = 0; g < GN; g++)
-        for (int j = 0; j < JN; j++) acc[g][j] = (vf){0};
-    for (int64_t d = 0; d < D; d++) {
-        vf kv[JT];
-        for (int j = 0; j < JN; j++) memcpy(&kv[j], k + d * BS + j * VW, sizeof(vf));
+        for (int c = 0; c < CN; c++) acc[g][c] = (vf){0};
+    for (int64_t r = 0; r < R; r++) {
+        vf mv[CT];
+        for (int c = 0; c < CN; c++) memcpy(&mv[c], m + r * ldm + c * VW, sizeof(vf));
         if (next)
-            for (int j = 0; j < JN * VW; j += LINE) __builtin_prefetch(next + d * BS + j, 0, 3);
+            for (int c = 0; c < CN * VW; c += LINE) __builtin_prefetch(next + r * ldm + c, 0, 3);
         for (int g = 0; g < GN; g++) {
-            const vf qd = (vf){0} + q[g * D + d];
-            for (int j = 0; j < JN; j++) acc[g][j] += qd * kv[j];
+            const vf ag = (vf){0} + a[g * lda + r];
+            for (int c = 0; c < CN; c++) acc[g][c] += ag * mv[c];
         }
     }
     for (int g = 0; g < GN; g++)
-        for (int j = 0; j < JN; j++) memcpy(p + g * BS + j * VW, &acc[g][j], sizeof(vf));
-}
-
-/* GN queries' probability-weighted sums of DN vectors of one block's values [BS, D], each value
- * row loaded once for all GN queries; ``next`` as in score_tile. */
-INLINE void value_tile(const float *restrict p, const float *restrict v, int64_t D, int64_t BS, float *restrict out,
-                       const float *next, const int GN, const int DN) {
-    vf acc[GT][DT];
-    for (int g = 0; g < GN; g++)
-        for (int e = 0; e < DN; e++) acc[g][e] = (vf){0};
-    for (int64_t j = 0; j < BS; j++) {
-        vf vv[DT];
-        for (int e = 0; e < DN; e++) memcpy(&vv[e], v + j * D + e * VW, sizeof(vf));
-        if (next)
-            for (int e = 0; e < DN * VW; e += LINE) __builtin_prefetch(next + j * D + e, 0, 3);
-        for (int g = 0; g < GN; g++) {
-            const vf w = (vf){0} + p[g * BS + j];
-            for (int e = 0; e < DN; e++) acc[g][e] += w * vv[e];
-        }
-    }
-    for (int g = 0; g < GN; g++)
-        for (int e = 0; e < DN; e++) memcpy(out + g * D + e * VW, &acc[g][e], sizeof(vf));
+        for (int c = 0; c < CN; c++) memcpy(out + g * ldo + c * VW, &acc[g][c], sizeof(vf));
 }
 
 /* One function per tile shape, so that each tile's accumulators are registers. */
-typedef void (*score_fn)(const float *, const float *, int64_t, int64_t, float *, const float *);
-typedef void (*value_fn)(const float *, const float *, int64_t, int64_t, float *, const float *);
-#define SCORE_TILE(GN, JN)                                                                                      \
-    static void score_##GN##_##JN(const float *q, const float *k, int64_t D, int64_t BS, float *p,              \
-                                  const float *next) { score_tile(q, k, D, BS, p, next, GN, JN); }
-#define VALUE_TILE(GN, DN)                                                                                      \
-    static void value_##GN##_##DN(const float *p, const float *v, int64_t D, int64_t BS, float *out,            \
-                                  const float *next) { value_tile(p, v, D, BS, out, next, GN, DN); }
-SCORE_TILE(1, 1) SCORE_TILE(1, 2) SCORE_TILE(2, 1) SCORE_TILE(2, 2)
-SCORE_TILE(3, 1) SCORE_TILE(3, 2) SCORE_TILE(4, 1) SCORE_TILE(4, 2)
-VALUE_TILE(1, 1) VALUE_TILE(1, 2) VALUE_TILE(1, 3) VALUE_TILE(1, 4)
-VALUE_TILE(2, 1) VALUE_TILE(2, 2) VALUE_TILE(2, 3) VALUE_TILE(2, 4)
-VALUE_TILE(3, 1) VALUE_TILE(3, 2) VALUE_TILE(3, 3) VALUE_TILE(3, 4)
-VALUE_TILE(4, 1) VALUE_TILE(4, 2) VALUE_TILE(4, 3) VALUE_TILE(4, 4)
-static const score_fn SCORES[GT][JT] = {{score_1_1, score_1_2}, {score_2_1, score_2_2},
-                                        {score_3_1, score_3_2}, {score_4_1, score_4_2}};
-static const value_fn VALUES[GT][DT] = {{value_1_1, value_1_2, value_1_3, value_1_4},
-                                        {value_2_1, value_2_2, value_2_3, value_2_4},
-                                        {value_3_1, value_3_2, value_3_3, value_3_4},
-                                        {value_4_1, value_4_2, value_4_3, value_4_4}};
+typedef void (*tile_fn)(const float *, int64_t, const float *, int64_t, int64_t, float *, int64_t, const float *);
+#define TILE(GN, CN)                                                                                             \
+    static void tile_##GN##_##CN(const float *a, int64_t lda, const float *m, int64_t ldm, int64_t R, float *out, \
+                                 int64_t ldo, const float *next) { tile(a, lda, m, ldm, R, out, ldo, next, GN, CN); }
+TILE(1, 1) TILE(1, 2) TILE(1, 3) TILE(1, 4) TILE(2, 1) TILE(2, 2) TILE(2, 3) TILE(2, 4)
+TILE(3, 1) TILE(3, 2) TILE(3, 3) TILE(3, 4) TILE(4, 1) TILE(4, 2) TILE(4, 3) TILE(4, 4)
+static const tile_fn TILES[GT][CT] = {{tile_1_1, tile_1_2, tile_1_3, tile_1_4}, {tile_2_1, tile_2_2, tile_2_3, tile_2_4},
+                                      {tile_3_1, tile_3_2, tile_3_3, tile_3_4}, {tile_4_1, tile_4_2, tile_4_3, tile_4_4}};
 
 static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
+/* out [G, C] = a [G, R] @ m [R, C] (rows lda, ldm, ldo apart): register tiles of up to GT rows
+ * and ``cmax`` column vectors where the columns are whole vectors (the usual block and head
+ * sizes), a plain loop otherwise. ``next``: see tile. */
+static void product(const float *restrict a, int64_t lda, const float *restrict m, int64_t ldm, int64_t R, int64_t C,
+                    float *restrict out, int64_t ldo, int64_t G, int64_t cmax, const float *next) {
+    if (C % VW == 0) {
+        for (int64_t g0 = 0; g0 < G; g0 += GT)
+            for (int64_t c0 = 0; c0 < C; c0 += cmax * VW)
+                TILES[min64(G - g0, GT) - 1][min64((C - c0) / VW, cmax) - 1](
+                    a + g0 * lda, lda, m + c0, ldm, R, out + g0 * ldo + c0, ldo, g0 == 0 && next ? next + c0 : NULL);
+        return;
+    }
+    for (int64_t g = 0; g < G; g++) {
+        float *restrict o = out + g * ldo;
+        for (int64_t c = 0; c < C; c++) o[c] = 0.0f;
+        for (int64_t r = 0; r < R; r++) {
+            const float w = a[g * lda + r];
+            const float *restrict row = m + r * ldm;
+            for (int64_t c = 0; c < C; c++) o[c] += w * row[c];
+        }
+    }
+}
+
 /* Phase 1: block b's raw probabilities exp(score - block max) into p [G, BS], the block's max
- * and sum per query into bmax/bsum [G], and its weighted values into part [G, D]. Register
- * tiles where the block and the head are whole vectors (the usual sizes), plain loops
- * otherwise. next_k / next_v: the thread's next block (or NULL), fetched while this one runs. */
+ * and sum per query into bmax/bsum [G], and its weighted values into part [G, D]. next_k /
+ * next_v: the thread's next block (or NULL), fetched while this one runs. */
 static void score_block(const float *restrict q, const float *restrict k, const float *restrict v,
                         const int32_t *restrict pos, int32_t q_pos, int64_t G, int64_t D, int64_t BS, float scale,
                         int64_t window, float *restrict p, float *restrict bmax, float *restrict bsum,
                         float *restrict part, const float *next_k, const float *next_v) {
-    const int tiled = BS % VW == 0 && D % VW == 0;
-    if (tiled) {
-        for (int64_t g0 = 0; g0 < G; g0 += GT)
-            for (int64_t j0 = 0; j0 < BS; j0 += JT * VW)
-                SCORES[min64(G - g0, GT) - 1][min64((BS - j0) / VW, JT) - 1](
-                    q + g0 * D, k + j0, D, BS, p + g0 * BS + j0, g0 == 0 && next_k ? next_k + j0 : NULL);
-    } else {
-        for (int64_t x = 0; x < G * BS; x++) p[x] = 0.0f;
-        for (int64_t d = 0; d < D; d++) {  /* each key row read once for every query of the group */
-            const float *restrict krow = k + d * BS;
-            for (int64_t g = 0; g < G; g++) {
-                const float qd = q[g * D + d];
-                float *restrict pg = p + g * BS;
-                for (int64_t j = 0; j < BS; j++) pg[j] += qd * krow[j];
-            }
-        }
-    }
+    product(q, D, k, BS, D, BS, p, BS, G, JT, next_k);  /* scores: q [G, D] @ keys [D, BS] */
     const int32_t oldest = window > 0 ? (int32_t)(q_pos - window) : -1;  /* visible: oldest < position */
     for (int64_t g = 0; g < G; g++) {
         float *restrict pg = p + g * BS;
@@ -139,23 +115,7 @@ static void score_block(const float *restrict q, const float *restrict k, const 
         bmax[g] = m;
         bsum[g] = sum;
     }
-    if (tiled) {
-        for (int64_t g0 = 0; g0 < G; g0 += GT)
-            for (int64_t d0 = 0; d0 < D; d0 += DT * VW)
-                VALUES[min64(G - g0, GT) - 1][min64((D - d0) / VW, DT) - 1](
-                    p + g0 * BS, v + d0, D, BS, part + g0 * D + d0, g0 == 0 && next_v ? next_v + d0 : NULL);
-    } else {
-        for (int64_t g = 0; g < G; g++) {
-            float *restrict acc = part + g * D;
-            const float *restrict pg = p + g * BS;
-            for (int64_t d = 0; d < D; d++) acc[d] = 0.0f;
-            for (int64_t j = 0; j < BS; j++) {
-                const float w = pg[j];
-                const float *restrict vrow = v + j * D;
-                for (int64_t d = 0; d < D; d++) acc[d] += w * vrow[d];
-            }
-        }
-    }
+    product(p, BS, v, D, BS, D, part, D, G, DT, next_v);  /* weighted values: p [G, BS] @ values [BS, D] */
 }
 
 /* What the kernel writes of the probabilities: nothing, each query's [NB,G,BS], or the group's
