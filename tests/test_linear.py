@@ -182,6 +182,17 @@ def test_the_few_row_c_kernel_matches_float64_on_every_row_count_and_ragged_shap
         torch.set_num_threads(previous)
 
 
+@torch.inference_mode()
+def test_the_few_row_c_kernel_built_for_8_lane_vectors_matches_float64(narrow_vectors):
+    narrow_vectors(linear_module.ROWS_GEMM)
+    torch.manual_seed(1)
+    for rows in range(1, linear_module.ROWS_MAX + 1):
+        for out_features, in_features in [(7, 5), (25, 17), (97, 576), (3, 1536)]:
+            x, w, b = torch.randn(rows, in_features), torch.randn(out_features, in_features), torch.randn(out_features)
+            expected = F.linear(x.double(), w.double(), b.double())
+            torch.testing.assert_close(linear_module.rows_gemm(x, w, b).double(), expected, rtol=1e-5, atol=1e-4)
+
+
 @pytest.mark.parametrize("kernel", ["split", "linear", "onednn", "linear_t", "onednn_t", "rows", None])
 @torch.inference_mode()
 def test_a_product_of_no_rows_is_empty_on_every_kernel(monkeypatch, kernel):

@@ -103,6 +103,19 @@ def test_kernel_equals_the_rule_with_the_free_blocks_at_the_end(threads, monkeyp
 
 
 @torch.inference_mode()
+def test_kernel_built_for_8_lane_vectors_equals_the_rule(narrow_vectors):
+    """Register tiles over 8-lane vectors (block and head sizes whole vectors of 8, or not)."""
+    narrow_vectors(paged_kernel.KERNEL)
+    for streams, group, head_dim, block, blocks in [(3, 3, 64, 16, 40), (5, 4, 80, 64, 11), (2, 8, 40, 8, 20),
+                                                    (4, 5, 12, 16, 9)]:
+        keys, values, positions, owner, q, q_pos = random_pool(streams, group, head_dim, block, blocks, seed=2)
+        expected_out, expected_probs = naive_attention(keys, values, positions, owner, q, q_pos, 0.125, None)
+        out, probs = paged_kernel.run(keys, values, positions, owner, q, q_pos, 0.125, None, "heads")
+        torch.testing.assert_close(out.double(), expected_out, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(probs.double(), expected_probs, rtol=1e-5, atol=1e-6)
+
+
+@torch.inference_mode()
 def test_kernel_equals_the_tensor_operations_on_a_non_contiguous_query():
     """Also pins the tensor operations' reduced probabilities to the kernel's (which the rule pins)."""
     keys, values, positions, owner, q, q_pos = random_pool(6, 3, 64, 16, 30, seed=2)
