@@ -162,13 +162,15 @@ def test_a_kernel_that_fails_on_this_machine_is_dropped_for_f_linear(monkeypatch
 @torch.inference_mode()
 def test_the_few_row_c_kernel_matches_float64_on_every_row_count_and_ragged_shapes(threads):
     """Every row count has its own C function; widths off the vector length and weight rows
-    off the per-thread span take the kernel's tail loops."""
+    off the per-thread span take the kernel's tail loops; wide inputs (4099 columns: over half
+    of any L1 at 2 rows or more) are taken in column chunks that add into the output, the bias
+    once."""
     torch.manual_seed(0)
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         for rows in range(1, linear_module.ROWS_MAX + 1):
-            for out_features, in_features in [(1, 1), (7, 5), (25, 17), (49, 100), (97, 576), (3, 1536)]:
+            for out_features, in_features in [(1, 1), (7, 5), (25, 17), (49, 100), (97, 576), (3, 1536), (9, 4099)]:
                 x, w, b = torch.randn(rows, in_features), torch.randn(out_features, in_features), torch.randn(out_features)
                 for bias in (None, b):
                     expected = F.linear(x.double(), w.double(), None if bias is None else bias.double())
@@ -187,7 +189,7 @@ def test_the_few_row_c_kernel_built_for_8_lane_vectors_matches_float64(narrow_ve
     narrow_vectors(linear_module.ROWS_GEMM)
     torch.manual_seed(1)
     for rows in range(1, linear_module.ROWS_MAX + 1):
-        for out_features, in_features in [(7, 5), (25, 17), (97, 576), (3, 1536)]:
+        for out_features, in_features in [(7, 5), (25, 17), (97, 576), (3, 1536), (9, 4099)]:
             x, w, b = torch.randn(rows, in_features), torch.randn(out_features, in_features), torch.randn(out_features)
             expected = F.linear(x.double(), w.double(), b.double())
             torch.testing.assert_close(linear_module.rows_gemm(x, w, b).double(), expected, rtol=1e-5, atol=1e-4)

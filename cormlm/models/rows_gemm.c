@@ -9,6 +9,7 @@
  */
 #include <stdint.h>
 #include <string.h>
+#include <unistd.h>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -35,13 +36,15 @@ static inline float lane_sum(vf v) {
     return (c[0] + c[2]) + (c[1] + c[3]);
 }
 
-/* Output columns n0..n1 of M rows, RB weight rows at a time (M * RB accumulators); AHEAD > 0
+/* Output columns n0..n1 of M rows over K columns of x and w (rows ld apart), RB weight rows at
+ * a time (M * RB accumulators), stored into y (first) or added to it; AHEAD > 0
  * asks for the weight rows AHEAD blocks on while this block is multiplied: with several input
  * rows each weight byte takes more arithmetic, and the memory idles between the hardware
  * prefetcher's requests unless asked early (one vector product per row needs no help). */
 #define DEFINE_ROWS(M, RB, AHEAD)                                                                            \
     static void rows_##M(const float *restrict x, const float *restrict w, const float *restrict bias,       \
-                         float *restrict y, int64_t N, int64_t K, int64_t n0, int64_t n1) {                  \
+                         float *restrict y, int64_t N, int64_t K, int64_t ld, int first, int64_t n0,         \
+                         int64_t n1) {                                                                       \
         const int64_t KV = K / VW * VW;                                                                      \
         int64_t n = n0;                                                                                      \
         for (; n + RB <= n1; n += RB) {                                                                      \
@@ -50,12 +53,12 @@ static inline float lane_sum(vf v) {
                 for (int r = 0; r < RB; r++) acc[m][r] = (vf){0};                                            \
             for (int64_t k = 0; k < KV; k += VW) {                                                           \
                 vf wv[RB];                                                                                   \
-                for (int r = 0; r < RB; r++) memcpy(&wv[r], w + (n + r) * K + k, sizeof(vf));                \
+                for (int r = 0; r < RB; r++) memcpy(&wv[r], w + (n + r) * ld + k, sizeof(vf));               \
                 for (int r = 0; AHEAD && r < RB; r++) /* a prefetch past the end never faults */             \
-                    __builtin_prefetch(w + (n + AHEAD * RB + r) * K + k, 0, 0);                              \
+                    __builtin_prefetch(w + (n + AHEAD * RB + r) * ld + k, 0, 0);                             \
                 for (int m = 0; m < M; m++) {                                                                \
                     vf xv;                                                                                   \
-                    memcpy(&xv, x + m * K + k, sizeof(vf));                                                  \
+                    memcpy(&xv, x + m * ld + k, sizeof(vf));                                                 \
                     IN_REGISTER(xv);                                                                         \
                     for (int r = 0; r < RB; r++) acc[m][r] += xv * wv[r];                                    \
                 }                                                                                            \
@@ -63,15 +66,15 @@ static inline float lane_sum(vf v) {
             for (int m = 0; m < M; m++)                                                                      \
                 for (int r = 0; r < RB; r++) {                                                               \
                     float s = lane_sum(acc[m][r]);                                                           \
-                    for (int64_t k = KV; k < K; k++) s += x[m * K + k] * w[(n + r) * K + k];                 \
-                    y[m * N + n + r] = bias ? s + bias[n + r] : s;                                           \
+                    for (int64_t k = KV; k < K; k++) s += x[m * ld + k] * w[(n + r) * ld + k];               \
+                    y[m * N + n + r] = first ? (bias ? s + bias[n + r] : s) : y[m * N + n + r] + s;          \
                 }                                                                                            \
         }                                                                                                    \
         for (; n < n1; n++)                                                                                  \
             for (int m = 0; m < M; m++) {                                                                    \
                 float s = 0.0f;                                                                              \
-                for (int64_t k = 0; k < K; k++) s += x[m * K + k] * w[n * K + k];                            \
-                y[m * N + n] = bias ? s + bias[n] : s;                                                       \
+                for (int64_t k = 0; k < K; k++) s += x[m * ld + k] * w[n * ld + k];                          \
+                y[m * N + n] = first ? (bias ? s + bias[n] : s) : y[m * N + n] + s;                          \
             }                                                                                                \
     }
 
@@ -84,15 +87,34 @@ DEFINE_ROWS(6, 3, 2)
 DEFINE_ROWS(7, 2, 2)
 DEFINE_ROWS(8, 2, 2)
 
-typedef void (*rows_fn)(const float *, const float *, const float *, float *, int64_t, int64_t, int64_t, int64_t);
+typedef void (*rows_fn)(const float *, const float *, const float *, float *, int64_t, int64_t, int64_t, int,
+                        int64_t, int64_t);
 static const rows_fn ROWS[9] = {0, rows_1, rows_2, rows_3, rows_4, rows_5, rows_6, rows_7, rows_8};
 #define SPAN 24 /* a thread's share of weight rows is a multiple of every RB above */
+
+/* Bytes of x that a pass over the weight rows may read: half the L1 data cache, so that the
+ * input rows stay in L1 beside the streamed weight rows. A longer x (8 rows of a 1536-wide
+ * MLP product are 48 KiB) is taken in column chunks, each a pass over the same weight rows
+ * that adds into y; from L2, x's loads stall the weight stream. */
+static int64_t x_budget(void) {
+    static int64_t budget = 0;
+    if (!budget) {
+        long l1 = 0;
+#ifdef _SC_LEVEL1_DCACHE_SIZE
+        l1 = sysconf(_SC_LEVEL1_DCACHE_SIZE);
+#endif
+        budget = (l1 > 0 ? l1 : 32768) / 2;
+    }
+    return budget;
+}
 
 /* bias may be NULL; x, w, bias, y contiguous; 1 <= M <= 8 (the caller checks; anything else
  * returns with y untouched). */
 void cormlm_rows_gemm_f32(const float *x, const float *w, const float *bias, float *y, int64_t M, int64_t N,
                           int64_t K, int threads) {
     if (M < 1 || M > 8) return;
+    const int64_t budget = x_budget(), parts = (M * K * 4 + budget - 1) / budget;
+    const int64_t chunk = ((K + parts - 1) / parts + VW - 1) / VW * VW;
 #pragma omp parallel num_threads(threads)
     {
         int t = 0, T = 1;
@@ -102,6 +124,8 @@ void cormlm_rows_gemm_f32(const float *x, const float *w, const float *bias, flo
 #endif
         const int64_t per = ((N + T - 1) / T + SPAN - 1) / SPAN * SPAN;
         const int64_t n0 = t * per, n1 = n0 + per < N ? n0 + per : N;
-        if (n0 < N) ROWS[M](x, w, bias, y, N, K, n0, n1);
+        if (n0 < N)
+            for (int64_t k0 = 0; k0 < K; k0 += chunk)
+                ROWS[M](x + k0, w + k0, bias, y, N, (K - k0 < chunk ? K - k0 : chunk), K, k0 == 0, n0, n1);
     }
 }
