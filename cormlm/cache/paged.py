@@ -160,9 +160,12 @@ class BlockPool:
         old_keys, old_values = self.keys, self.values
         n = self.capacity
         blocks = self.bucket(needed_blocks)
-        self.keys = torch.zeros(blocks, *old_keys.shape[1:], dtype=self.dtype, device=self.device)
-        self.values = torch.zeros(blocks, *old_values.shape[1:], dtype=self.dtype, device=self.device)
+        # the old blocks copied, only the new ones zeroed (a step that grows pays one write per byte)
+        self.keys = torch.empty(blocks, *old_keys.shape[1:], dtype=self.dtype, device=self.device)
+        self.values = torch.empty(blocks, *old_values.shape[1:], dtype=self.dtype, device=self.device)
         self.keys[:n], self.values[:n] = old_keys, old_values
+        self.keys[n:].zero_()
+        self.values[n:].zero_()
         self._mark_dynamic(self.keys, self.values)
         self.index.resize(self.region, blocks, keep=True)
 
