@@ -23,7 +23,7 @@ from .alibi import alibi_slopes
 from .attention import Attention, StepContext
 from .linear import Linear
 from .mlp import make_mlp
-from .norms import make_norm
+from .norms import add_and_norm, make_norm
 from .rope import RotaryEmbedding
 
 if TYPE_CHECKING:
@@ -63,8 +63,8 @@ class Block(nn.Module):
             return self._post_attention_sharded(x, h, attn_out)
         attn = self.attn.output(attn_out)
         if not self.parallel:
-            x = x + attn
-            return self.mlp.added_to(x, self.mlp_norm(x))  # x is this call's own: added into in place
+            x, normed = add_and_norm(self.mlp_norm, x, attn)
+            return self.mlp.added_to(x, normed)  # x is this call's own: added into in place
         mlp_in = h if self.mlp_norm is None else self.mlp_norm(x)
         return x + (self.mlp(mlp_in) + attn)
 
