@@ -555,3 +555,68 @@ def test_decode_update_is_observe_then_merge(data, window, threshold):
     fused = policy.decode_update(state, probs, query_t, None)
     general = policy.merge(state, policy.observe(probs, query_t, None, None))
     assert torch.equal(fused["keep_until"], general["keep_until"])
+
+
+def tensor_decode_step(policy, keep_until, positions, probs, query_t, layer_of_row, layers, window):
+    """An eager step's update, eviction and count as RaggedCache's tensor operations make them."""
+    from cormlm.cache.policy import SlotView
+
+    updated = policy.decode_update({"keep_until": keep_until}, probs.view(len(positions), 1, 1, -1), query_t, None)
+    torch.where(positions >= 0, updated["keep_until"], keep_until, out=keep_until)
+    view = SlotView(positions, {"keep_until": keep_until}, query_t, torch.zeros(len(positions), dtype=torch.long),
+                    query_t.view(-1), single_step=True)
+    drop = policy.evict(view)
+    if window is not None:
+        drop |= (positions >= 0) & (positions <= query_t - window)
+    positions.masked_fill_(drop, -1)
+    live = torch.zeros(layers, dtype=torch.long)
+    return live.index_add_(0, layer_of_row, (positions >= 0).sum(dim=1)).tolist()
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data(), window=st.integers(1, 64), recent=st.integers(0, 40), threshold=st.sampled_from([1.0, 0.5, 0.3]),
+       sliding=st.sampled_from([None, 5, 30]), uniform=st.booleans())
+def test_the_native_decode_step_equals_the_tensor_operations(data, window, recent, threshold, sliding, uniform):
+    """CORM's one-pass C step (mark, evict, count) keeps exactly the slots, marks and counts the
+    tensor operations do: probabilities on, just under and over alpha/t, holes, marks from
+    earlier queries, one t for all rows or one per row, a sliding window or none."""
+    from cormlm.cache import corm_step
+    from cormlm.cache.corm import CormPolicy
+
+    if corm_step.KERNEL.function() is None:
+        pytest.skip(f"no C kernel here: {corm_step.KERNEL.unavailable}")
+    rows, block, layers = data.draw(st.integers(1, 40)), data.draw(st.sampled_from([1, 3, 16])), data.draw(st.integers(1, 4))
+    gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1)))
+    query_t = torch.randint(1, 400, (1, 1) if uniform else (rows, 1), generator=gen).to(torch.int32)
+    t = query_t.float().expand(rows, 1)
+    marked = threshold / t  # exactly torch's alpha / t: ties are drawn
+    probs = torch.rand(rows, block, generator=gen) * 2 * marked
+    pick = torch.randint(0, 4, (rows, block), generator=gen)
+    probs = torch.where(pick == 0, marked.expand(rows, block), probs)  # on the line
+    probs = torch.where(pick == 1, torch.nextafter(marked, torch.zeros(())).expand(rows, block), probs)  # just under
+    positions = torch.minimum(torch.randint(-1, 400, (rows, block), generator=gen), query_t.expand(rows, block) - 1)
+    positions = positions.to(torch.int32).masked_fill(torch.rand(rows, block, generator=gen) < 0.2, -1)
+    earlier = torch.randint(0, 400, (rows, block), generator=gen)
+    keep_until = torch.where(earlier > 0, earlier + window, window).float()
+    layer_of_row = torch.randint(0, layers, (rows,), generator=gen)
+    policy = CormPolicy(window=window, recent=recent, threshold=threshold)
+
+    keep_ref, pos_ref = keep_until.clone(), positions.clone()
+    expected = tensor_decode_step(policy, keep_ref, pos_ref, probs, query_t, layer_of_row, layers, sliding)
+    live = policy.native_decode_step({"keep_until": keep_until}, probs, positions, query_t, layer_of_row, layers, sliding)
+    assert live == expected
+    assert torch.equal(positions, pos_ref) and torch.equal(keep_until, keep_ref)
+
+
+def test_options_the_native_step_does_not_implement_take_the_tensor_operations():
+    """A budget or a magnitude: no native step (the general path decides); the rule alone: one."""
+    from cormlm.cache import corm_step
+    from cormlm.cache.corm import CormPolicy
+
+    if corm_step.KERNEL.function() is None:
+        pytest.skip(f"no C kernel here: {corm_step.KERNEL.unavailable}")
+    args = ({"keep_until": torch.zeros(2, 4)}, torch.zeros(2, 4), torch.zeros(2, 4, dtype=torch.int32),
+            torch.ones(1, 1, dtype=torch.int32), torch.zeros(2, dtype=torch.long), 1, None)
+    assert CormPolicy(window=4, recent=2, budget=8).native_decode_step(*args) is None
+    assert CormPolicy(window=4, recent=2, magnitude=1.0).native_decode_step(*args) is None
+    assert CormPolicy(window=4, recent=2).native_decode_step(*args) == [8]

@@ -24,6 +24,7 @@ import math
 import torch
 
 from ..errors import CacheConfigError
+from . import corm_step
 from .budget import check_recent_within_budget, drop_over_budget
 from .policy import EvictionPolicy, SlotView, group_max, group_max_
 
@@ -117,6 +118,16 @@ class CormPolicy(EvictionPolicy):
         t = query_t.float()  # [NB, 1]
         important = group_max(probs)[:, 0, 0] >= self.threshold / t  # [NB, block]
         return {"keep_until": torch.where(important, t + float(self.window), state["keep_until"])}
+
+    def native_decode_step(self, state: dict[str, torch.Tensor], probs: torch.Tensor, positions: torch.Tensor,
+                           query_t: torch.Tensor, layer_of_row: torch.Tensor, layers: int,
+                           window: int | None) -> list[int] | None:
+        """The rule without options (no budget, no magnitude) as one C pass (``corm_step.c``)."""
+        keep_until = state["keep_until"]
+        if self.budget is not None or self.magnitude or not corm_step.fits(keep_until, positions, probs, query_t):
+            return None
+        return corm_step.decode_step(keep_until, positions, probs, query_t, layer_of_row, layers, self.threshold,
+                                     self.window, self.recent, window)
 
     def evict(self, view: SlotView) -> torch.Tensor:
         t = view.query_t

@@ -151,6 +151,15 @@ class EvictionPolicy(ABC):
         when one query per stream allows it, with the same result)."""
         return self.merge(state, self.observe(probs, query_t, attended, None))
 
+    def native_decode_step(self, state: dict[str, torch.Tensor], probs: torch.Tensor, positions: torch.Tensor,
+                           query_t: torch.Tensor, layer_of_row: torch.Tensor, layers: int,
+                           window: int | None) -> list[int] | None:
+        """An eager decode step's :meth:`decode_update`, then :meth:`evict` and the sliding
+        ``window``, over every layer's slots (``positions`` [rows, block], ``layer_of_row``) in
+        one native pass, in place; returns each layer's live keys, or None where the policy
+        has no such pass (the tensor operations run)."""
+        return None
+
     def stored(self, keys: torch.Tensor) -> dict[str, torch.Tensor]:
         """State of freshly stored keys [..., D] computed from the keys themselves ([...])."""
         return {}

@@ -261,11 +261,11 @@ class RaggedCache(KVCache):
             return stored
         return {name: self.query_group.agree(value) for name, value in stored.items()}
 
-    def _block_t(self, owner: torch.Tensor, layers: int = 1) -> torch.Tensor:
+    def _block_t(self, owner: torch.Tensor | None, layers: int = 1) -> torch.Tensor:
         """[NB, 1]: the 1-indexed position of the latest query of the stream owning each block
         (``owner`` numbers the streams of ``layers`` layers one after the other), int32 as the
         pool's positions (comparing them with a long would copy them each time); [1, 1] when
-        every stream has seen as many tokens (no lookup)."""
+        every stream has seen as many tokens (no lookup; ``owner`` may then be None)."""
         if self._uniform:
             return self._stream_t32[:1, None]
         stream_t = self._stream_t32 if layers == 1 else self._stream_t32.repeat(layers)
@@ -340,11 +340,21 @@ class RaggedCache(KVCache):
         index = self.index
         positions, layer_of_row = index.positions, index.region_of_row
         streams = self.batch_size * self.num_kv_heads
-        owner = torch.where(index.owner >= 0, index.owner + layer_of_row * streams, -1)
-        stream_t = self._stream_t.repeat(self.num_layers)
+
+        def streams_numbered() -> torch.Tensor:  # each block's stream, numbered across the layers
+            return torch.where(index.owner >= 0, index.owner + layer_of_row * streams, -1)
+
+        owner = None if self._uniform else streams_numbered()  # (one t for every block: no lookup)
         query_t = self._block_t(owner, self.num_layers)
         state = index.state if observed or self._policy_evicts else {}
         scratch = index.end_scratch()
+        if observed:
+            live = self.policy.native_decode_step(state, scratch["probs"], positions, query_t, layer_of_row,
+                                                  self.num_layers, self._window)
+            if live is not None:
+                return live
+        owner = streams_numbered() if owner is None else owner
+        stream_t = self._stream_t.repeat(self.num_layers)
         if observed:
             updated = self.policy.decode_update(state, scratch["probs"], query_t, scratch.get("attended"))
             held = positions >= 0
