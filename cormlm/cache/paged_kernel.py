@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -46,8 +47,22 @@ _choices: dict[tuple, str] = {}
 _trials: dict[tuple, dict[str, list[float]]] = {}
 
 
+_workspace = threading.local()  # per thread: a kernel call runs in the thread that made it
+
+
 def _library() -> Callable[..., None] | None:
     return KERNEL.function()
+
+
+def workspace(numel: int) -> torch.Tensor:
+    """``numel`` float32 scratch elements, kept by this thread between calls (grown, never
+    shrunk): the kernel's per-block intermediates, a few percent of one layer's keys and values.
+    A fresh tensor of this size each call comes from fresh pages, whose faults cost more than
+    the kernel's own work at batch 8 (every layer's call, every step)."""
+    buffer = getattr(_workspace, "buffer", None)
+    if buffer is None or buffer.numel() < numel:
+        buffer = _workspace.buffer = torch.empty(numel)
+    return buffer[:numel]
 
 
 def available() -> bool:
@@ -84,10 +99,12 @@ def run(keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, owner
     out = q.new_empty(s, g, d)
     reduce = probs in ("max", "sum")
     given = None if probs_out is None else probs_out.view(nb, 1 if reduce else g, bs)
-    # the probabilities for "heads", else scratch
-    per_head = given if given is not None and not reduce else q.new_empty(nb, g, bs)
-    reduced = (q.new_empty(nb, 1, bs) if given is None else given) if reduce else per_head
-    work = q.new_empty(nb * g * (d + 3))
+    work_size, heads = nb * g * (d + 3), probs == "heads"
+    space = workspace(work_size + (0 if heads else nb * g * bs))
+    work = space[:work_size]
+    # the per-head probabilities: returned for "heads", else scratch
+    per_head = (given if given is not None else q.new_empty(nb, g, bs)) if heads else space[work_size:].view(nb, g, bs)
+    reduced = (given if given is not None else q.new_empty(nb, 1, bs)) if reduce else per_head
     kernel(q.data_ptr(), keys.data_ptr(), values.data_ptr(), positions.data_ptr(), owner.data_ptr(), q_pos.data_ptr(),
            s, g, d, nb, bs, scale, window or 0, out.data_ptr(), per_head.data_ptr(), reduced.data_ptr(),
            work.data_ptr(), PROBS_MODES[probs], torch.get_num_threads())
