@@ -85,6 +85,23 @@ def test_kernel_equals_the_rule(streams, group, head_dim, block, blocks, window,
             torch.testing.assert_close(probs.double(), reduced[wanted], rtol=1e-5, atol=1e-6)
 
 
+@torch.inference_mode()
+def test_what_a_call_returns_is_its_own_after_the_workspace_is_reused():
+    """The kernel's scratch is kept between calls (one workspace per thread, grown to the
+    largest call): outputs and returned probabilities are the caller's, a later call of any
+    size leaves them as they were, and a grown workspace still gives the rule."""
+    small, large = random_pool(3, 3, 16, 4, 12, 0), random_pool(5, 2, 32, 8, 60, 1)
+    results = {wanted: paged_kernel.run(*small, 0.25, None, wanted) for wanted in ("heads", "max", "sum")}
+    kept = {wanted: (out.clone(), probs.clone()) for wanted, (out, probs) in results.items()}
+    for wanted in (None, "heads", "max", "sum"):
+        paged_kernel.run(*large, 0.25, None, wanted)
+        paged_kernel.run(*small, 0.25, None, wanted)
+    for wanted, (out, probs) in results.items():
+        assert torch.equal(out, kept[wanted][0]) and torch.equal(probs, kept[wanted][1])
+    expected_out, _ = naive_attention(*large, 0.25, None)
+    torch.testing.assert_close(paged_kernel.run(*large, 0.25, None, "max")[0].double(), expected_out, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @torch.inference_mode()
 def test_kernel_equals_the_rule_with_the_free_blocks_at_the_end(threads, monkeypatch):
