@@ -41,7 +41,6 @@ class RMSNorm(nn.Module):
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(dtype)
 
-
     def added(self, x: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``x + delta`` and its norm (a residual stream and the next sublayer's input)."""
         if self._kernel_takes(x) and self._kernel_takes(delta) and delta.shape == x.shape:
