@@ -57,8 +57,8 @@ def _library() -> Callable[..., None] | None:
 def workspace(numel: int) -> torch.Tensor:
     """``numel`` float32 scratch elements, kept by this thread between calls (grown, never
     shrunk): the kernel's per-block intermediates, a few percent of one layer's keys and values.
-    A fresh tensor of this size each call comes from fresh pages, whose faults cost more than
-    the kernel's own work at batch 8 (every layer's call, every step)."""
+    A fresh tensor of this size each call comes from fresh pages, whose faults added about
+    half again to the kernel's own time at batch 8 (every layer's call, every step)."""
     buffer = getattr(_workspace, "buffer", None)
     if buffer is None or buffer.numel() < numel:
         buffer = _workspace.buffer = torch.empty(numel)
