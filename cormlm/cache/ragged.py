@@ -107,12 +107,20 @@ def explicit_log_probs(q: torch.Tensor, keys_t: torch.Tensor, q_pos: torch.Tenso
                        scratch: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probabilities of :func:`explicit_scores` (same arguments), and what each row saw.
     ``lse`` [B, Hq, Q]: the rows' log-sum-exp as SDPA computed it over the same keys; it is
-    subtracted from the scores in place (no softmax pass, no second tensor of their size)."""
+    subtracted from the scores in place (no softmax pass, no second tensor of their size).
+
+    A prompt's first query sees its own key alone: probability 1, its log exactly 0, which
+    CORM's test a >= alpha/t meets with equality at t = 1. SDPA's log-sum-exp comes from
+    another kernel's product than these scores, a rounding apart, so that row is set exactly
+    (every other row's threshold is a tie only by accident)."""
     scores, visible = explicit_scores(q, keys_t, q_pos, k_pos, spec, causal_start, scratch)
     if lse is None:  # in place: the scores are this call's own (scratch or a fresh upcast)
         return torch.log_softmax(scores, dim=-1, out=scores), visible
     b, hkv, g, nq, _ = scores.shape
-    return scores.sub_(lse.view(b, hkv, g, nq, 1)), visible
+    scores.sub_(lse.view(b, hkv, g, nq, 1))
+    if causal_start == 0:
+        scores[..., 0, 0] = 0.0
+    return scores, visible
 
 
 class QueryGroup(Protocol):
