@@ -63,7 +63,11 @@ def test_prompts_gradients_other_dtypes_and_strided_rows_take_torch(monkeypatch)
     with torch.inference_mode():
         norm(torch.randn(2, 16))
         norm.added(torch.randn(2, 16), torch.randn(2, 16))
-    assert len(calls) == 2
+        x, strided = torch.randn(2, 16), torch.randn(2, 32)[:, ::2]
+        total, normed = norm.added(x, strided)  # a strided branch: torch adds, the kernel norms the sum
+    assert len(calls) == 3 and calls[1][1] is not None and calls[2][1] is None
+    assert torch.equal(total, x + strided)
+    torch.testing.assert_close(normed, F.rms_norm(x + strided, (16,), norm.weight, 1e-6))
 
 
 @torch.inference_mode()

@@ -30,10 +30,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._kernel_takes(x):
-            y = torch.empty_like(x)
-            RMS_NORM.function()(x.data_ptr(), None, self.weight.data_ptr(), None, y.data_ptr(), x.numel() // x.shape[-1],
-                                x.shape[-1], self.eps)
-            return y
+            return self._kernel(x, None)[1]
         dtype = x.dtype
         if dtype == torch.float32:  # the same arithmetic in one fused call (a decode step runs 60 of these)
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
@@ -43,13 +40,19 @@ class RMSNorm(nn.Module):
 
     def added(self, x: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``x + delta`` and its norm (a residual stream and the next sublayer's input)."""
-        if self._kernel_takes(x) and self._kernel_takes(delta) and delta.shape == x.shape:
-            total, y = torch.empty_like(x), torch.empty_like(x)
-            RMS_NORM.function()(x.data_ptr(), delta.data_ptr(), self.weight.data_ptr(), total.data_ptr(), y.data_ptr(),
-                                x.numel() // x.shape[-1], x.shape[-1], self.eps)
-            return total, y
+        if self._kernel_takes(x) and delta.shape == x.shape and delta.dtype is x.dtype and delta.is_cpu \
+                and delta.is_contiguous():
+            return self._kernel(x, delta)
         total = x + delta
         return total, self(total)
+
+    def _kernel(self, x: torch.Tensor, delta: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """The C kernel on rows ``x`` (+ ``delta``): (the sum or None, its norm)."""
+        total, y = None if delta is None else torch.empty_like(x), torch.empty_like(x)
+        RMS_NORM.function()(x.data_ptr(), None if delta is None else delta.data_ptr(), self.weight.data_ptr(),
+                            None if total is None else total.data_ptr(), y.data_ptr(), x.numel() // x.shape[-1],
+                            x.shape[-1], self.eps)
+        return total, y
 
     def _kernel_takes(self, x: torch.Tensor) -> bool:
         """An eager float32 CPU call on a few contiguous rows without gradients (inference),

@@ -7,7 +7,6 @@
  */
 #include <math.h>
 #include <stdint.h>
-#include <string.h>
 
 #include "native_vectors.h"
 
@@ -29,8 +28,7 @@ void cormlm_rms_norm_f32(const float *x, const float *delta, const float *w, flo
             memcpy(&v, xr + k, sizeof(vf));
             squares += v * v;
         }
-        float total = 0.0f;
-        for (int k = 0; k < VW; k++) total += squares[k];
+        float total = lane_sum(squares);
         for (int64_t k = DV; k < dim; k++) total += xr[k] * xr[k];
         const float scale = 1.0f / sqrtf(total / (float)dim + eps);
         float *yr = y + r * dim;

@@ -16,26 +16,6 @@
 
 #include "native_vectors.h"
 
-typedef float vf8 __attribute__((vector_size(32), aligned(4)));
-typedef float vf4 __attribute__((vector_size(16), aligned(4)));
-
-/* the lanes' sum by halving (a shuffle tree, not a chain of VW scalar adds) */
-static inline float lane_sum(vf v) {
-#if VW == 16
-    vf8 a, b;
-    memcpy(&a, &v, 32);
-    memcpy(&b, (const char *)&v + 32, 32);
-    a += b;
-#else
-    vf8 a = v;
-#endif
-    vf4 c, d;
-    memcpy(&c, &a, 16);
-    memcpy(&d, (const char *)&a + 16, 16);
-    c += d;
-    return (c[0] + c[2]) + (c[1] + c[3]);
-}
-
 /* Output columns n0..n1 of M rows over K columns of x and w (rows ld apart), RB weight rows at
  * a time (M * RB accumulators), stored into y (first) or added to it; AHEAD > 0
  * asks for the weight rows AHEAD blocks on while this block is multiplied: with several input
