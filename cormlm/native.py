@@ -20,8 +20,11 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import threading
 from collections.abc import Callable
 from pathlib import Path
+
+import torch
 
 FLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC", "-shared")
 HEADERS = (Path(__file__).with_name("native_vectors.h"),)  # what every kernel may include (-I this folder)
@@ -49,11 +52,12 @@ def _cache_folder() -> Path:
     return cache_folder() / "kernels"
 
 
-def build(source: Path, cc: str, flags: tuple[str, ...] = FLAGS) -> Path:
-    """The shared library for this source, compiler, flags and CPU: from the cache, or compiled
-    now (into a temporary name, then renamed: concurrent first uses never load a partial file)."""
+def build(source: Path, cc: str, flags: tuple[str, ...] = FLAGS, includes: tuple[Path, ...] = ()) -> Path:
+    """The shared library for this source (and the sibling sources it ``#include``s), compiler,
+    flags and CPU: from the cache, or compiled now (into a temporary name, then renamed:
+    concurrent first uses never load a partial file)."""
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=True).stdout
-    headers = [header.read_text() for header in HEADERS]
+    headers = [header.read_text() for header in (*HEADERS, *includes)]
     key = hashlib.sha256("\0".join([source.read_text(), *headers, cc, version, " ".join(flags),
                                     cpu_signature()]).encode()).hexdigest()[:16]
     target = _cache_folder() / f"{source.stem}-{key}.so"
@@ -74,8 +78,8 @@ def build(source: Path, cc: str, flags: tuple[str, ...] = FLAGS) -> Path:
 class Kernel:
     """One C function of one source file, built and loaded at its first :meth:`function` call."""
 
-    def __init__(self, source: Path, symbol: str, argtypes: list) -> None:
-        self.source, self.symbol, self.argtypes = source, symbol, argtypes
+    def __init__(self, source: Path, symbol: str, argtypes: list, includes: tuple[Path, ...] = ()) -> None:
+        self.source, self.symbol, self.argtypes, self.includes = source, symbol, argtypes, includes
         self.flags = FLAGS
         self.unavailable: list[str] = []  # why it could not be built or loaded (empty: it was, or not tried)
         self._loaded: Callable[..., None] | None = None
@@ -98,10 +102,26 @@ class Kernel:
             self.unavailable.append("no C compiler (cc, gcc or clang) on PATH")
             return None
         try:
-            function = getattr(ctypes.CDLL(str(build(self.source, cc, self.flags))), self.symbol)
+            function = getattr(ctypes.CDLL(str(build(self.source, cc, self.flags, self.includes))), self.symbol)
         except (OSError, RuntimeError, AttributeError, subprocess.SubprocessError) as error:
             self.unavailable.append(f"could not build or load it: {error}")
             return None
         function.argtypes = self.argtypes
         function.restype = None
         return function
+
+
+class Workspace:
+    """Float32 scratch for a kernel's intermediates, kept per thread between calls (grown, never
+    shrunk; a call runs in the thread that made it). A fresh tensor each call comes from fresh
+    pages once it is large, and their faults can cost as much as the kernel itself."""
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+
+    def get(self, numel: int) -> torch.Tensor:
+        """``numel`` elements of this thread's buffer: the caller's until its next ``get``."""
+        buffer = getattr(self._local, "buffer", None)
+        if buffer is None or buffer.numel() < numel:
+            buffer = self._local.buffer = torch.empty(numel)
+        return buffer[:numel]

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -47,7 +46,7 @@ _choices: dict[tuple, str] = {}
 _trials: dict[tuple, dict[str, list[float]]] = {}
 
 
-_workspace = threading.local()  # per thread: a kernel call runs in the thread that made it
+_workspace = native.Workspace()
 
 
 def _library() -> Callable[..., None] | None:
@@ -55,14 +54,10 @@ def _library() -> Callable[..., None] | None:
 
 
 def workspace(numel: int) -> torch.Tensor:
-    """``numel`` float32 scratch elements, kept by this thread between calls (grown, never
-    shrunk): the kernel's per-block intermediates, a few percent of one layer's keys and values.
-    A fresh tensor of this size each call comes from fresh pages, whose faults added about
-    half again to the kernel's own time at batch 8 (every layer's call, every step)."""
-    buffer = getattr(_workspace, "buffer", None)
-    if buffer is None or buffer.numel() < numel:
-        buffer = _workspace.buffer = torch.empty(numel)
-    return buffer[:numel]
+    """``numel`` float32 scratch elements for the kernel's per-block intermediates, a few
+    percent of one layer's keys and values (fresh tensors each call cost page faults that
+    added about half again to the kernel's own time at batch 8, every layer, every step)."""
+    return _workspace.get(numel)
 
 
 def available() -> bool:

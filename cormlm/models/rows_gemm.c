@@ -17,7 +17,8 @@
 #include "native_vectors.h"
 
 /* Output columns n0..n1 of M rows over K columns of x and w (rows ld apart), RB weight rows at
- * a time (M * RB accumulators), stored into y (first) or added to it; AHEAD > 0
+ * a time (M * RB accumulators), stored into y (first) or added to it, bias (where not NULL)
+ * added to each column's sum before it lands in y; AHEAD > 0
  * asks for the weight rows AHEAD blocks on while this block is multiplied: with several input
  * rows each weight byte takes more arithmetic, and the memory idles between the hardware
  * prefetcher's requests unless asked early (one vector product per row needs no help). */
@@ -47,14 +48,16 @@
                 for (int r = 0; r < RB; r++) {                                                               \
                     float s = lane_sum(acc[m][r]);                                                           \
                     for (int64_t k = KV; k < K; k++) s += x[m * ld + k] * w[(n + r) * ld + k];               \
-                    y[m * N + n + r] = first ? (bias ? s + bias[n + r] : s) : y[m * N + n + r] + s;          \
+                    if (bias) s += bias[n + r];                                                              \
+                    y[m * N + n + r] = first ? s : y[m * N + n + r] + s;                                     \
                 }                                                                                            \
         }                                                                                                    \
         for (; n < n1; n++)                                                                                  \
             for (int m = 0; m < M; m++) {                                                                    \
                 float s = 0.0f;                                                                              \
                 for (int64_t k = 0; k < K; k++) s += x[m * ld + k] * w[n * ld + k];                          \
-                y[m * N + n] = first ? (bias ? s + bias[n] : s) : y[m * N + n] + s;                          \
+                if (bias) s += bias[n];                                                                      \
+                y[m * N + n] = first ? s : y[m * N + n] + s;                                                 \
             }                                                                                                \
     }
 
@@ -88,10 +91,10 @@ static int64_t x_budget(void) {
     return budget;
 }
 
-/* bias may be NULL; x, w, bias, y contiguous; 1 <= M <= 8 (the caller checks; anything else
- * returns with y untouched). */
-void cormlm_rows_gemm_f32(const float *x, const float *w, const float *bias, float *y, int64_t M, int64_t N,
-                          int64_t K, int threads) {
+/* y = x @ w.T (+ bias), or with add, y += x @ w.T (+ bias); bias may be NULL; x, w, bias, y
+ * contiguous; 1 <= M <= 8 (the callers check; anything else returns with y untouched). */
+static void rows_gemm(const float *x, const float *w, const float *bias, float *y, int64_t M, int64_t N, int64_t K,
+                      int threads, int add) {
     if (M < 1 || M > 8) return;
     const int64_t budget = x_budget(), parts = (M * K * 4 + budget - 1) / budget;
     const int64_t chunk = ((K + parts - 1) / parts + VW - 1) / VW * VW;
@@ -106,6 +109,13 @@ void cormlm_rows_gemm_f32(const float *x, const float *w, const float *bias, flo
         const int64_t n0 = t * per, n1 = n0 + per < N ? n0 + per : N;
         if (n0 < N)
             for (int64_t k0 = 0; k0 < K; k0 += chunk)
-                ROWS[M](x + k0, w + k0, bias, y, N, (K - k0 < chunk ? K - k0 : chunk), K, k0 == 0, n0, n1);
+                ROWS[M](x + k0, w + k0, k0 == 0 ? bias : NULL, y, N, (K - k0 < chunk ? K - k0 : chunk), K,
+                        k0 == 0 && !add, n0, n1);
     }
+}
+
+/* y = x @ w.T (+ bias): linear.py's product. */
+void cormlm_rows_gemm_f32(const float *x, const float *w, const float *bias, float *y, int64_t M, int64_t N,
+                          int64_t K, int threads) {
+    rows_gemm(x, w, bias, y, M, N, K, threads, 0);
 }
