@@ -12,7 +12,8 @@ Compiled functions use the modules' parameters: nothing is copied. Their linear 
 the kernel measured fastest on this machine for each decode batch of up to 8 rows and for
 prompts (``cormlm.models.linear.calibrate`` decides before tracing), not whatever inductor
 would pick; decode attention calls the C kernel where it is built
-(:func:`cormlm.cache.paged_kernel.choose_for_graphs`). Inductor keeps its
+(:func:`cormlm.cache.paged_kernel.choose_for_graphs`), and a decode step's blocks the two C
+calls of their dense work where those apply (:mod:`cormlm.models.decode_block`). Inductor keeps its
 compiled kernels in its on-disk cache, and the decode step is saved whole, trace included
 (:mod:`cormlm.compile_cache`), so only a machine's first run pays for compiling it.
 """
@@ -27,6 +28,7 @@ import torch
 from . import compile_cache
 from .cache import paged_kernel
 from .errors import CormlmError
+from .models import decode_block
 
 INDUCTOR_OPTIONS = ("freezing", "cpp_wrapper", "max_autotune")  # what scripts/bench_compile.py measures
 
@@ -59,6 +61,7 @@ def compile_model(model: torch.nn.Module, options: dict[str, object] | None = No
     # graphs cannot time kernels: decide decode- and prefill-sized products now (or as measured before)
     compile_cache.calibrate_once(model, where)
     paged_kernel.choose_for_graphs()
+    decode_block.choose_for_graphs()
     for block in model.blocks:
         block.prompt_graphs = (torch.compile(block.pre_attention, dynamic=True, options=options),
                                torch.compile(block.post_attention, dynamic=True, options=options))

@@ -34,7 +34,7 @@ import torch
 from . import native
 from .cache.ragged import RaggedCache
 
-FORMAT = 1  # bump when what is saved, or how it is keyed, changes
+FORMAT = 2  # bump when what is saved, or how it is keyed, changes
 OFF = ("off", "0", "false", "no")
 
 
@@ -68,6 +68,7 @@ def _source_digest() -> str:
 
 def step_key(model: torch.nn.Module, cache: object, args: tuple, options: dict[str, object] | None) -> str:
     """The saved step's file name for this model, cache and call (see the module's docstring)."""
+    from .models import decode_block
     from .models.linear import graph_choices
 
     input_ids, _positions, _max_position, _cache, plain_causal, last_logits_only = args
@@ -82,6 +83,7 @@ def step_key(model: torch.nn.Module, cache: object, args: tuple, options: dict[s
         f"rows {tuple(input_ids.shape)} block {getattr(cache, 'block_size', None)} "
         f"query_group {cache.query_group is not None} {plain_causal} {last_logits_only}",
         repr(sorted((options or {}).items())), repr(sorted(graph_choices().items(), key=repr)),
+        f"blocks {decode_block.graph_path} {sorted(decode_block.graph_choices().items(), key=repr)}",
     ]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:24]
 
@@ -251,26 +253,34 @@ def _choices_path(model: torch.nn.Module, where: Path) -> Path:
 
 
 def calibrate_once(model: torch.nn.Module, where: Path | None) -> None:
-    """``calibrate`` the model's compiled products, or take what an earlier run measured for
-    the same shapes on this machine: the choices are part of the saved step's trace, and
-    measurements on a busy machine differ from run to run (each would be a new step)."""
+    """``calibrate`` the model's compiled products and blocks, or take what an earlier run
+    measured for the same shapes on this machine: the choices are part of the saved step's
+    trace, and measurements on a busy machine differ from run to run (each would be a new step)."""
+    from .models import decode_block
     from .models.linear import adopt_graph_choices, calibrate, graph_choices
 
     path = None if where is None else _choices_path(model, where)
     if path is not None and path.is_file():
         try:
-            rows = json.loads(path.read_text(encoding="utf-8"))
-            choices = {(int(out), int(inp), int(n), getattr(torch, dtype)): str(name) for out, inp, n, dtype, name in rows}
-        except (OSError, ValueError, TypeError, AttributeError):
+            saved = json.loads(path.read_text(encoding="utf-8"))
+            choices = {(int(out), int(inp), int(n), getattr(torch, dtype)): str(name)
+                       for out, inp, n, dtype, name in saved["products"]}
+            blocks = {(*map(int, key[:5]), tuple(map(bool, key[5])), int(key[6])): str(name)
+                      for *key, name in saved["blocks"]}
+        except (OSError, ValueError, TypeError, AttributeError, KeyError):
             choices = None  # damaged: measure again and replace it
         if choices is not None and adopt_graph_choices(choices):
+            decode_block.adopt_choices(blocks)
             return
     calibrate(model)
+    decode_block.calibrate(model)
     if path is None:
         return
-    rows = [[out, inp, n, str(dtype).removeprefix("torch."), name] for (out, inp, n, dtype), name in graph_choices().items()]
+    saved = {"products": [[out, inp, n, str(dtype).removeprefix("torch."), name]
+                          for (out, inp, n, dtype), name in graph_choices().items()],
+             "blocks": [[*key, name] for key, name in decode_block.measured_choices().items()]}
     try:
-        _write_whole(path, lambda partial: partial.write_text(json.dumps(rows), encoding="utf-8"))
+        _write_whole(path, lambda partial: partial.write_text(json.dumps(saved), encoding="utf-8"))
     except OSError as error:
         warnings.warn(f"cormlm: could not save the measured kernel choices to {path} ({error})",
                       RuntimeWarning, stacklevel=2)

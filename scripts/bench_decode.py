@@ -535,6 +535,15 @@ def print_kernel_choices() -> None:
         print(f"- {paged_kernel.FORCE_ENV}={forced} forces the path")
     for line in paged_kernel.kernel_status() or ["(none measured: no eager CPU decode step ran)"]:
         print(f"- {line}")
+    from cormlm.models import decode_block
+
+    print("\ncormlm block dense work per block shape (the two C calls or the modules, measured at first use; "
+          "compiled graphs call what was measured before tracing):")
+    forced = os.environ.get(decode_block.FORCE_ENV)
+    if forced:
+        print(f"- {decode_block.FORCE_ENV}={forced} forces the path")
+    for line in decode_block.kernel_status() or ["(none measured: no eager decode step of a fitting block ran)"]:
+        print(f"- {line}")
 
 
 # -------------------------------------------------------------------------- main

@@ -115,3 +115,10 @@ def test_a_bandwidth_probe_of_no_size_is_refused_before_anything_loads(size):
     assert done.returncode == 2
     assert "--bandwidth-gib must be a size in GiB above 0" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_block_choices_are_printed(output):
+    tail = output[output.index("cormlm block dense work per block shape"):]
+    lines = re.findall(r"^- hidden 64, heads \d+ / \d+ of \d+, MLP \d+, \d rows?, 1 threads: (C calls|modules)$", tail,
+                       re.MULTILINE)
+    assert lines or "- (none measured: no eager decode step of a fitting block ran)" in tail, tail

@@ -118,3 +118,27 @@ def test_every_decode_batch_up_to_eight_rows_has_its_products_decided_before_tra
     shapes = {(*m.weight.shape, m.weight.dtype) for m in model.modules() if isinstance(m, linear.Linear)}
     for rows in range(1, 9):  # (the choices also hold other models' products measured in this process)
         assert shapes <= {(out, inp, dtype) for out, inp, n, dtype in linear.graph_choices() if n == rows}, rows
+
+
+@torch.inference_mode()
+def test_compiled_decode_steps_call_the_native_block(folder, monkeypatch):
+    """A decode graph runs each block's dense work as the two C calls (opaque operations) where
+    they were chosen before tracing, and decodes what the eager modules decode."""
+    from cormlm.models import decode_block
+
+    if not decode_block.available():
+        pytest.skip(f"no C kernel here: {decode_block.PRE.unavailable}")
+    monkeypatch.setenv(decode_block.FORCE_ENV, "native")
+    compiled = cormlm.compile_model(cormlm.load_model(folder))
+    assert decode_block.graph_path == "native"
+    monkeypatch.setenv(decode_block.FORCE_ENV, "torch")  # the eager reference: the modules
+    cfg, prompt, steps = cormlm.CacheConfig("corm", window=8, recent=4), random_prompt(40, 5, VOCAB), 30
+    want_tokens, want_logits, want_kept, _ = decode(cormlm.load_model(folder), cfg, prompt, steps)
+    calls = []
+    for kernel in (decode_block.PRE, decode_block.POST):
+        real = kernel.function()
+        monkeypatch.setattr(kernel, "function", lambda real=real: (lambda *a: calls.append(1) or real(*a)))
+    got_tokens, got_logits, got_kept, _ = decode(compiled, cfg, prompt, steps)
+    assert len(calls) == 2 * steps * compiled.config.num_layers  # every decode step's blocks, no prompt
+    assert got_tokens == want_tokens and got_kept == want_kept
+    torch.testing.assert_close(got_logits, want_logits, rtol=1e-4, atol=1e-4)

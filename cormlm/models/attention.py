@@ -69,8 +69,13 @@ class Attention(nn.Module):
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Queries [B, Hq, T, D] and keys/values [B, Hkv, T, D], rotated when the model uses RoPE
         (queries and keys of every head in one rotation)."""
-        b, t, _ = h.shape
-        qkv = self.qkv(h)
+        return self.heads(self.qkv(h), rotary)
+
+    def heads(self, qkv: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The fused projection ``qkv`` [B, T, Hq * D + 2 * Hkv * D] as queries, keys and values
+        (views), queries and keys rotated by ``rotary`` when given."""
+        b, t, _ = qkv.shape
         q_size, kv_size, _ = self.split_sizes
         heads = self.num_heads + self.num_kv_heads
         qk = qkv[..., :q_size + kv_size].view(b, t, heads, self.head_dim)

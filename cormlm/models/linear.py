@@ -193,6 +193,14 @@ def _key(weight: torch.Tensor, rows: int) -> tuple:
     return (*weight.shape, row_bucket(rows), weight.dtype, torch.get_num_threads(), weight.device.type)
 
 
+def products_decided(weights: list[torch.Tensor], rows: int) -> bool:
+    """Whether eager products of ``rows`` rows by each of ``weights`` have their kernel decided
+    here (or forced): their trials are over."""
+    if _forced() is not None:
+        return True
+    return all(_key(w, rows) in _choices for w in weights)
+
+
 def _call(name: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     if name == "linear":
         return KERNELS["linear"](x, weight, bias)

@@ -19,6 +19,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..errors import InputError
+from . import decode_block
 from .alibi import alibi_slopes
 from .attention import Attention, StepContext
 from .linear import Linear
@@ -50,6 +51,7 @@ class Block(nn.Module):
         # compile_model: (pre_attention, post_attention) compiled for prompts; a traced decode
         # step inlines the plain methods instead (its saved form must not refer to these)
         self.prompt_graphs: tuple[Callable, Callable] | None = None
+        self.native_shape = decode_block.shaped_for(config, sharded=reduce is not None)  # see decode_block
 
     def pre_attention(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -83,6 +85,10 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, step: StepContext, last_only: bool = False) -> torch.Tensor:
         """The block's output for every token, or with ``last_only`` for the last one alone
         (keys and values of every token are still made and cached)."""
+        if not last_only and self.native_shape:  # a decode step's few rows may take decode_block's C calls
+            path, trial = decode_block.choose(self, x, step.rotary)
+            if path == "native" or trial is not None:
+                return decode_block.forward(self, x, step, path, trial)
         pre, post = (self.pre_attention, self.post_attention) if (
             torch.compiler.is_compiling() or self.prompt_graphs is None) else self.prompt_graphs
         h, q, k, v = pre(x, step.rotary)
