@@ -206,3 +206,25 @@ def test_a_misspelt_path_is_an_error(monkeypatch):
     model = random_model(BASE)
     with pytest.raises(InputError, match="CORMLM_DECODE_BLOCK='c' is not a path; use one of native, torch"):
         decode(model, torch.randint(0, BASE.vocab_size, (1, 4)), steps=1)
+
+
+def test_a_settled_path_is_asked_again_after_conversion_or_packing(monkeypatch):
+    """A block remembers its path; converting or packing its parameters makes it ask again."""
+    from cormlm.models import linear
+
+    skip_without_kernels()
+    monkeypatch.setenv(decode_block.FORCE_ENV, "native")
+    model = random_model(BASE)
+    block, rows = model.blocks[0], torch.randn(1, 1, BASE.hidden_size)
+    with torch.inference_mode():
+        assert decode_block.choose(block, rows, None) == ("native", None)
+        assert block.native_memo is not None and decode_block.choose(block, rows, None) == ("native", None)
+        model.to(torch.float64)
+        model.blocks[1].to(torch.float32)  # (a block converted on its own)
+        assert decode_block.choose(block, rows, None) == ("torch", None)  # float32 rows, float64 weights
+        assert decode_block.choose(model.blocks[1], rows, None) == ("native", None)
+        model.to(torch.float32)
+        assert decode_block.choose(block, rows, None) == ("native", None)
+        if linear._onednn_available():
+            cormlm.pack_weights(model)
+            assert decode_block.choose(block, rows, None) == ("torch", None)

@@ -57,6 +57,7 @@ _choices: dict[tuple, str] = {}  # block key (see _key) -> path
 _trials: dict[tuple, dict[str, list[float]]] = {}  # block key -> path -> seconds of each trial call
 _graph_choices: dict[tuple, str] = {}  # block key without threads -> path: what compiled graphs call
 graph_path = "torch"  # compiled graphs: "native" (forced), "measured" (_graph_choices) or "torch"
+_epoch = 0  # bumped by changed(): a block's remembered path (Block.native_memo) is for one epoch
 
 
 def _ptr(tensor: torch.Tensor | None) -> int | None:
@@ -124,19 +125,41 @@ def choose(block: Block, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tens
             return "torch", None
         key = _key(block, x.shape[0], threads=False)
         return ("native" if graph_path == "native" or _graph_choices.get(key) == "native" else "torch"), None
-    if not fits(block, x, rotary):
-        return "torch", None
     rows = x.numel() // x.shape[-1]
+    if rows > ROWS_MAX or x.dtype is not torch.float32 or not x.is_cpu or torch.is_grad_enabled() \
+            or not x.is_contiguous() or (rotary is not None and not rotary[0].is_contiguous()):
+        return "torch", None
+    # a settled path is remembered per block: the checks of its parameters below cost more than
+    # the rest of the call's Python (see changed() for what makes it ask again)
+    asked = (rows, torch.get_num_threads(), os.environ.get(FORCE_ENV), _epoch)
+    if block.native_memo is not None and block.native_memo[0] == asked:
+        return block.native_memo[1], None
+    if not fits(block, x, rotary):
+        block.native_memo = (asked, "torch")
+        return "torch", None
     path = forced()
     if path is not None:
-        return (path if available() else "torch"), None
+        path = path if available() else "torch"
+        block.native_memo = (asked, path)
+        return path, None
     key = _key(block, rows)
     choice = _choices.get(key)
     if choice is not None:
+        block.native_memo = (asked, choice)
         return choice, None
-    if not available() or not products_decided([layer.weight for layer in _layers(block)], rows):
+    if not available():
+        block.native_memo = (asked, "torch")
+        return "torch", None
+    if not products_decided([layer.weight for layer in _layers(block)], rows):
         return "torch", None  # (the modules' own kernels are still being measured)
     return next_trial(PATHS, _trials.setdefault(key, {})), key
+
+
+def changed() -> None:
+    """Make every block ask its path again: its parameters were converted or packed, or the
+    choices were replaced (a block's remembered path holds until then)."""
+    global _epoch
+    _epoch += 1
 
 
 def record(key: tuple, path: str, seconds: float) -> None:
@@ -234,6 +257,7 @@ def adopt_choices(choices: dict[tuple, str]) -> None:
     threads: the caller's to match) instead of measuring again."""
     threads = torch.get_num_threads()
     _choices.update({(*key, threads): path for key, path in choices.items() if path in PATHS})
+    changed()
 
 
 def kernel_status() -> list[str]:

@@ -331,8 +331,11 @@ class Linear(nn.Linear):
         """Reorder the weight into oneDNN's blocked layout for products of about ``rows`` rows
         and drop the plain one (``weight`` stays as a meta tensor: its shape and dtype, no
         storage), so the layer holds one copy of its weight either way."""
+        from . import decode_block  # (which imports this module)
+
         self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), rows)
         self.weight = nn.Parameter(self.weight.detach().to("meta"), requires_grad=False)
+        decode_block.changed()  # a block holding this layer no longer fits the C calls
 
     def part(self, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
         """Output features ``start:stop`` alone: ``x`` [rows, in] @ ``weight[start:stop]``.T (+ its

@@ -52,6 +52,11 @@ class Block(nn.Module):
         # step inlines the plain methods instead (its saved form must not refer to these)
         self.prompt_graphs: tuple[Callable, Callable] | None = None
         self.native_shape = decode_block.shaped_for(config, sharded=reduce is not None)  # see decode_block
+        self.native_memo: tuple | None = None  # decode_block.choose's settled path, per call kind
+
+    def _apply(self, fn, recurse=True):
+        decode_block.changed()  # (.to(), .float(), ...: its parameters may no longer fit the C calls)
+        return super()._apply(fn, recurse)
 
     def pre_attention(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
