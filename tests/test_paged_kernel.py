@@ -265,3 +265,33 @@ def test_an_unknown_probabilities_form_is_refused():
     spec = AttentionSpec(num_heads=9, num_kv_heads=3, head_dim=64, scale=0.125)
     with pytest.raises(ValueError, match="probs must be one of .*got 'mean'"), torch.inference_mode():
         paged_decode_attention(keys, values, positions, owner, q, q_pos, spec, probs="mean")
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("streams,block,strided", [(1, 16, False), (6, 4, True), (24, 64, True)])
+def test_the_append_kernel_writes_what_the_tensor_operations_write(streams, block, strided, monkeypatch):
+    """A decode step's append in one C call: the same keys (transposed per block), values,
+    positions and slots as the tensor operations, over several tail blocks taken as they
+    fill, with key rows that are not contiguous."""
+    from cormlm.cache.paged import BlockPool
+
+    if paged_kernel.APPEND.function() is None:
+        pytest.skip(f"no C kernel here: {paged_kernel.APPEND.unavailable}")
+    torch.manual_seed(streams)
+    d, calls, real = 12, [], paged_kernel.append
+    pools = [BlockPool(streams, block, d, torch.float32, torch.device("cpu"), {}) for _ in range(2)]
+    for step in range(3 * block + 1):
+        keys = torch.randn(streams, 2 * d)[:, ::2] if strided else torch.randn(streams, d)
+        values, positions = torch.randn(streams, d), torch.full((streams,), step, dtype=torch.int32)
+        slots = []
+        for pool, kernel in zip(pools, (True, False)):
+            pool.make_tail_room()
+            monkeypatch.setattr(paged_kernel, "append", lambda *args, kernel=kernel: (
+                calls.append(1) or real(*args)) if kernel else None)
+            slots.append(pool.append_one(keys, values, positions))
+            monkeypatch.undo()
+            pool.appended_one()
+        assert torch.equal(slots[0], slots[1])
+    for name in ("keys", "values", "positions", "tail", "fill"):
+        assert torch.equal(getattr(pools[0], name), getattr(pools[1], name)), name
+    assert len(calls) == 3 * block + 1

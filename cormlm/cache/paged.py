@@ -32,6 +32,7 @@ import math
 
 import torch
 
+from . import paged_kernel
 from .slot_index import SlotIndex
 
 MIN_POOL_SLOTS = 128  # the smallest pool, in slots (so larger blocks do not raise a short cache's floor)
@@ -291,8 +292,15 @@ class BlockPool:
 
     def append_one(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """One token per stream (``keys`` [S, D], ``positions`` [S]) into each tail block's next
-        slot; returns the slots [S]. Tensor operations only (traceable): the caller made tail
-        room before the step and calls :meth:`appended_one` after it."""
+        slot; returns the slots [S]. Tensor operations when traced, else one C call where it
+        fits (``paged_kernel.append``): the caller made tail room before the step and calls
+        :meth:`appended_one` after it."""
+        # eagerly, every stream with its tail slot (so that C may write): one C call
+        if not torch.compiler.is_compiling() and self._room_left > 0 and self.device.type == "cpu":
+            slots = paged_kernel.append(self.keys, self.values, self.positions, self.tail, self.fill, keys, values,
+                                        positions)
+            if slots is not None:
+                return slots
         fill = self.fill.to(self.device)
         slots = self.tail * self.block_size + fill
         d = self.head_dim

@@ -219,3 +219,20 @@ void cormlm_paged_decode_f32(const float *q, const float *keys, const float *val
         }
     }
 }
+
+/* A decode step's new key, value and position of each stream into the next slot of its tail
+ * block, slot[s] = tail[s] * bs + fill[s] (stored into slots): keys [NB, D, bs] (transposed
+ * per block), values [NB, bs, D], positions [NB, bs]; rows s of k and v ld_k and ld_v apart.
+ * The caller has made tail room (every fill[s] < bs, tail[s] a block of the pool). */
+void cormlm_paged_append_f32(float *keys, float *values, int32_t *positions, const int64_t *tail, const int64_t *fill,
+                             const float *k, int64_t ld_k, const float *v, int64_t ld_v, const int32_t *new_pos,
+                             int64_t *slots, int64_t S, int64_t D, int64_t bs) {
+    for (int64_t s = 0; s < S; s++) {
+        const int64_t slot = tail[s] * bs + fill[s];
+        float *key = keys + tail[s] * D * bs + fill[s];
+        for (int64_t d = 0; d < D; d++) key[d * bs] = k[s * ld_k + d];
+        memcpy(values + slot * D, v + s * ld_v, (size_t)D * sizeof(float));
+        positions[slot] = new_pos[s];
+        slots[s] = slot;
+    }
+}

@@ -41,6 +41,8 @@ _p, _i64 = ctypes.c_void_p, ctypes.c_int64
 KERNEL = native.Kernel(SOURCE, "cormlm_paged_decode_f32",
                        [_p, _p, _p, _p, _p, _p, _i64, _i64, _i64, _i64, _i64, ctypes.c_float, _i64, _p, _p, _p, _p,
                         ctypes.c_int, ctypes.c_int])
+APPEND = native.Kernel(SOURCE, "cormlm_paged_append_f32",
+                       [_p, _p, _p, _p, _p, _p, _i64, _p, _i64, _p, _p, _i64, _i64, _i64])
 graph_path = "torch"  # what compiled decode steps call (choose_for_graphs decides it before tracing)
 _choices: dict[tuple, str] = {}
 _trials: dict[tuple, dict[str, list[float]]] = {}
@@ -104,6 +106,29 @@ def run(keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, owner
            s, g, d, nb, bs, scale, window or 0, out.data_ptr(), per_head.data_ptr(), reduced.data_ptr(),
            work.data_ptr(), PROBS_MODES[probs], torch.get_num_threads())
     return out, None if probs is None else reduced
+
+
+def append(keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, tail: torch.Tensor,
+           fill: torch.Tensor, new_keys: torch.Tensor, new_values: torch.Tensor, new_positions: torch.Tensor
+           ) -> torch.Tensor | None:
+    """A decode step's append (see ``BlockPool.append_one``) in one C call: each stream's new
+    key, value and position [S, D] / [S] into slot ``tail * block + fill`` of the pool's
+    ``keys`` [NB, D, block], ``values`` [NB, block, D] and ``positions`` [NB, block]; returns
+    the slots [S], or None where the call does not fit the kernel (the caller's tensor
+    operations then run). Eager only: a traced step keeps the tensor operations."""
+    kernel = APPEND.function()
+    if (kernel is None or torch.compiler.is_compiling() or keys.dtype != torch.float32 or not keys.is_cpu
+            or new_keys.dtype != torch.float32 or new_values.dtype != torch.float32
+            or new_keys.stride(-1) != 1 or new_values.stride(-1) != 1 or new_positions.dtype != torch.int32
+            or not (keys.is_contiguous() and values.is_contiguous() and positions.is_contiguous()
+                    and tail.is_contiguous() and fill.is_contiguous() and new_positions.is_contiguous())):
+        return None
+    s, d = new_keys.shape
+    slots = tail.new_empty(s)
+    kernel(keys.data_ptr(), values.data_ptr(), positions.data_ptr(), tail.data_ptr(), fill.data_ptr(),
+           new_keys.data_ptr(), new_keys.stride(0), new_values.data_ptr(), new_values.stride(0),
+           new_positions.data_ptr(), slots.data_ptr(), s, d, keys.shape[2])
+    return slots
 
 
 @torch.library.custom_op("cormlm::paged_decode", mutates_args=())
