@@ -271,22 +271,53 @@ def kernel_status() -> list[str]:
 def pre_attention(block: Block, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """q, k, v of ``block.pre_attention(x, rotary)``, by one C call."""
-    attn, norm = block.attn, block.attn_norm
     cos, sin = rotary if rotary is not None else (None, None)
-    run = _pre_op if torch.compiler.is_compiling() else _pre
-    qkv = run(x, norm.weight, norm.eps, attn.qkv.weight, attn.qkv.bias, cos, sin, attn.num_heads + attn.num_kv_heads,
-              attn.num_kv_heads, attn.head_dim)
-    return attn.heads(qkv)
+    if torch.compiler.is_compiling():
+        attn, norm = block.attn, block.attn_norm
+        qkv = _pre_op(x, norm.weight, norm.eps, attn.qkv.weight, attn.qkv.bias, cos, sin,
+                      attn.num_heads + attn.num_kv_heads, attn.num_kv_heads, attn.head_dim)
+        return attn.heads(qkv)
+    pre, _ = _plan(block)
+    return _heads(_pre(x, *pre[:4], cos, sin, *pre[4:]), *pre[4:])
 
 
 def post_attention(block: Block, x: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
     """``block.post_attention(x, h, attn_out)`` by one C call: the block's output."""
     b, t, _ = x.shape
-    attn, norm, mlp = block.attn, block.mlp_norm, block.mlp
-    attn_rows = attn_out.transpose(1, 2).reshape(b, t, attn.num_heads * attn.head_dim)
-    run = _post_op if torch.compiler.is_compiling() else _post
-    return run(x, attn_rows, attn.o_proj.weight, attn.o_proj.bias, norm.weight, norm.eps, mlp.gate_up.weight,
-               mlp.gate_up.bias, mlp.down.weight, mlp.down.bias)
+    attn_rows = attn_out.transpose(1, 2).reshape(b, t, attn_out.shape[1] * attn_out.shape[3])
+    if torch.compiler.is_compiling():
+        attn, norm, mlp = block.attn, block.mlp_norm, block.mlp
+        return _post_op(x, attn_rows, attn.o_proj.weight, attn.o_proj.bias, norm.weight, norm.eps, mlp.gate_up.weight,
+                        mlp.gate_up.bias, mlp.down.weight, mlp.down.bias)
+    return _post(x, attn_rows, *_plan(block)[1])
+
+
+def _plan(block: Block) -> tuple[tuple, tuple]:
+    """The two calls' arguments from ``block`` (parameters, eps, head counts), gathered once
+    per epoch of :func:`changed`: each nn.Module attribute lookup costs about a microsecond,
+    and a block's two calls need twenty."""
+    plan = block.native_plan
+    if plan is None or plan[0] != _epoch:
+        attn, mlp, first, second = block.attn, block.mlp, block.attn_norm, block.mlp_norm
+        pre = (first.weight, first.eps, attn.qkv.weight, attn.qkv.bias, attn.num_heads + attn.num_kv_heads,
+               attn.num_kv_heads, attn.head_dim)
+        post = (attn.o_proj.weight, attn.o_proj.bias, second.weight, second.eps, mlp.gate_up.weight,
+                mlp.gate_up.bias, mlp.down.weight, mlp.down.bias)
+        plan = block.native_plan = (_epoch, pre, post)
+    return plan[1], plan[2]
+
+
+def _heads(qkv: torch.Tensor, heads_qk: int, heads_v: int, head_dim: int
+           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Queries [B, Hq, T, D], keys and values [B, Hkv, T, D] as strided views of the fused
+    projection [B, T, out] (``Attention.heads``' views, three operations instead of nine)."""
+    b, t, width = qkv.shape
+    base, heads_q = qkv.storage_offset(), heads_qk - heads_v
+
+    def part(heads: int, first: int) -> torch.Tensor:
+        return qkv.as_strided((b, heads, t, head_dim), (t * width, head_dim, width, 1), base + first * head_dim)
+
+    return part(heads_q, 0), part(heads_v, heads_q), part(heads_v, heads_qk)
 
 
 def _pre(x: torch.Tensor, norm_w: torch.Tensor, eps: float, w: torch.Tensor, bias: torch.Tensor | None,

@@ -53,6 +53,7 @@ class Block(nn.Module):
         self.prompt_graphs: tuple[Callable, Callable] | None = None
         self.native_shape = decode_block.shaped_for(config, sharded=reduce is not None)  # see decode_block
         self.native_memo: tuple | None = None  # decode_block.choose's settled path, per call kind
+        self.native_plan: tuple | None = None  # decode_block's arguments of its calls, per epoch
 
     def _apply(self, fn, recurse=True):
         decode_block.changed()  # (.to(), .float(), ...: its parameters may no longer fit the C calls)
