@@ -24,7 +24,14 @@
 
 #define GT 4 /* rows of the group's queries or probabilities per register tile */
 #define CT 4 /* column vectors per register tile */
-#define JT 2 /* column vectors of keys per score tile */
+/* column vectors of keys per score tile: with AVX-512's 32 vector registers, a 64-slot block's
+ * scores in one tile (GT x 4 accumulators, 4 key vectors, the broadcast query: <= 21); 8-lane
+ * vectors (16 registers) keep two */
+#if VW == 16
+#define JT 4
+#else
+#define JT 2
+#endif
 #define DT 4 /* column vectors of the head per value tile */
 #define LINE (64 / (int)sizeof(float))
 #define INLINE static inline __attribute__((always_inline))
