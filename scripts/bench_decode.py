@@ -384,8 +384,9 @@ def table_header(first: str) -> str:
 
 
 def run_context(runners: list[Runner], context: int, args, mode: str, vocab: int, weight_bytes: int,
-                probe: BandwidthProbe) -> list[float]:
-    """The table rows of one context; returns each repeat's read bandwidth (bytes/s)."""
+                probe: BandwidthProbe) -> tuple[list[float], dict[str, list[float]]]:
+    """The table rows of one context; returns each repeat's read bandwidth (bytes/s) and each
+    implementation's share of the bandwidth limit in each repeat."""
     torch.manual_seed(context)
     ids = torch.randint(0, vocab, (args.batch, context)).to(args.device)
     graphs_before = {}
@@ -417,7 +418,7 @@ def run_context(runners: list[Runner], context: int, args, mode: str, vocab: int
               f"{show(r['peak_mib'], '.0f')} | "
               f"{r['prefill_tps']:.0f} | {r['prefill_tps'] / b['prefill_tps']:.2f}x | {r['decode_tps']:.2f} | "
               f"{r['decode_tps'] / b['decode_tps']:.2f}x | {r['bandwidth_share']:.0%} | {graphs or '-'} |", flush=True)
-    return bandwidths
+    return bandwidths, {runner.name: runner.results["bandwidth_share"] for runner in runners}
 
 
 # ------------------------------------------------------------------------- models
@@ -501,8 +502,13 @@ def bench_model(spec: str, args, modes: list[str], probe: BandwidthProbe, scratc
                   for context in args.contexts}
         print("\nRead bandwidth sampled between decode rounds (each repeat's median; the shares above use "
               "their own repeat's): " + "; ".join(
-                  f"{context}: {' / '.join(f'{b / 1e9:.1f}' for b in values)} GB/s" for context, values in probed.items()),
-              flush=True)
+                  f"{context}: {' / '.join(f'{b / 1e9:.1f}' for b in values)} GB/s"
+                  for context, (values, _) in probed.items()), flush=True)
+        print("Share of the bandwidth limit in each repeat (against that repeat's bandwidth; the table shows their "
+              "median): " + "; ".join(
+                  f"{context}: " + ", ".join(f"{name} {' / '.join(f'{s:.0%}' for s in values)}"
+                                             for name, values in shares.items())
+                  for context, (_, shares) in probed.items()), flush=True)
     del loaded, model, runners
     gc.collect()
     _malloc_trim()

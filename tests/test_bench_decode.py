@@ -122,3 +122,11 @@ def test_block_choices_are_printed(output):
     lines = re.findall(r"^- hidden 64, heads \d+ / \d+ of \d+, MLP \d+, \d rows?, 1 threads: (C calls|modules)$", tail,
                        re.MULTILINE)
     assert lines or "- (none measured: no eager decode step of a fitting block ran)" in tail, tail
+
+
+def test_each_repeats_share_is_printed(output):
+    """Each implementation's share of the bandwidth limit per repeat (the table shows their
+    median): a repeat on a fast-memory minute reads apart from one on a slow minute."""
+    line = next(line for line in output.splitlines() if line.startswith("Share of the bandwidth limit in each repeat"))
+    shares = dict(re.findall(r"(transformers|cormlm-full|cormlm-corm) (\d+%)", line.split("): ", 1)[1]))
+    assert set(shares) == set(IMPLEMENTATIONS), line
