@@ -128,5 +128,7 @@ def test_each_repeats_share_is_printed(output):
     """Each implementation's share of the bandwidth limit per repeat (the table shows their
     median): a repeat on a fast-memory minute reads apart from one on a slow minute."""
     line = next(line for line in output.splitlines() if line.startswith("Share of the bandwidth limit in each repeat"))
-    shares = dict(re.findall(r"(transformers|cormlm-full|cormlm-corm) (\d+%)", line.split("): ", 1)[1]))
-    assert set(shares) == set(IMPLEMENTATIONS), line
+    context, entries = line.split("): ", 1)[1].split(": ", 1)
+    shares = dict(entry.rsplit(" ", 1) for entry in entries.split(", "))
+    assert context == "32" and set(shares) == set(IMPLEMENTATIONS), line
+    assert all(re.fullmatch(r"\d+%", share) for share in shares.values()), line  # --repeats 1: one each
