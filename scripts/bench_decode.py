@@ -22,8 +22,8 @@ For each context, each repeat prefills ``context`` tokens with every implementat
 ``--prefills`` times (transformers with SDPA and its dynamic cache, cormlm with a full cache,
 cormlm with CORM; prefill speed is the median of all those prefills), runs two warm-up
 decode steps each, then ``--steps`` greedy decode steps in alternation, one
-step of each implementation at a time, each step timed: a machine whose speed drifts slows
-all of them alike. Decode speed is the median step; figures are medians over ``--repeats``
+step of each implementation at a time (each round started by the next one), each step
+timed: a machine whose speed drifts slows all of them alike. Decode speed is the median step; figures are medians over ``--repeats``
 and ratios are to the first implementation (transformers) measured in the same run. Beside
 every speed figure, KV memory: "KV MiB held" is the storage of the cache's tensors (keys,
 values and bookkeeping) after decoding, "retained KV MiB" the keys + values
@@ -345,8 +345,11 @@ def timed_round(runners: list[Runner], ids: torch.Tensor, steps: int, prefills: 
         logits, states[runner.name] = decode(runner, logits, state, 2)  # warm-up (compiled: the decode graphs)
         tokens[runner.name] = logits.argmax(-1, keepdim=True)
         step_s[runner.name], recompiles[runner.name] = [], 0
-    for _ in range(steps):
-        for runner in runners:
+    for step in range(steps):
+        # each round starts with the next implementation: the step right after the bandwidth
+        # probe reads slower (about 3% of a batch-1 SmolLM2 step), and no implementation
+        # should always be the one to pay it
+        for runner in runners[step % len(runners):] + runners[:step % len(runners)]:
             graphs = graphs_built()
             sync(ids.device)
             started = time.perf_counter()
