@@ -42,3 +42,15 @@ def decided(names: Sequence[str], times: dict[str, list[float]], baseline: str |
 def _quartiles(values: list[float]) -> list[float]:
     """Lower quartile, median and upper quartile of ``values``."""
     return statistics.quantiles(values, n=4, method="inclusive")
+
+
+def record(trials: dict[object, dict[str, list[float]]], choices: dict[object, str], key: object,
+           names: Sequence[str], name: str, seconds: float) -> None:
+    """One trial call of ``name`` for ``key`` took ``seconds``; once every one of ``names``
+    ran its trials, the fastest goes to ``choices`` and the key's times are dropped."""
+    times = trials[key]
+    times.setdefault(name, []).append(seconds)
+    choice = decided(names, times)
+    if choice is not None:
+        choices[key] = choice
+        del trials[key]

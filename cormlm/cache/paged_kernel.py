@@ -30,9 +30,9 @@ from pathlib import Path
 
 import torch
 
-from .. import native
+from .. import native, trials
 from ..errors import InputError
-from ..trials import decided, next_trial
+from ..trials import next_trial
 
 SOURCE = Path(__file__).with_name("paged_kernel.c")
 FORCE_ENV = "CORMLM_PAGED_KERNEL"
@@ -198,12 +198,7 @@ def choose(key: tuple) -> tuple[str, bool]:
 
 def record(key: tuple, path: str, seconds: float) -> None:
     """One trial call's time; once both paths ran their trials, the faster is kept."""
-    times = _trials[key]
-    times.setdefault(path, []).append(seconds)
-    choice = decided(PATHS, times)
-    if choice is not None:
-        _choices[key] = choice
-        del _trials[key]
+    trials.record(_trials, _choices, key, PATHS, path, seconds)
 
 
 _PROBS_LABEL = {None: "", "heads": ", probabilities", "max": ", group-max probabilities",

@@ -33,9 +33,9 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from .. import native
+from .. import native, trials
 from ..errors import InputError
-from ..trials import TRIALS, decided, next_trial
+from ..trials import TRIALS, next_trial
 from .linear import ROWS_MAX, products_decided
 
 if TYPE_CHECKING:
@@ -164,12 +164,7 @@ def changed() -> None:
 
 def record(key: tuple, path: str, seconds: float) -> None:
     """One trial call's time; once both paths ran their trials, the faster is kept."""
-    times = _trials[key]
-    times.setdefault(path, []).append(seconds)
-    choice = decided(PATHS, times)
-    if choice is not None:
-        _choices[key] = choice
-        del _trials[key]
+    trials.record(_trials, _choices, key, PATHS, path, seconds)
 
 
 def forward(block: Block, x: torch.Tensor, step: StepContext, path: str, trial: tuple | None) -> torch.Tensor:

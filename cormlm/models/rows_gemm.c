@@ -61,30 +61,28 @@
             }                                                                                                \
     }
 
-/* RB for M input rows: as many weight rows (at most 8, a divisor of SPAN) as keep the M * RB
- * accumulators, the RB weight vectors and the input vector in registers: with AVX-512's 32
- * vector registers, M * RB + RB + 1 <= 32 (each weight vector then meets every input row
- * from a register, fewer loads per multiply-add). Where vectors are 8 lanes (AVX2, NEON), the
- * earlier narrower tiles stay (not measured there). */
+/* RB for M input rows (RB3: 3-4 rows, RB5: 5-6, RB7: 7-8): as many weight rows (at most 8, a
+ * divisor of SPAN) as keep the M * RB accumulators, the RB weight vectors and the input
+ * vector in registers: with AVX-512's 32 vector registers, M * RB + RB + 1 <= 32 (each
+ * weight vector then meets every input row from a register, fewer loads per multiply-add).
+ * Where vectors are 8 lanes (AVX2, NEON), the earlier narrower tiles stay (not measured there). */
 #if VW == 16
-DEFINE_ROWS(1, 8, 0)
-DEFINE_ROWS(2, 8, 2)
-DEFINE_ROWS(3, 6, 2)
-DEFINE_ROWS(4, 6, 2)
-DEFINE_ROWS(5, 4, 2)
-DEFINE_ROWS(6, 4, 2)
-DEFINE_ROWS(7, 3, 2)
-DEFINE_ROWS(8, 3, 2)
+#define RB3 6
+#define RB5 4
+#define RB7 3
 #else
+#define RB3 4
+#define RB5 3
+#define RB7 2
+#endif
 DEFINE_ROWS(1, 8, 0)
 DEFINE_ROWS(2, 8, 2)
-DEFINE_ROWS(3, 4, 2)
-DEFINE_ROWS(4, 4, 2)
-DEFINE_ROWS(5, 3, 2)
-DEFINE_ROWS(6, 3, 2)
-DEFINE_ROWS(7, 2, 2)
-DEFINE_ROWS(8, 2, 2)
-#endif
+DEFINE_ROWS(3, RB3, 2)
+DEFINE_ROWS(4, RB3, 2)
+DEFINE_ROWS(5, RB5, 2)
+DEFINE_ROWS(6, RB5, 2)
+DEFINE_ROWS(7, RB7, 2)
+DEFINE_ROWS(8, RB7, 2)
 
 typedef void (*rows_fn)(const float *, const float *, const float *, float *, int64_t, int64_t, int64_t, int,
                         int64_t, int64_t);
