@@ -9,8 +9,11 @@ The linear layer's kernels (:mod:`cormlm.models.linear`) and the decode-attentio
 
 from __future__ import annotations
 
+import os
 import statistics
 from collections.abc import Sequence
+
+from .errors import InputError
 
 TRIALS = 8  # timed calls of each implementation per key (after one untimed warm-up call each)
 
@@ -54,3 +57,16 @@ def record(trials: dict[object, dict[str, list[float]]], choices: dict[object, s
     if choice is not None:
         choices[key] = choice
         del trials[key]
+
+
+def forced(env: str, names: Sequence[str], what: str, measured: str) -> str | None:
+    """The implementation the environment variable ``env`` forces (None where unset or
+    blank); a value not among ``names`` is an error that names them (``what`` the value
+    should be, ``measured`` what is measured when it is unset)."""
+    value = os.environ.get(env, "").strip().lower()
+    if not value:
+        return None
+    if value not in names:
+        raise InputError(f"{env}={value!r} is not {what}; use one of {', '.join(names)} (or unset it to let "
+                         f"{measured} be measured)")
+    return value

@@ -187,7 +187,7 @@ def test_a_forced_path_runs_no_trials(forced, monkeypatch):
 
 def test_a_misspelt_forced_path_names_the_choices(monkeypatch):
     monkeypatch.setenv(paged_kernel.FORCE_ENV, "fast")
-    with pytest.raises(InputError, match="native or torch"):
+    with pytest.raises(InputError, match="is not a decode-attention path; use one of native, torch"):
         _calls("native", monkeypatch)
 
 

@@ -24,14 +24,12 @@ over each block while it is in cache (``scripts/bench_compile.py`` measures both
 from __future__ import annotations
 
 import ctypes
-import os
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from .. import native, trials
-from ..errors import InputError
 from ..trials import next_trial
 
 SOURCE = Path(__file__).with_name("paged_kernel.c")
@@ -172,13 +170,7 @@ def block_bucket(blocks: int) -> int:
 
 
 def _forced() -> str | None:
-    value = os.environ.get(FORCE_ENV, "").strip().lower()
-    if not value:
-        return None
-    if value not in PATHS:
-        raise InputError(f"{FORCE_ENV}={value!r} is not a decode-attention path; use native or torch (or unset it "
-                         "to let each shape be measured)")
-    return value
+    return trials.forced(FORCE_ENV, PATHS, "a decode-attention path", "each shape")
 
 
 def choose(key: tuple) -> tuple[str, bool]:

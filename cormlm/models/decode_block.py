@@ -34,7 +34,6 @@ import torch
 from torch import nn
 
 from .. import native, trials
-from ..errors import InputError
 from ..trials import TRIALS, next_trial
 from .linear import ROWS_MAX, products_decided
 
@@ -66,14 +65,7 @@ def _ptr(tensor: torch.Tensor | None) -> int | None:
 
 def forced() -> str | None:
     """``CORMLM_DECODE_BLOCK`` (None when unset); a misspelt value is an error."""
-    value = os.environ.get(FORCE_ENV)
-    if value is None or not value.strip():
-        return None
-    value = value.strip().lower()
-    if value not in PATHS:
-        raise InputError(f"{FORCE_ENV}={value!r} is not a path; use one of {', '.join(PATHS)} (or unset it to "
-                         "let each block shape be measured)")
-    return value
+    return trials.forced(FORCE_ENV, PATHS, "a path", "each block shape")
 
 
 def available() -> bool:

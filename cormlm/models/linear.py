@@ -43,8 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import native
-from ..errors import InputError
+from .. import native, trials
 from ..trials import TRIALS, decided, next_trial
 
 SPLIT_MAX_ROWS = 8  # the split only ever targets matrix-vector-like products
@@ -147,14 +146,7 @@ def row_bucket(rows: int) -> int:
 
 
 def _forced() -> str | None:
-    value = os.environ.get(FORCE_ENV)
-    if value is None or not value.strip():
-        return None
-    value = value.strip().lower()
-    if value not in KERNELS:
-        raise InputError(f"{FORCE_ENV}={value!r} is not a kernel; use one of {', '.join(KERNELS)} (or unset it to "
-                         "let each product be measured)")
-    return value
+    return trials.forced(FORCE_ENV, tuple(KERNELS), "a kernel", "each product")
 
 
 def _fits(name: str, rows: int, x: torch.Tensor, weight: torch.Tensor) -> bool:
