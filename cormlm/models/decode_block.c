@@ -13,7 +13,6 @@
  * these sizes. Built and loaded at first use by decode_block.py (cormlm.native).
  */
 #include <math.h>
-#include <stdlib.h>
 
 #include "rms_norm.c"
 #include "rows_gemm.c"
