@@ -44,12 +44,15 @@ def skip_without_kernels() -> None:
             pytest.skip(f"no C kernel here: {kernel.unavailable}")
 
 
-def counted(monkeypatch) -> list[str]:
-    """Records each C call of the block (its name), and still makes it."""
+def counted(monkeypatch, plans: list[int] | None = None) -> list[str]:
+    """Records each C call of the block (its name; its products' plans, its last argument, into
+    ``plans``), and still makes it."""
     calls: list[str] = []
+    seen = plans if plans is not None else []
     for name, kernel in (("pre", decode_block.PRE), ("post", decode_block.POST)):
         real = kernel.function()
-        monkeypatch.setattr(kernel, "function", lambda real=real, name=name: (lambda *a: calls.append(name) or real(*a)))
+        monkeypatch.setattr(kernel, "function", lambda real=real, name=name: (
+            lambda *a: calls.append(name) or seen.append(a[-1]) or real(*a)))
     return calls
 
 
@@ -76,16 +79,21 @@ def _fresh_choices(monkeypatch):
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 @pytest.mark.parametrize("batch", [1, 3, 8])
-def test_decode_steps_equal_the_modules(monkeypatch, variant, batch):
-    """Every decode step of a batch of up to 8 rows through the two C calls gives the logits
-    and greedy tokens of the modules' own operations."""
+@pytest.mark.parametrize("kernel", ["rows", "rows_l2"])
+def test_decode_steps_equal_the_modules(monkeypatch, variant, batch, kernel):
+    """Every decode step of a batch of up to 8 rows through the two C calls, by either plan of
+    the few-row kernel (the plan its products' kernel has), gives the logits and greedy tokens
+    of the modules' own operations."""
     skip_without_kernels()
     monkeypatch.setenv(decode_block.FORCE_ENV, "native")
+    monkeypatch.setenv(LINEAR_ENV, kernel)
     model = random_model(VARIANTS[variant], seed=batch)
     ids = torch.randint(0, BASE.vocab_size, (batch, 11))
-    calls = counted(monkeypatch)
+    plans: list[int] = []
+    calls = counted(monkeypatch, plans)
     native_tokens, native_logits = decode(model, ids, steps=6)
     assert calls.count("pre") == calls.count("post") == 6 * BASE.num_layers  # every decode step, no prompt
+    assert set(plans) == {0b1111 if kernel == "rows_l2" else 0}
     monkeypatch.setenv(decode_block.FORCE_ENV, "torch")
     modules_tokens, modules_logits = decode(model, ids, steps=6)
     assert len(calls) == 12 * BASE.num_layers
@@ -228,3 +236,25 @@ def test_a_settled_path_is_asked_again_after_conversion_or_packing(monkeypatch):
         if linear._onednn_available():
             cormlm.pack_weights(model)
             assert decode_block.choose(block, rows, None) == ("torch", None)
+
+
+def test_each_product_runs_by_the_plan_measured_for_it(monkeypatch):
+    """The C calls run each of the block's products by the few-row kernel's plan that the
+    product's own trials chose (eagerly: the measured choices; graphs: the calibrated ones),
+    the first plan where another kernel won."""
+    from cormlm.models import linear
+
+    monkeypatch.delenv(LINEAR_ENV, raising=False)
+    block = random_model(BASE).blocks[0]
+    qkv, o, gate_up, down = (layer.weight for layer in decode_block._layers(block))
+    threads = torch.get_num_threads()
+    eager = {(*w.shape, 3, torch.float32, threads, "cpu"): name
+             for w, name in ((qkv, "rows_l2"), (o, "rows"), (gate_up, "rows_l2"), (down, "onednn"))}
+    monkeypatch.setattr(linear, "_choices", eager)
+    graphs = {(*w.shape, 3, torch.float32): name for w, name in ((o, "rows_l2"), (down, "rows_l2"))}
+    monkeypatch.setattr(linear, "_graph_choices", graphs)
+    assert decode_block._rows_plans(block, 3) == 0b0101
+    assert decode_block._rows_plans(block, 3, graph=True) == 0b1010
+    assert decode_block._rows_plans(block, 2) == 0  # nothing measured at two rows
+    monkeypatch.setenv(LINEAR_ENV, "rows_l2")
+    assert decode_block._rows_plans(block, 2) == 0b1111

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import time
 
 import pytest
@@ -28,7 +29,7 @@ def _all_kernels() -> list[str]:
         return linear_module.candidates(torch.ones(1, 4), torch.ones(2, 4))
 
 
-@pytest.mark.parametrize("kernel", ["split", "linear", "onednn", "linear_t", "onednn_t", "rows", None])
+@pytest.mark.parametrize("kernel", ["split", "linear", "onednn", "linear_t", "onednn_t", "rows", "rows_l2", None])
 @pytest.mark.parametrize("shape", [(1, 1), (1, 3), (2, 1), (2, 2), (4, 1), (2, 4), (1, 5), (3, 7)])
 @pytest.mark.parametrize("bias", [False, True])
 @torch.inference_mode()
@@ -47,8 +48,8 @@ def test_every_kernel_matches_f_linear(monkeypatch, kernel, shape, bias):
 
 def test_onednn_is_offered_where_torch_has_it():
     """This machine's torch (an x86 CPU wheel) is built with oneDNN and it has a C compiler:
-    all six kernels compete for a few rows; F.linear and oneDNN for many."""
-    assert _all_kernels() == ["linear", "split", "onednn", "linear_t", "onednn_t", "rows"]
+    all seven kernels compete for a few rows; F.linear and oneDNN for many."""
+    assert _all_kernels() == ["linear", "split", "onednn", "linear_t", "onednn_t", "rows", "rows_l2"]
     with torch.inference_mode():
         assert linear_module.candidates(torch.ones(17, 4), torch.ones(2, 4)) == ["linear", "onednn"]
 
@@ -82,7 +83,7 @@ def _slow_kernel(monkeypatch, *slow: str) -> list[str]:
     return ran
 
 
-@pytest.mark.parametrize("fast", ["linear", "split", "onednn", "linear_t", "onednn_t", "rows"])
+@pytest.mark.parametrize("fast", ["linear", "split", "onednn", "linear_t", "onednn_t", "rows", "rows_l2"])
 @torch.inference_mode()
 def test_kernels_rotate_in_place_then_the_fastest_is_kept_per_shape(monkeypatch, fast):
     kernels = _all_kernels()
@@ -123,7 +124,7 @@ def test_products_that_need_gradients_never_go_through_onednn(monkeypatch):
     x = torch.randn(2, 16, requires_grad=True)
     for _ in range(5 * (TRIALS + 1)):
         layer(x).sum().backward()
-    assert not any(name.startswith("onednn") or name == "rows" for name in ran) and x.grad is not None
+    assert not any(name.startswith("onednn") or name.startswith("rows") for name in ran) and x.grad is not None
 
 
 def test_forced_kernel_skips_measurement_and_falls_back_where_it_cannot_run(monkeypatch):
@@ -164,7 +165,7 @@ def test_the_few_row_c_kernel_matches_float64_on_every_row_count_and_ragged_shap
     """Every row count has its own C function; widths off the vector length and weight rows
     off the per-thread span take the kernel's tail loops; wide inputs (4099 columns: over half
     of any L1 at 2 rows or more) are taken in column chunks that add into the output, the bias
-    once."""
+    once (the first plan; the second reads them whole)."""
     torch.manual_seed(0)
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -172,9 +173,9 @@ def test_the_few_row_c_kernel_matches_float64_on_every_row_count_and_ragged_shap
         for rows in range(1, linear_module.ROWS_MAX + 1):
             for out_features, in_features in [(1, 1), (7, 5), (25, 17), (49, 100), (97, 576), (3, 1536), (9, 4099)]:
                 x, w, b = torch.randn(rows, in_features), torch.randn(out_features, in_features), torch.randn(out_features)
-                for bias in (None, b):
+                for bias, plan in itertools.product((None, b), linear_module.ROWS_PLANS.values()):
                     expected = F.linear(x.double(), w.double(), None if bias is None else bias.double())
-                    torch.testing.assert_close(linear_module.rows_gemm(x, w, bias).double(), expected,
+                    torch.testing.assert_close(linear_module.rows_gemm(x, w, bias, plan).double(), expected,
                                                rtol=1e-5, atol=1e-4)
         # only a contiguous weight is offered to any kernel but F.linear (the C kernel reads it as laid out)
         assert linear_module.candidates(torch.randn(1, 8), torch.randn(8, 4).t()) == ["linear"]
@@ -192,10 +193,12 @@ def test_the_few_row_c_kernel_built_for_8_lane_vectors_matches_float64(narrow_ve
         for out_features, in_features in [(7, 5), (25, 17), (97, 576), (3, 1536), (9, 4099)]:
             x, w, b = torch.randn(rows, in_features), torch.randn(out_features, in_features), torch.randn(out_features)
             expected = F.linear(x.double(), w.double(), b.double())
-            torch.testing.assert_close(linear_module.rows_gemm(x, w, b).double(), expected, rtol=1e-5, atol=1e-4)
+            for plan in linear_module.ROWS_PLANS.values():
+                torch.testing.assert_close(linear_module.rows_gemm(x, w, b, plan).double(), expected, rtol=1e-5,
+                                           atol=1e-4)
 
 
-@pytest.mark.parametrize("kernel", ["split", "linear", "onednn", "linear_t", "onednn_t", "rows", None])
+@pytest.mark.parametrize("kernel", ["split", "linear", "onednn", "linear_t", "onednn_t", "rows", "rows_l2", None])
 @torch.inference_mode()
 def test_a_product_of_no_rows_is_empty_on_every_kernel(monkeypatch, kernel):
     if kernel is not None:
@@ -203,13 +206,13 @@ def test_a_product_of_no_rows_is_empty_on_every_kernel(monkeypatch, kernel):
     layer = Linear(16, 8)
     for _ in range(len(_all_kernels()) * (TRIALS + 1) if kernel is None else 1):
         assert layer(torch.randn(0, 16)).shape == (0, 8)
-    assert "rows" not in linear_module.candidates(torch.randn(0, 16), layer.weight)
+    assert not {"rows", "rows_l2"} & set(linear_module.candidates(torch.randn(0, 16), layer.weight))
 
 
 @torch.inference_mode()
 def test_without_the_c_kernel_the_other_kernels_compete(monkeypatch):
     monkeypatch.setattr(linear_module.ROWS_GEMM, "function", lambda: None)
-    assert "rows" not in _all_kernels() and "split" in _all_kernels()
+    assert not {"rows", "rows_l2"} & set(_all_kernels()) and "split" in _all_kernels()
     assert not linear_module.adopt_graph_choices({(8, 16, 1, torch.float32): "rows"})  # a saved choice it cannot run
     monkeypatch.setenv(FORCE_ENV, "rows")
     layer = Linear(16, 8)
@@ -265,19 +268,21 @@ def test_compiled_graphs_call_the_kernel_measured_for_their_rows(monkeypatch):
     assert counters["stats"]["unique_graphs"] - frames == 2  # rows 1, then every other row count
 
 
+@pytest.mark.parametrize("kernel", ["rows", "rows_l2"])
 @torch.inference_mode()
-def test_compiled_decode_graphs_call_the_c_kernel_as_one_opaque_op(monkeypatch):
+def test_compiled_decode_graphs_call_the_c_kernel_as_one_opaque_op(monkeypatch, kernel):
     torch._dynamo.reset()
-    calls: list[int] = []
+    calls: list[tuple[int, int]] = []
     real = linear_module.rows_gemm
-    monkeypatch.setattr(linear_module, "rows_gemm", lambda x, w, b=None: calls.append(x.shape[0]) or real(x, w, b))
+    monkeypatch.setattr(linear_module, "rows_gemm",
+                        lambda x, w, b=None, plan=0: calls.append((x.shape[0], plan)) or real(x, w, b, plan))
     torch.manual_seed(0)
     layer = Linear(48, 20)
-    monkeypatch.setitem(linear_module._graph_choices, (20, 48, 3, torch.float32), "rows")
+    monkeypatch.setitem(linear_module._graph_choices, (20, 48, 3, torch.float32), kernel)
     compiled = torch.compile(layer, fullgraph=True)
     x = torch.randn(3, 1, 48)  # three rows of one token: a decode step of batch 3
     torch.testing.assert_close(compiled(x), F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
-    assert calls == [3]
+    assert calls == [(3, linear_module.ROWS_PLANS[kernel])]
 
 
 def test_calibrate_decides_every_product_of_a_model_before_compiling():

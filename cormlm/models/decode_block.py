@@ -35,6 +35,7 @@ from torch import nn
 
 from .. import native, trials
 from ..trials import TRIALS, next_trial
+from . import linear
 from .linear import ROWS_MAX, products_decided
 
 if TYPE_CHECKING:
@@ -48,9 +49,11 @@ FORCE_ENV = "CORMLM_DECODE_BLOCK"
 PATHS = ("native", "torch")
 _p, _i64, _f = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 PRE = native.Kernel(SOURCE, "cormlm_block_pre_f32",
-                    [_p, _p, _f, _p, _p, _p, _p, _i64, _p, _p, _i64, _i64, _i64, _i64, _i64, ctypes.c_int], INCLUDES)
+                    [_p, _p, _f, _p, _p, _p, _p, _i64, _p, _p, _i64, _i64, _i64, _i64, _i64, ctypes.c_int, ctypes.c_int],
+                    INCLUDES)
 POST = native.Kernel(SOURCE, "cormlm_block_post_f32",
-                     [_p, _p, _p, _p, _p, _f, _p, _p, _p, _p, _p, _p, _i64, _i64, _i64, _i64, ctypes.c_int], INCLUDES)
+                     [_p, _p, _p, _p, _p, _f, _p, _p, _p, _p, _p, _p, _i64, _i64, _i64, _i64, ctypes.c_int, ctypes.c_int],
+                     INCLUDES)
 _scratch = native.Workspace()
 _choices: dict[tuple, str] = {}  # block key (see _key) -> path
 _trials: dict[tuple, dict[str, list[float]]] = {}  # block key -> path -> seconds of each trial call
@@ -262,10 +265,11 @@ def pre_attention(block: Block, x: torch.Tensor, rotary: tuple[torch.Tensor, tor
     if torch.compiler.is_compiling():
         attn, norm = block.attn, block.attn_norm
         qkv = _pre_op(x, norm.weight, norm.eps, attn.qkv.weight, attn.qkv.bias, cos, sin,
-                      attn.num_heads + attn.num_kv_heads, attn.num_kv_heads, attn.head_dim)
+                      attn.num_heads + attn.num_kv_heads, attn.num_kv_heads, attn.head_dim,
+                      _rows_plans(block, x.numel() // x.shape[-1], graph=True))
         return attn.heads(qkv)
-    pre, _ = _plan(block)
-    return _heads(_pre(x, *pre[:4], cos, sin, *pre[4:]), *pre[4:])
+    pre, _ = _plan(block, x.numel() // x.shape[-1])
+    return _heads(_pre(x, *pre[:4], cos, sin, *pre[4:]), *pre[4:7])
 
 
 def post_attention(block: Block, x: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
@@ -275,22 +279,31 @@ def post_attention(block: Block, x: torch.Tensor, attn_out: torch.Tensor) -> tor
     if torch.compiler.is_compiling():
         attn, norm, mlp = block.attn, block.mlp_norm, block.mlp
         return _post_op(x, attn_rows, attn.o_proj.weight, attn.o_proj.bias, norm.weight, norm.eps, mlp.gate_up.weight,
-                        mlp.gate_up.bias, mlp.down.weight, mlp.down.bias)
-    return _post(x, attn_rows, *_plan(block)[1])
+                        mlp.gate_up.bias, mlp.down.weight, mlp.down.bias, _rows_plans(block, x.numel() // x.shape[-1], graph=True))
+    return _post(x, attn_rows, *_plan(block, x.numel() // x.shape[-1])[1])
 
 
-def _plan(block: Block) -> tuple[tuple, tuple]:
-    """The two calls' arguments from ``block`` (parameters, eps, head counts), gathered once
-    per epoch of :func:`changed`: each nn.Module attribute lookup costs about a microsecond,
-    and a block's two calls need twenty."""
+def _rows_plans(block: Block, rows: int, graph: bool = False) -> int:
+    """The few-row kernel's plan for each of the block's four products at ``rows`` rows, as
+    linear.py measured it for the product (eagerly or for graphs), as bits 0-3 (decode_block.c)."""
+    return sum(linear.rows_plan(layer.weight, rows, graph) << i for i, layer in enumerate(_layers(block)))
+
+
+def _plan(block: Block, rows: int) -> tuple[tuple, tuple]:
+    """The two calls' arguments from ``block`` (parameters, eps, head counts, the products'
+    plans) for ``rows`` rows, gathered once per epoch of :func:`changed`, row count and state
+    of the products' decisions (or forced kernel): each nn.Module attribute lookup costs about a microsecond, and a
+    block's two calls need twenty."""
     plan = block.native_plan
-    if plan is None or plan[0] != _epoch:
+    asked = (_epoch, rows, linear.decisions(), os.environ.get(linear.FORCE_ENV))
+    if plan is None or plan[0] != asked:
         attn, mlp, first, second = block.attn, block.mlp, block.attn_norm, block.mlp_norm
+        plans = _rows_plans(block, rows)
         pre = (first.weight, first.eps, attn.qkv.weight, attn.qkv.bias, attn.num_heads + attn.num_kv_heads,
-               attn.num_kv_heads, attn.head_dim)
+               attn.num_kv_heads, attn.head_dim, plans)
         post = (attn.o_proj.weight, attn.o_proj.bias, second.weight, second.eps, mlp.gate_up.weight,
-                mlp.gate_up.bias, mlp.down.weight, mlp.down.bias)
-        plan = block.native_plan = (_epoch, pre, post)
+                mlp.gate_up.bias, mlp.down.weight, mlp.down.bias, plans)
+        plan = block.native_plan = (asked, pre, post)
     return plan[1], plan[2]
 
 
@@ -308,9 +321,10 @@ def _heads(qkv: torch.Tensor, heads_qk: int, heads_v: int, head_dim: int
 
 
 def _pre(x: torch.Tensor, norm_w: torch.Tensor, eps: float, w: torch.Tensor, bias: torch.Tensor | None,
-         cos: torch.Tensor | None, sin: torch.Tensor | None, heads_qk: int, heads_v: int, head_dim: int
-         ) -> torch.Tensor:
-    """The fused projection [B, T, out] of rows ``x``, queries and keys rotated (see decode_block.c)."""
+         cos: torch.Tensor | None, sin: torch.Tensor | None, heads_qk: int, heads_v: int, head_dim: int,
+         plans: int = 0) -> torch.Tensor:
+    """The fused projection [B, T, out] of rows ``x``, queries and keys rotated (see decode_block.c),
+    its product by the few-row kernel's plan ``plans & 1``."""
     *lead, hidden = x.shape
     rows = x.numel() // hidden
     x = x.contiguous()
@@ -320,14 +334,15 @@ def _pre(x: torch.Tensor, norm_w: torch.Tensor, eps: float, w: torch.Tensor, bia
         cos, sin = cos.contiguous(), sin.contiguous()
     PRE.function()(x.data_ptr(), norm_w.data_ptr(), eps, w.data_ptr(), _ptr(bias), _ptr(cos), _ptr(sin),
                    0 if cos is None else cos.shape[-1], normed.data_ptr(), qkv.data_ptr(), rows, hidden, heads_qk,
-                   heads_v, head_dim, torch.get_num_threads())
+                   heads_v, head_dim, torch.get_num_threads(), plans)
     return qkv
 
 
 def _post(x: torch.Tensor, attn_rows: torch.Tensor, o_w: torch.Tensor, o_b: torch.Tensor | None,
           norm_w: torch.Tensor, eps: float, gu_w: torch.Tensor, gu_b: torch.Tensor | None, down_w: torch.Tensor,
-          down_b: torch.Tensor | None) -> torch.Tensor:
-    """The block's output for rows ``x`` and their attention ``attn_rows`` (see decode_block.c)."""
+          down_b: torch.Tensor | None, plans: int = 0) -> torch.Tensor:
+    """The block's output for rows ``x`` and their attention ``attn_rows`` (see decode_block.c),
+    its products by the few-row kernel's plans in bits 1-3 of ``plans``."""
     hidden, width, inter = x.shape[-1], attn_rows.shape[-1], down_w.shape[1]
     rows = x.numel() // hidden
     x, attn_rows = x.contiguous(), attn_rows.contiguous()
@@ -335,7 +350,7 @@ def _post(x: torch.Tensor, attn_rows: torch.Tensor, o_w: torch.Tensor, o_b: torc
     scratch = _scratch.get(rows * (2 * hidden + 3 * inter))
     POST.function()(x.data_ptr(), attn_rows.data_ptr(), o_w.data_ptr(), _ptr(o_b), norm_w.data_ptr(), eps,
                     gu_w.data_ptr(), _ptr(gu_b), down_w.data_ptr(), _ptr(down_b), out.data_ptr(), scratch.data_ptr(),
-                    rows, hidden, width, inter, torch.get_num_threads())
+                    rows, hidden, width, inter, torch.get_num_threads(), plans)
     return out
 
 
@@ -345,10 +360,10 @@ _post_op = torch.library.custom_op("cormlm::block_post", mutates_args=())(_post)
 
 
 @_pre_op.register_fake
-def _(x, norm_w, eps, w, bias, cos, sin, heads_qk, heads_v, head_dim):
+def _(x, norm_w, eps, w, bias, cos, sin, heads_qk, heads_v, head_dim, plans=0):
     return x.new_empty(*x.shape[:-1], w.shape[0])
 
 
 @_post_op.register_fake
-def _(x, attn_rows, o_w, o_b, norm_w, eps, gu_w, gu_b, down_w, down_b):
+def _(x, attn_rows, o_w, o_b, norm_w, eps, gu_w, gu_b, down_w, down_b, plans=0):
     return torch.empty_like(x)

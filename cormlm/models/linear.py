@@ -1,7 +1,7 @@
 """The one linear layer every projection uses; CPU products take whichever kernel is
 faster on the machine the code runs on.
 
-Six kernels compute ``x @ weight.T`` on CPU, and which is fastest depends on the CPU and
+Seven kernels compute ``x @ weight.T`` on CPU, and which is fastest depends on the CPU and
 its BLAS (each has been 1.5-3x faster than another on some machine, for some row count):
 
 - ``linear``: ``F.linear``, the BLAS torch was built with (MKL on x86 wheels);
@@ -13,7 +13,11 @@ its BLAS (each has been 1.5-3x faster than another on some machine, for some row
   ``weight @ x.T``, transposed back (the large matrix as the rows of the product);
 - ``rows``: float32 products of at most ``ROWS_MAX`` rows by a C kernel built for the CPU at
   hand (``rows_gemm.c``, :mod:`cormlm.native`; absent where no compiler is), which streams
-  each weight row once against every input row.
+  each weight row once against every input row, asking for the rows ahead non-temporally
+  near the core, the input rows in column chunks of half the L1;
+- ``rows_l2``: the same kernel asking for the rows ahead into the L2, the input rows whole
+  (the first plan's chunks paid on a Zen 5 EPYC; on a Zen 4 one this plan read 1.4-1.5x
+  faster at 8 rows).
 
 Nothing is tuned in advance: the first products of each (shape, row bucket, dtype, threads)
 rotate over the kernels that can run them and are timed where they run, inside the model's
@@ -53,11 +57,13 @@ ROWS_MAX = 8  # the C kernel's rows (one function per row count, its accumulator
 MARGIN = 0.9  # another kernel whose median is 10% faster replaces F.linear (or one steadily faster: see decided)
 FORCE_ENV = "CORMLM_LINEAR_KERNEL"
 ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
-NO_GRADIENT = frozenset({"onednn", "onednn_t", "rows"})  # kernels autograd cannot differentiate
+ROWS_PLANS = {"rows": 0, "rows_l2": 1}  # the C kernel's two plans (rows_gemm.c's PLAN_L1, PLAN_L2), measured apart
+NO_GRADIENT = frozenset({"onednn", "onednn_t", *ROWS_PLANS})  # kernels autograd cannot differentiate
 _choices: dict[tuple, str] = {}  # (out, in, row bucket, dtype, threads) -> kernel name
 _trials: dict[tuple, dict[str, list[float]]] = {}  # same key -> kernel -> seconds of each trial call
 _broken: set[str] = set()  # kernels that raised on this machine (not offered again)
 _graph_choices: dict[tuple, str] = {}  # (out, in, row bucket, dtype) -> kernel: what compiled graphs call (see calibrate)
+_decisions = 0  # bumped whenever _choices changes (see decisions())
 
 
 def split_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -72,30 +78,31 @@ def split_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
 
 _p, _i64 = ctypes.c_void_p, ctypes.c_int64
 ROWS_GEMM = native.Kernel(Path(__file__).with_name("rows_gemm.c"), "cormlm_rows_gemm_f32",
-                          [_p, _p, _p, _p, _i64, _i64, _i64, ctypes.c_int])
+                          [_p, _p, _p, _p, _i64, _i64, _i64, ctypes.c_int, ctypes.c_int])
 
 
-def rows_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def rows_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, plan: int = 0) -> torch.Tensor:
     """``x`` [rows <= 8, in] @ ``weight``.T (+ ``bias``) by the C kernel (float32, a contiguous
-    weight): each weight row streamed once against every input row."""
+    weight): each weight row streamed once against every input row, by ``plan`` (where the
+    weight rows ahead are asked for: see :data:`ROWS_PLANS` and rows_gemm.c)."""
     function = ROWS_GEMM.function()
     assert function is not None, "rows_gemm called although the kernel is unavailable"
     x = x.contiguous()  # (the weight is: candidates and graph_linear offer this kernel no other)
     rows, in_features = x.shape
     y = x.new_empty(rows, weight.shape[0])
     function(x.data_ptr(), weight.data_ptr(), None if bias is None else bias.contiguous().data_ptr(), y.data_ptr(),
-             rows, weight.shape[0], in_features, torch.get_num_threads())
+             rows, weight.shape[0], in_features, torch.get_num_threads(), plan)
     return y
 
 
 @torch.library.custom_op("cormlm::rows_gemm", mutates_args=())
-def _rows_gemm_graph_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def _rows_gemm_graph_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, plan: int) -> torch.Tensor:
     """:func:`rows_gemm` as one opaque operation of a compiled graph."""
-    return rows_gemm(x, weight, bias)
+    return rows_gemm(x, weight, bias, plan)
 
 
 @_rows_gemm_graph_op.register_fake
-def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, plan: int) -> torch.Tensor:
     return x.new_empty((x.shape[0], weight.shape[0]))
 
 
@@ -127,12 +134,14 @@ def transposed(kernel: Callable[..., torch.Tensor]) -> Callable[..., torch.Tenso
 
 KERNELS: dict[str, Callable[..., torch.Tensor]] = {
     "linear": F.linear, "split": split_gemv, "onednn": onednn_linear,
-    "linear_t": transposed(F.linear), "onednn_t": transposed(onednn_linear), "rows": rows_gemm}
+    "linear_t": transposed(F.linear), "onednn_t": transposed(onednn_linear),
+    **{name: functools.partial(rows_gemm, plan=plan) for name, plan in ROWS_PLANS.items()}}
 GRAPH_KERNELS: dict[str, Callable[..., torch.Tensor]] = {
-    **KERNELS, "onednn": _onednn_graph_op, "onednn_t": transposed(_onednn_graph_op), "rows": _rows_gemm_graph_op}
+    **KERNELS, "onednn": _onednn_graph_op, "onednn_t": transposed(_onednn_graph_op),
+    **{name: functools.partial(_rows_gemm_graph_op, plan=plan) for name, plan in ROWS_PLANS.items()}}
 CALIBRATION_ROWS = (*range(1, ROWS_MAX + 1), 256)  # decided before tracing: decode batches, and any symbolic (prefill) row count
 NAMES = {"linear": "F.linear", "split": "split GEMV", "onednn": "oneDNN", "linear_t": "F.linear, transposed",
-         "onednn_t": "oneDNN, transposed", "rows": "C few-row kernel"}
+         "onednn_t": "oneDNN, transposed", "rows": "C few-row kernel", "rows_l2": "C few-row kernel, L2 prefetch"}
 
 
 @functools.cache
@@ -154,7 +163,7 @@ def _fits(name: str, rows: int, x: torch.Tensor, weight: torch.Tensor) -> bool:
     (what both eager trials and compiled graphs obey)."""
     if name == "split":
         return rows <= SPLIT_MAX_ROWS and weight.shape[0] % SPLIT_PARTS == 0
-    if name == "rows":  # (and built here: see _usable)
+    if name in ROWS_PLANS:  # (and built here: see _usable)
         return 1 <= rows <= ROWS_MAX and weight.dtype == x.dtype == torch.float32 and weight.device.type == "cpu"
     if name.endswith("_t") and rows > TRANSPOSED_MAX_ROWS:
         return False
@@ -178,7 +187,7 @@ def _usable(name: str) -> bool:
         return False
     if name.startswith("onednn"):
         return _onednn_available()
-    return name != "rows" or ROWS_GEMM.function() is not None
+    return name not in ROWS_PLANS or ROWS_GEMM.function() is not None
 
 
 def _key(weight: torch.Tensor, rows: int) -> tuple:
@@ -193,12 +202,33 @@ def products_decided(weights: list[torch.Tensor], rows: int) -> bool:
     return all(_key(w, rows) in _choices for w in weights)
 
 
+def decisions() -> int:
+    """A count that changes whenever a product's eager choice does (for caches derived from them)."""
+    return _decisions
+
+
+def rows_plan(weight: torch.Tensor, rows: int, graph: bool = False) -> int:
+    """The C kernel's plan measured fastest for products of ``rows`` rows by ``weight`` (eagerly
+    or, with ``graph``, in compiled graphs): what a caller running that kernel itself (the
+    block's C calls) should use; the first plan where another kernel or none was chosen."""
+    forced = _forced()
+    if forced is not None and not graph:  # (graphs: calibrate records the forced kernel)
+        return ROWS_PLANS.get(forced, 0)
+    if graph:
+        choice = _graph_choices.get((weight.shape[0], weight.shape[1], row_bucket(rows), weight.dtype))
+    else:
+        choice = _choices.get(_key(weight, rows))
+    return ROWS_PLANS.get(choice, 0)
+
+
 def _call(name: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     if name == "linear":
         return KERNELS["linear"](x, weight, bias)
     try:
         return KERNELS[name](x, weight, bias)
     except RuntimeError:  # e.g. a oneDNN build without this primitive: never offered again
+        global _decisions
+        _decisions += 1
         _broken.add(name)
         for key, choice in list(_choices.items()):
             if choice == name:
@@ -227,6 +257,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     times.setdefault(name, []).append(time.perf_counter() - started)
     choice = decided([n for n in names if n not in _broken], times, baseline="linear", margin=MARGIN)
     if choice is not None:
+        global _decisions
+        _decisions += 1
         _choices[key] = choice
         del _trials[key]
     return y

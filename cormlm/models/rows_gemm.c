@@ -18,12 +18,13 @@
 
 /* Output columns n0..n1 of M rows over K columns of x and w (rows ld apart), RB weight rows at
  * a time (M * RB accumulators), stored into y (first) or added to it, bias (where not NULL)
- * added to each column's sum before it lands in y; AHEAD > 0
- * asks for the weight rows AHEAD blocks on while this block is multiplied: with several input
- * rows each weight byte takes more arithmetic, and the memory idles between the hardware
- * prefetcher's requests unless asked early (one vector product per row needs no help). */
-#define DEFINE_ROWS(M, RB, AHEAD)                                                                            \
-    static void rows_##M(const float *restrict x, const float *restrict w, const float *restrict bias,       \
+ * added to each column's sum before it lands in y; AHEAD > 0 asks for the weight rows AHEAD
+ * blocks on while this block is multiplied, LOCALITY the cache level they are asked into
+ * (0: near the core, marked non-temporal; 2: the L2): with several input rows each weight
+ * byte takes more arithmetic, and the memory idles between the hardware prefetcher's
+ * requests unless asked early. */
+#define DEFINE_ROWS(NAME, M, RB, AHEAD, LOCALITY)                                                                            \
+    static void NAME(const float *restrict x, const float *restrict w, const float *restrict bias,       \
                          float *restrict y, int64_t N, int64_t K, int64_t ld, int first, int64_t n0,         \
                          int64_t n1) {                                                                       \
         const int64_t KV = K / VW * VW;                                                                      \
@@ -36,7 +37,7 @@
                 vf wv[RB];                                                                                   \
                 for (int r = 0; r < RB; r++) memcpy(&wv[r], w + (n + r) * ld + k, sizeof(vf));               \
                 for (int r = 0; AHEAD && r < RB; r++) /* a prefetch past the end never faults */             \
-                    __builtin_prefetch(w + (n + AHEAD * RB + r) * ld + k, 0, 0);                             \
+                    __builtin_prefetch(w + (n + AHEAD * RB + r) * ld + k, 0, LOCALITY);                      \
                 for (int m = 0; m < M; m++) {                                                                \
                     vf xv;                                                                                   \
                     memcpy(&xv, x + m * ld + k, sizeof(vf));                                                 \
@@ -75,18 +76,36 @@
 #define RB5 3
 #define RB7 2
 #endif
-DEFINE_ROWS(1, 8, 0)
-DEFINE_ROWS(2, 8, 2)
-DEFINE_ROWS(3, RB3, 2)
-DEFINE_ROWS(4, RB3, 2)
-DEFINE_ROWS(5, RB5, 2)
-DEFINE_ROWS(6, RB5, 2)
-DEFINE_ROWS(7, RB7, 2)
-DEFINE_ROWS(8, RB7, 2)
+/* Two plans, because which pays depends on the machine's caches and prefetchers (the first
+ * was tuned on a Zen 5 EPYC; on a Zen 4 one the second read 1.4-1.5x faster at 8 rows): the
+ * in-place trials of linear.py measure both as separate kernels ("rows", "rows_l2") and keep
+ * the faster.
+ * PLAN_L1: blocks asked for non-temporally near the core (none at one row), x in column
+ * chunks of half the L1 (see x_budget); PLAN_L2: blocks asked into the L2, x in whole rows. */
+#define PLAN_L1 0
+#define PLAN_L2 1
+DEFINE_ROWS(rows_1, 1, 8, 0, 0)
+DEFINE_ROWS(rows_2, 2, 8, 2, 0)
+DEFINE_ROWS(rows_3, 3, RB3, 2, 0)
+DEFINE_ROWS(rows_4, 4, RB3, 2, 0)
+DEFINE_ROWS(rows_5, 5, RB5, 2, 0)
+DEFINE_ROWS(rows_6, 6, RB5, 2, 0)
+DEFINE_ROWS(rows_7, 7, RB7, 2, 0)
+DEFINE_ROWS(rows_8, 8, RB7, 2, 0)
+DEFINE_ROWS(rows_l2_1, 1, 8, 2, 2)
+DEFINE_ROWS(rows_l2_2, 2, 8, 2, 2)
+DEFINE_ROWS(rows_l2_3, 3, RB3, 2, 2)
+DEFINE_ROWS(rows_l2_4, 4, RB3, 2, 2)
+DEFINE_ROWS(rows_l2_5, 5, RB5, 2, 2)
+DEFINE_ROWS(rows_l2_6, 6, RB5, 2, 2)
+DEFINE_ROWS(rows_l2_7, 7, RB7, 2, 2)
+DEFINE_ROWS(rows_l2_8, 8, RB7, 2, 2)
 
 typedef void (*rows_fn)(const float *, const float *, const float *, float *, int64_t, int64_t, int64_t, int,
                         int64_t, int64_t);
-static const rows_fn ROWS[9] = {0, rows_1, rows_2, rows_3, rows_4, rows_5, rows_6, rows_7, rows_8};
+static const rows_fn ROWS[2][9] = {{0, rows_1, rows_2, rows_3, rows_4, rows_5, rows_6, rows_7, rows_8},
+                                   {0, rows_l2_1, rows_l2_2, rows_l2_3, rows_l2_4, rows_l2_5, rows_l2_6, rows_l2_7,
+                                    rows_l2_8}};
 #define SPAN 24 /* a thread's share of weight rows is a multiple of every RB above */
 
 /* Bytes of x that a pass over the weight rows may read: half the L1 data cache, so that the
@@ -105,12 +124,13 @@ static int64_t x_budget(void) {
     return budget;
 }
 
-/* y = x @ w.T (+ bias), or with add, y += x @ w.T (+ bias); bias may be NULL; x, w, bias, y
- * contiguous; 1 <= M <= 8 (the callers check; anything else returns with y untouched). */
+/* y = x @ w.T (+ bias), or with add, y += x @ w.T (+ bias), by plan (PLAN_L1 or PLAN_L2);
+ * bias may be NULL; x, w, bias, y contiguous; 1 <= M <= 8 (the callers check; anything else
+ * returns with y untouched). */
 static void rows_gemm(const float *x, const float *w, const float *bias, float *y, int64_t M, int64_t N, int64_t K,
-                      int threads, int add) {
-    if (M < 1 || M > 8) return;
-    const int64_t budget = x_budget(), parts = (M * K * 4 + budget - 1) / budget;
+                      int threads, int add, int plan) {
+    if (M < 1 || M > 8 || (plan != PLAN_L1 && plan != PLAN_L2)) return;
+    const int64_t budget = plan == PLAN_L1 ? x_budget() : M * K * 4, parts = (M * K * 4 + budget - 1) / budget;
     const int64_t chunk = ((K + parts - 1) / parts + VW - 1) / VW * VW;
 #pragma omp parallel num_threads(threads)
     {
@@ -123,13 +143,13 @@ static void rows_gemm(const float *x, const float *w, const float *bias, float *
         const int64_t n0 = t * per, n1 = n0 + per < N ? n0 + per : N;
         if (n0 < N)
             for (int64_t k0 = 0; k0 < K; k0 += chunk)
-                ROWS[M](x + k0, w + k0, k0 == 0 ? bias : NULL, y, N, (K - k0 < chunk ? K - k0 : chunk), K,
+                ROWS[plan][M](x + k0, w + k0, k0 == 0 ? bias : NULL, y, N, (K - k0 < chunk ? K - k0 : chunk), K,
                         k0 == 0 && !add, n0, n1);
     }
 }
 
-/* y = x @ w.T (+ bias): linear.py's product. */
+/* y = x @ w.T (+ bias) by plan: linear.py's product. */
 void cormlm_rows_gemm_f32(const float *x, const float *w, const float *bias, float *y, int64_t M, int64_t N,
-                          int64_t K, int threads) {
-    rows_gemm(x, w, bias, y, M, N, K, threads, 0);
+                          int64_t K, int threads, int plan) {
+    rows_gemm(x, w, bias, y, M, N, K, threads, 0, plan);
 }
