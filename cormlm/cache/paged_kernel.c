@@ -133,15 +133,25 @@ enum { PROBS_NONE = 0, PROBS_HEADS = 1, PROBS_MAX = 2, PROBS_SUM = 3 };
 /* q [S,G,D], keys [NB,D,BS], values [NB,BS,D], pos [NB,BS] (-1: empty), owner [NB] (-1: free),
  * q_pos [S]; window <= 0: none. Writes out [S,G,D]; probs [NB,G,BS] is scratch, and the
  * normalised probabilities for PROBS_HEADS; reduced [NB,BS] gets the group's max or sum for
- * PROBS_MAX / PROBS_SUM. work: NB*G*(D+3) floats. */
+ * PROBS_MAX / PROBS_SUM. work: NB*G*(D+3) + NB + S + 1 floats (the last NB + S + 1 as int32). */
 void cormlm_paged_decode_f32(const float *q, const float *keys, const float *values, const int32_t *pos,
                              const int64_t *owner, const int32_t *q_pos, int64_t S, int64_t G, int64_t D,
                              int64_t NB, int64_t BS, float scale, int64_t window, float *out, float *probs,
                              float *reduced, float *work, int probs_mode, int threads) {
     const int write_probs = probs_mode != PROBS_NONE;
     float *bmax = work, *bsum = work + NB * G, *coef = work + 2 * NB * G, *part = work + 3 * NB * G;
-    int64_t owned = 0;
-    for (int64_t b = 0; b < NB; b++) owned += owner[b] >= 0;
+    /* each stream's blocks in pool order, order[start[s] .. start[s + 1]] (a counting sort), so
+     * that the combine visits a stream's blocks only, not the whole owner list per query */
+    int32_t *start = (int32_t *)(work + NB * G * (D + 3)), *order = start + S + 1;
+    for (int64_t s = 0; s <= S; s++) start[s] = 0;
+    for (int64_t b = 0; b < NB; b++)
+        if (owner[b] >= 0) start[owner[b] + 1]++;
+    for (int64_t s = 0; s < S; s++) start[s + 1] += start[s];
+    const int64_t owned = start[S];
+    for (int64_t b = 0; b < NB; b++)
+        if (owner[b] >= 0) order[start[owner[b]]++] = (int32_t)b;
+    for (int64_t s = S; s > 0; s--) start[s] = start[s - 1];
+    start[0] = 0;
 #pragma omp parallel num_threads(threads)
     {
         int t = 0, T = 1;
@@ -180,10 +190,12 @@ void cormlm_paged_decode_f32(const float *q, const float *keys, const float *val
             float m = HIDDEN, denom = 0.0f;
             float *o = out + sg * D;
             for (int64_t d = 0; d < D; d++) o[d] = 0.0f;
-            for (int64_t b = 0; b < NB; b++)
-                if (owner[b] == s && bmax[b * G + g] > m) m = bmax[b * G + g];
-            for (int64_t b = 0; b < NB; b++) {
-                if (owner[b] != s) continue;
+            for (int64_t i = start[s]; i < start[s + 1]; i++) {
+                const int64_t b = order[i];
+                if (bmax[b * G + g] > m) m = bmax[b * G + g];
+            }
+            for (int64_t i = start[s]; i < start[s + 1]; i++) {
+                const int64_t b = order[i];
                 const float f = bmax[b * G + g] == HIDDEN ? 0.0f : expf(bmax[b * G + g] - m);
                 coef[b * G + g] = f;
                 if (f == 0.0f) continue;
@@ -194,8 +206,7 @@ void cormlm_paged_decode_f32(const float *q, const float *keys, const float *val
             const float inv = 1.0f / denom;
             for (int64_t d = 0; d < D; d++) o[d] *= inv;
             if (write_probs)
-                for (int64_t b = 0; b < NB; b++)
-                    if (owner[b] == s) coef[b * G + g] *= inv;
+                for (int64_t i = start[s]; i < start[s + 1]; i++) coef[order[i] * G + g] *= inv;
         }
         if (write_probs) {
 #pragma omp for schedule(static)

@@ -94,7 +94,7 @@ def run(keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, owner
     out = q.new_empty(s, g, d)
     reduce = probs in ("max", "sum")
     given = None if probs_out is None else probs_out.view(nb, 1 if reduce else g, bs)
-    work_size, heads = nb * g * (d + 3), probs == "heads"
+    work_size, heads = nb * g * (d + 3) + nb + s + 1, probs == "heads"  # (see the kernel's work)
     space = workspace(work_size + (0 if heads else nb * g * bs))
     work = space[:work_size]
     # the per-head probabilities: returned for "heads", else scratch
