@@ -32,6 +32,7 @@ import math
 
 import torch
 
+from .. import huge_pages
 from . import paged_kernel
 from .slot_index import SlotIndex
 
@@ -107,8 +108,9 @@ class BlockPool:
     def _allocate(self, num_blocks: int) -> None:
         """Fresh storage for ``num_blocks`` free blocks (the bookkeeping region reset)."""
         bs, d, dev = self.block_size, self.head_dim, self.device
-        self.keys = torch.zeros(num_blocks, d, bs, dtype=self.dtype, device=dev)  # transposed per block
-        self.values = torch.zeros(num_blocks, bs, d, dtype=self.dtype, device=dev)
+        # on huge pages where the host has them (cormlm.huge_pages): a decode step streams them
+        self.keys = huge_pages.empty(num_blocks, d, bs, dtype=self.dtype, device=dev).zero_()  # transposed per block
+        self.values = huge_pages.empty(num_blocks, bs, d, dtype=self.dtype, device=dev).zero_()
         self._mark_dynamic(self.keys, self.values)
         self.index.resize(self.region, num_blocks, keep=False)
 
@@ -162,8 +164,8 @@ class BlockPool:
         n = self.capacity
         blocks = self.bucket(needed_blocks)
         # the old blocks copied, only the new ones zeroed (a step that grows pays one write per byte)
-        self.keys = torch.empty(blocks, *old_keys.shape[1:], dtype=self.dtype, device=self.device)
-        self.values = torch.empty(blocks, *old_values.shape[1:], dtype=self.dtype, device=self.device)
+        self.keys = huge_pages.empty(blocks, *old_keys.shape[1:], dtype=self.dtype, device=self.device)
+        self.values = huge_pages.empty(blocks, *old_values.shape[1:], dtype=self.dtype, device=self.device)
         self.keys[:n], self.values[:n] = old_keys, old_values
         self.keys[n:].zero_()
         self.values[n:].zero_()
