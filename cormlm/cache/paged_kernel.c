@@ -41,7 +41,9 @@
  * probabilities, m: its values [BS, D]) are this one product. GN * CN accumulators in
  * registers, each row of m loaded once for all GN rows of a. ``next`` (or NULL): the same
  * columns of the thread's next block, asked for from memory row by row while this one is
- * computed (a block is a short stream, which the hardware prefetcher only learns late). */
+ * computed (a block is a short stream, which the hardware prefetcher only learns late), into
+ * the L2: on a Zen 4 EPYC 1.08x faster than into the L1 over 16-slot blocks (64-slot: the
+ * same), on a Zen 5 one the same. */
 INLINE void tile(const float *restrict a, int64_t lda, const float *restrict m, int64_t ldm, int64_t R,
                  float *restrict out, int64_t ldo, const float *next, const int GN, const int CN) {
     vf acc[GT][CT];
@@ -51,7 +53,7 @@ INLINE void tile(const float *restrict a, int64_t lda, const float *restrict m, 
         vf mv[CT];
         for (int c = 0; c < CN; c++) memcpy(&mv[c], m + r * ldm + c * VW, sizeof(vf));
         if (next)
-            for (int c = 0; c < CN * VW; c += LINE) __builtin_prefetch(next + r * ldm + c, 0, 3);
+            for (int c = 0; c < CN * VW; c += LINE) __builtin_prefetch(next + r * ldm + c, 0, 2);
         for (int g = 0; g < GN; g++) {
             const vf ag = (vf){0} + a[g * lda + r];
             for (int c = 0; c < CN; c++) acc[g][c] += ag * mv[c];
