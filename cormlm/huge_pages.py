@@ -16,11 +16,15 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import os
 import sys
 from pathlib import Path
 
 import torch
 
+from .errors import InputError
+
+ENV = "CORMLM_HUGE_PAGES"
 HUGE_PAGE = 2 << 20
 MADV_HUGEPAGE = 14
 SETTING = Path("/sys/kernel/mm/transparent_hugepage/enabled")
@@ -28,8 +32,13 @@ SETTING = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
 @functools.cache
 def _madvise() -> ctypes._CFuncPtr | None:
-    """libc's madvise where transparent huge pages can be asked for, else None."""
-    if not sys.platform.startswith("linux"):
+    """libc's madvise where transparent huge pages can be asked for (and ``CORMLM_HUGE_PAGES``
+    is not 0), else None."""
+    wanted = os.environ.get(ENV, "1")
+    if wanted not in ("0", "1"):
+        raise InputError(f"{ENV}={wanted!r} is not a setting; use 1 (huge pages where the host offers them, the "
+                         "default) or 0 (none)")
+    if wanted == "0" or not sys.platform.startswith("linux"):
         return None
     try:
         if "[never]" in SETTING.read_text():

@@ -8,6 +8,7 @@ import torch
 import cormlm
 from cormlm import huge_pages
 from cormlm.config import ModelConfig
+from cormlm.errors import InputError
 from cormlm.models.transformer import CausalLM
 
 
@@ -47,3 +48,17 @@ def test_a_pool_lies_on_huge_pages_where_the_host_offers_them():
     assert pool.keys.numel() * 4 >= 8 << 20
     assert (_huge_kib_at(pool.keys.data_ptr() + (4 << 20)) or 0) >= 2048
     assert cache.stats().bytes_held == sum(t.untyped_storage().nbytes() for t in cache.storage_tensors())
+
+
+def test_the_setting_turns_them_off_and_a_misspelt_one_is_an_error(monkeypatch):
+    monkeypatch.setenv(huge_pages.ENV, "0")
+    huge_pages._madvise.cache_clear()
+    try:
+        assert not huge_pages.available()
+        monkeypatch.setenv(huge_pages.ENV, "yes")
+        huge_pages._madvise.cache_clear()
+        with pytest.raises(InputError, match="CORMLM_HUGE_PAGES='yes' is not a setting; use 1"):
+            huge_pages.available()
+    finally:
+        monkeypatch.undo()
+        huge_pages._madvise.cache_clear()
