@@ -84,22 +84,19 @@
  * chunks of half the L1 (see x_budget); PLAN_L2: blocks asked into the L2, x in whole rows. */
 #define PLAN_L1 0
 #define PLAN_L2 1
-DEFINE_ROWS(rows_1, 1, 8, 0, 0)
-DEFINE_ROWS(rows_2, 2, 8, 2, 0)
-DEFINE_ROWS(rows_3, 3, RB3, 2, 0)
-DEFINE_ROWS(rows_4, 4, RB3, 2, 0)
-DEFINE_ROWS(rows_5, 5, RB5, 2, 0)
-DEFINE_ROWS(rows_6, 6, RB5, 2, 0)
-DEFINE_ROWS(rows_7, 7, RB7, 2, 0)
-DEFINE_ROWS(rows_8, 8, RB7, 2, 0)
-DEFINE_ROWS(rows_l2_1, 1, 8, 2, 2)
-DEFINE_ROWS(rows_l2_2, 2, 8, 2, 2)
-DEFINE_ROWS(rows_l2_3, 3, RB3, 2, 2)
-DEFINE_ROWS(rows_l2_4, 4, RB3, 2, 2)
-DEFINE_ROWS(rows_l2_5, 5, RB5, 2, 2)
-DEFINE_ROWS(rows_l2_6, 6, RB5, 2, 2)
-DEFINE_ROWS(rows_l2_7, 7, RB7, 2, 2)
-DEFINE_ROWS(rows_l2_8, 8, RB7, 2, 2)
+/* One plan's function per row count, NAME_1 .. NAME_8: AHEAD_ONE blocks ahead at one row
+ * (where a single stream may need no asking), 2 blocks ahead otherwise, into LOCALITY. */
+#define DEFINE_PLAN(NAME, AHEAD_ONE, LOCALITY)          \
+    DEFINE_ROWS(NAME##_1, 1, 8, AHEAD_ONE, LOCALITY)    \
+    DEFINE_ROWS(NAME##_2, 2, 8, 2, LOCALITY)            \
+    DEFINE_ROWS(NAME##_3, 3, RB3, 2, LOCALITY)          \
+    DEFINE_ROWS(NAME##_4, 4, RB3, 2, LOCALITY)          \
+    DEFINE_ROWS(NAME##_5, 5, RB5, 2, LOCALITY)          \
+    DEFINE_ROWS(NAME##_6, 6, RB5, 2, LOCALITY)          \
+    DEFINE_ROWS(NAME##_7, 7, RB7, 2, LOCALITY)          \
+    DEFINE_ROWS(NAME##_8, 8, RB7, 2, LOCALITY)
+DEFINE_PLAN(rows, 0, 0)    /* PLAN_L1 */
+DEFINE_PLAN(rows_l2, 2, 2) /* PLAN_L2 */
 
 typedef void (*rows_fn)(const float *, const float *, const float *, float *, int64_t, int64_t, int64_t, int,
                         int64_t, int64_t);
