@@ -3,13 +3,15 @@
 Decode attention reads a pool's blocks from memory in their order, a few KiB each (a 16-slot
 block's keys are 4 KiB at a head size of 64). On 4 KiB pages each block is another TLB miss and
 a new start for the hardware prefetchers, which stop at page boundaries; on 2 MiB pages neither
-happens (30 layers' batch-8 pools: 1.10-1.18x faster on a Zen 4 EPYC, measured alternately in
-one process). The weights stay as loaded: the same test on the model's steps read 0.98-1.06x.
+happens (30 layers' batch-8 pools on a Zen 4 EPYC, alternated in one process: 1.10-1.18x
+faster in two comparisons, 1.02x in a third). The weights stay as loaded: the same test on
+the model's steps read 0.98-1.06x.
 
 Linux backs an anonymous mapping with huge pages where the process asks for them
 (``madvise(MADV_HUGEPAGE)``) before the memory is first touched, when its transparent-huge-page
 setting is ``madvise`` (under ``always`` it does so anyway). Elsewhere (other systems, the
-setting ``never``, GPU tensors, tensors under 2 MiB) these functions change nothing.
+setting ``never``, GPU tensors, tensors under 2 MiB) these functions change nothing;
+``CORMLM_HUGE_PAGES=0`` turns them off.
 """
 
 from __future__ import annotations
