@@ -27,7 +27,8 @@ from pathlib import Path
 import torch
 
 FLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC", "-shared")
-HEADERS = (Path(__file__).with_name("native_vectors.h"),)  # what every kernel may include (-I this folder)
+HEADERS = (Path(__file__).with_name("native_vectors.h"),  # what every kernel may include (-I this folder)
+           Path(__file__).with_name("native_tiles.h"))
 
 
 @functools.cache
@@ -78,8 +79,10 @@ def build(source: Path, cc: str, flags: tuple[str, ...] = FLAGS, includes: tuple
 class Kernel:
     """One C function of one source file, built and loaded at its first :meth:`function` call."""
 
-    def __init__(self, source: Path, symbol: str, argtypes: list, includes: tuple[Path, ...] = ()) -> None:
+    def __init__(self, source: Path, symbol: str, argtypes: list, includes: tuple[Path, ...] = (),
+                 restype: type | None = None) -> None:
         self.source, self.symbol, self.argtypes, self.includes = source, symbol, argtypes, includes
+        self.restype = restype
         self.flags = FLAGS
         self.unavailable: list[str] = []  # why it could not be built or loaded (empty: it was, or not tried)
         self._loaded: Callable[..., None] | None = None
@@ -107,7 +110,7 @@ class Kernel:
             self.unavailable.append(f"could not build or load it: {error}")
             return None
         function.argtypes = self.argtypes
-        function.restype = None
+        function.restype = self.restype
         return function
 
 

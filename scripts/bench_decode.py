@@ -40,7 +40,8 @@ read (weights but the embedding, plus the KV cache held) over the read bandwidth
 between that repeat's decode rounds (a reduction over ``--bandwidth-gib`` GiB after every
 round; a shared machine's bandwidth drifts too much for one figure per run). After the tables, the kernel
 cormlm's linear layer chose for each product shape (``kernel_choices``) and the decode
-attention path chosen for each pool shape (``paged_kernel.kernel_status``). ``--pack-weights``
+attention path chosen for each pool shape (``paged_kernel.kernel_status``), and the prompt
+attention path for each prompt shape (``prompt_attention.kernel_status``). ``--pack-weights``
 adds, in eager mode, each cormlm implementation on a copy of the model whose weights are
 packed for ``--batch`` rows (``cormlm.pack_weights``), timed in the same alternation.
 ``--device cuda --dtype bfloat16`` runs the same comparison on a GPU. Requires transformers
@@ -543,6 +544,15 @@ def print_kernel_choices() -> None:
     if forced:
         print(f"- {paged_kernel.FORCE_ENV}={forced} forces the path")
     for line in paged_kernel.kernel_status() or ["(none measured: no eager CPU decode step ran)"]:
+        print(f"- {line}")
+    from cormlm.models import prompt_attention
+
+    print("\ncormlm prompt attention per shape (the C kernel or SDPA, measured at first use, with what "
+          "else the call computes):")
+    forced = os.environ.get(prompt_attention.FORCE_ENV)
+    if forced:
+        print(f"- {prompt_attention.FORCE_ENV}={forced} forces the path")
+    for line in prompt_attention.kernel_status() or ["(none measured: no eager CPU prompt ran)"]:
         print(f"- {line}")
     from cormlm.models import decode_block
 

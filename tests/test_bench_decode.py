@@ -98,6 +98,13 @@ def test_decode_attention_choices_are_printed(output):
     assert lines or "native kernel unavailable" in tail, tail
 
 
+def test_prompt_attention_choices_are_printed(output):
+    tail = output[output.index("cormlm prompt attention per shape"):]
+    lines = re.findall(r"^- batch 1, (\d+) heads over (\d+), up to 32 positions, head (\d+)(, .+)?, 1 thread: "
+                       r"(native|sdpa|still measuring \(\d+ of 18 calls\))$", tail, re.MULTILINE)
+    assert lines or "native kernel unavailable" in tail, tail
+
+
 def test_bandwidth_is_sampled_in_every_repeat(output):
     """The share of the bandwidth limit is taken against samples from its own repeat: one
     figure per repeat and context is printed after each table (--repeats 1, --contexts 32)."""

@@ -18,7 +18,15 @@ from cormlm.cache.corm import CormPolicy
 from cormlm.cache.policy import EvictionPolicy, group_max_
 from cormlm.cache.ragged import explicit_log_probs, explicit_probs
 from cormlm.errors import CacheConfigError
+from cormlm.models import prompt_attention
 from cormlm.models.attention_ops import AttentionSpec, attend, attend_causal_with_lse
+
+
+@pytest.fixture(autouse=True)
+def _sdpa_prompts(monkeypatch):
+    """These tests hold SDPA's flash kernel to its log-sum-exp: prompts take PyTorch's path
+    (cormlm's own kernel is tested in test_prompt_attention.py)."""
+    monkeypatch.setenv(prompt_attention.FORCE_ENV, "sdpa")
 
 
 def _qkv(b=2, hkv=3, g=3, t=40, d=16, seed=0, dtype=torch.float32):
@@ -147,26 +155,32 @@ def _kept_state(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return kept
 
 
+@pytest.mark.parametrize("path", prompt_attention.PATHS)
 @pytest.mark.parametrize("magnitude", [None, 1.0])
 @torch.inference_mode()
-def test_a_corm_prompt_scored_from_sdpa_log_sum_exp_keeps_what_the_softmax_keeps(peaky_gqa, monkeypatch, magnitude):
-    """A prompt under CORM takes its rows' log-sum-exp from SDPA (the fast path runs), and keeps
-    the same keys with the same marks as when every scored row goes through a softmax."""
+def test_a_corm_prompt_scored_by_either_kernel_keeps_what_the_softmax_keeps(peaky_gqa, monkeypatch, magnitude, path):
+    """A prompt under CORM takes its rows' log-probabilities from cormlm's prompt kernel's own
+    pass (native) or their scores less SDPA's log-sum-exp (sdpa), and keeps the same keys
+    with the same marks as when every scored row goes through a softmax."""
+    if path == "native" and not prompt_attention.available():
+        pytest.skip("no C compiler to build the prompt kernel with")
+    monkeypatch.setenv(prompt_attention.FORCE_ENV, path)
     ids = torch.randint(0, 160, (1, 60), generator=torch.Generator().manual_seed(5))
     cfg = cormlm.CacheConfig("corm", window=12, recent=4, magnitude=magnitude)
     calls = []
-    flash = attention_ops._FLASH_CPU
-    monkeypatch.setattr(attention_ops, "_FLASH_CPU", lambda *a, **kw: calls.append(1) or flash(*a, **kw))
+    flash, scored = attention_ops._FLASH_CPU, prompt_attention.run_scored
+    monkeypatch.setattr(attention_ops, "_FLASH_CPU", lambda *a, **kw: calls.append("sdpa") or flash(*a, **kw))
+    monkeypatch.setattr(prompt_attention, "run_scored", lambda *a, **kw: calls.append("native") or scored(*a, **kw))
     cache = cormlm.make_cache(peaky_gqa, cfg, batch_size=1)
     fast_logits = peaky_gqa(ids, cache=cache)
     fast = _kept_state(cache)
-    assert len(calls) == peaky_gqa.config.num_layers
+    assert calls == [path] * peaky_gqa.config.num_layers
     assert cache._scores is None  # the step's score scratch is freed with the step, never held
     monkeypatch.setattr(CormPolicy, "observe_log", EvictionPolicy.observe_log)  # a probabilities policy again
     monkeypatch.setattr(CormPolicy, "reads_log_probs", classmethod(lambda cls: False))
     cache = cormlm.make_cache(peaky_gqa, cfg, batch_size=1)
     slow_logits = peaky_gqa(ids, cache=cache)
-    assert len(calls) == peaky_gqa.config.num_layers  # no log-sum-exp asked for
+    assert len(calls) == peaky_gqa.config.num_layers  # no log-sum-exp or log-probabilities asked for
     slow = _kept_state(cache)
     assert sum(len(p) for p, _ in fast) < peaky_gqa.config.num_kv_heads * 60 * len(fast), "nothing evicted"
     assert torch.equal(fast_logits, slow_logits)

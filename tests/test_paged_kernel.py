@@ -225,15 +225,18 @@ def test_the_library_is_built_once_per_cpu(monkeypatch, tmp_path):
     assert native.build(paged_kernel.SOURCE, compiler) != first  # another CPU never loads this one's binary
 
 
-def test_a_changed_shared_header_builds_the_kernel_again(monkeypatch, tmp_path):
-    """The kernels include native_vectors.h: a binary built from another version of it is
-    never loaded (the header is part of the build's key), and the include path is passed."""
+@pytest.mark.parametrize("changed", [0, 1])
+def test_a_changed_shared_header_builds_the_kernel_again(monkeypatch, tmp_path, changed):
+    """The kernels include native_vectors.h and native_tiles.h: a binary built from another
+    version of either is never loaded (the headers are part of the build's key), and the
+    include path is passed."""
     monkeypatch.setenv("CORMLM_CACHE", str(tmp_path))
     compiler = native.compiler()
     first = native.build(paged_kernel.SOURCE, compiler)
-    header = tmp_path / "native_vectors.h"
-    header.write_text(native.HEADERS[0].read_text() + "\n/* another version */\n")
-    monkeypatch.setattr(native, "HEADERS", (header,))
+    headers = tuple(tmp_path / header.name for header in native.HEADERS)
+    for i, (header, original) in enumerate(zip(headers, native.HEADERS)):
+        header.write_text(original.read_text() + "\n/* another version */\n" * (i == changed))
+    monkeypatch.setattr(native, "HEADERS", headers)
     assert native.build(paged_kernel.SOURCE, compiler) != first
 
 

@@ -20,11 +20,13 @@ from typing import Protocol
 
 import torch
 
+from ..models import prompt_attention
 from ..models.attention_ops import (
     AttentionSpec,
     attend,
     attend_causal_with_lse,
     key_alibi_bias,
+    sdpa_causal_with_lse,
     upcast,
     visibility_mask,
 )
@@ -44,6 +46,9 @@ COMPACT_SLACK = 1.06
 # also keep the passes over it (softmax, the policy's reductions) mostly in cache.
 SCORE_BYTES = 8 * 2**20
 SCORE_MIN_ROWS = 16
+# A prompt's scored rows' log-probabilities taken whole from cormlm's prompt kernel up to this
+# size (a 1k prompt of SmolLM2 with w = 256: 9 MiB); larger, they are scored in chunks as above
+SCORED_BYTES = 64 * 2**20
 
 
 def score_rows(heads: int, keys: int) -> int:
@@ -80,18 +85,24 @@ def explicit_scores(q: torch.Tensor, keys_t: torch.Tensor, q_pos: torch.Tensor, 
         bias = key_alibi_bias(spec, k_pos)  # [B, Hq, 1, S]
         scores = scores + bias.view(b, spec.num_kv_heads, g, 1, -1)
     if causal_start is not None and spec.sliding_window is None:
-        keys = torch.arange(scores.shape[-1], device=scores.device)
-        visible = keys <= torch.arange(causal_start, causal_start + nq, device=scores.device)[:, None]  # [Q, S]
+        visible = causal_visible(causal_start, causal_start + nq, s, b, spec.num_kv_heads, scores.device)
         # only keys after causal_start can be hidden: that corner gets -inf added where a row
         # cannot see (a float addend broadcasts over the heads several times faster than a
         # boolean mask's fill; x + 0 = x), made from ``visible`` itself
-        hidden = ~visible[:, causal_start + 1:]
+        hidden = ~visible[0, 0, :, causal_start + 1:]
         corner = scores[..., causal_start + 1:]
         corner.add_(torch.zeros(hidden.shape, dtype=scores.dtype, device=scores.device).masked_fill_(hidden, float("-inf")))
-        return scores, visible.expand(b, spec.num_kv_heads, nq, visible.shape[-1])
+        return scores, visible
     mask = visibility_mask(q_pos, k_pos, spec.sliding_window)  # [B, Hk, Q, S]
     scores.masked_fill_(~mask[:, :, None], float("-inf"))
     return scores, mask.expand(b, spec.num_kv_heads, nq, mask.shape[-1])
+
+
+def causal_visible(start: int, stop: int, keys: int, batch: int, kv_heads: int, device: torch.device) -> torch.Tensor:
+    """Which of a prompt's ``keys`` (positions 0..keys-1) its queries at positions start..stop-1
+    see, [B, Hkv, Q, S] (an expanded view)."""
+    visible = torch.arange(keys, device=device) <= torch.arange(start, stop, device=device)[:, None]
+    return visible.expand(batch, kv_heads, stop - start, keys)
 
 
 def explicit_probs(q: torch.Tensor, keys_t: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor,
@@ -404,47 +415,95 @@ class RaggedCache(KVCache):
     def _attend_many(self, q, keys, values, positions, key_pos, spec, out_rows: int | None,
                      state: dict[str, torch.Tensor]) -> torch.Tensor:
         """A multi-token call's attention over ``keys``/``values`` [B, Hkv, S, D] at ``key_pos``:
-        SDPA for the output (of the last ``out_rows`` rows alone when given); explicit scores
-        for the rows the policy reads, its observations merged into ``state`` ([B, Hkv, S]
-        per field, in place).
+        SDPA (or, for a whole prompt, cormlm's prompt kernel where it measures faster) for the
+        output (of the last ``out_rows`` rows alone when given); explicit scores for the rows
+        the policy reads, its observations merged into ``state`` ([B, Hkv, S] per field, in
+        place).
 
         (Taking the scored rows' outputs from those scores instead of SDPA saved a few percent
         of a prompt, but rounded them otherwise than SDPA: tensor-parallel ranks, whose
         layers sum their heads' shares, then kept other keys than one process at a tie.)"""
-        b, hq, t, d = q.shape
-        hkv = self.num_kv_heads
-        # a whole unpadded prompt, nothing before: SDPA's causal kernel and a causal score mask
+        t = q.shape[2]
+        # a whole unpadded prompt, nothing before: a causal kernel and a causal score mask
         fresh = self._seen_before == 0 and self._step_counts is None
         rows = self.policy.query_rows(t) if self.policy.needs_probs else 0
-        logs = self.policy.reads_log_probs()
-        lse = None  # each query's log-sum-exp, where SDPA gives it
         if out_rows is not None:
             out = attend(q[:, :, -out_rows:], keys, values, spec, positions[:, -out_rows:], key_pos)
-        elif fresh and rows and logs:
-            out, lse = attend_causal_with_lse(q, keys, values, spec)
+        elif fresh and rows and self.policy.reads_log_probs():
+            return self._attend_scored_prompt(q, keys, values, positions, spec, rows, state)
         elif fresh:
             out = attend(q, keys, values, spec, causal=True)
         else:
             out = attend(q, keys, values, spec, positions, key_pos)
-        if not rows:
+        if rows:
+            self._observe_rows(q, keys, positions, key_pos, spec, rows, state, fresh)
+        return out
+
+    def _attend_scored_prompt(self, q, keys, values, positions, spec, rows: int,
+                              state: dict[str, torch.Tensor]) -> torch.Tensor:
+        """A whole prompt under a policy that reads log-probabilities: cormlm's prompt kernel
+        hands over the scored rows' log-probabilities from its own pass, or SDPA gives each
+        row's log-sum-exp and the rows are scored again (the rows' scores minus it); whichever
+        measures faster with the policy's work included (:func:`prompt_attention.choose`). A
+        prompt whose scored rows would take more than ``SCORED_BYTES`` at once is scored in
+        chunks after either kernel's attention."""
+        b, hq, t, _ = q.shape
+
+        def sdpa() -> torch.Tensor:
+            out, lse = sdpa_causal_with_lse(q, keys, values, spec)
+            self._observe_rows(q, keys, positions, positions, spec, rows, state, True, lse)
             return out
-        chunk = score_rows(b * hq, keys.shape[-2])
-        keys_t = keys.transpose(-1, -2).contiguous()
-        size = b * hq * min(chunk, rows) * keys.shape[-2]
-        scratch = keys.dtype == torch.float32  # (other dtypes' products are upcast into a new tensor anyway)
-        if scratch and (self._scores is None or self._scores.numel() < size):
+
+        def native() -> torch.Tensor:
+            out, log_probs = prompt_attention.run_scored(q, keys, values, spec.scale, rows, self._score_scratch(size))
+            self._observe_rows(q, keys, positions, positions, spec, rows, state, True, log_probs=log_probs)
+            return out
+
+        plain = spec.sliding_window is None and spec.alibi_slopes is None
+        size = b * hq * rows * t
+        if plain and size * 4 <= SCORED_BYTES:
+            return prompt_attention.choose(q, keys, values, f"{rows} rows' log-probabilities", native, sdpa)
+        out, lse = attend_causal_with_lse(q, keys, values, spec)
+        self._observe_rows(q, keys, positions, positions, spec, rows, state, True, lse)
+        return out
+
+    def _score_scratch(self, size: int) -> torch.Tensor:
+        """The step's float32 score scratch, at least ``size`` elements: shared by its layers
+        (a fresh tensor per layer comes from fresh pages once it is large: a batch-8 prompt's
+        scored rows faulted in about a gigabyte of pages over its 30 layers), freed with the step."""
+        if self._scores is None or self._scores.numel() < size:
             self._scores = torch.empty(size, dtype=torch.float32, device=self.device)
+        return self._scores
+
+    def _observe_rows(self, q, keys, positions, key_pos, spec, rows: int, state: dict[str, torch.Tensor],
+                      fresh: bool, lse: torch.Tensor | None = None, log_probs: torch.Tensor | None = None) -> None:
+        """The policy observes the last ``rows`` query rows' attention over ``keys`` (at
+        ``key_pos``), in chunks of rows, and its observations merge into ``state``: their
+        probabilities (or log-probabilities, for a policy that reads them) from explicit
+        scores, less ``lse`` where given, or the chunks of ``log_probs`` [B, Hkv, G, rows, S]
+        where a kernel computed them."""
+        b, hq, t, d = q.shape
+        hkv = self.num_kv_heads
+        logs = self.policy.reads_log_probs()
+        chunk = score_rows(b * hq, keys.shape[-2])
+        if log_probs is None:
+            keys_t = keys.transpose(-1, -2).contiguous()
+            # (other dtypes' products are upcast into a new tensor anyway)
+            scratch = self._score_scratch(b * hq * min(chunk, rows) * keys.shape[-2]) \
+                if keys.dtype == torch.float32 else None
         for start in range(t - rows, t, chunk):  # chunks of rows: never a full rows x keys matrix
             stop = min(start + chunk, t)
             q_pos = positions[:, start:stop]
             causal_start = start if fresh else None
-            if logs:
+            if log_probs is not None:
+                probs = log_probs[:, :, :, start - (t - rows):stop - (t - rows)]
+                visible = causal_visible(start, stop, keys.shape[-2], b, hkv, self.device)
+            elif logs:
                 probs, visible = explicit_log_probs(q[:, :, start:stop], keys_t, q_pos, key_pos, spec, causal_start,
-                                                    None if lse is None else lse[:, :, start:stop],
-                                                    self._scores if scratch else None)
+                                                    None if lse is None else lse[:, :, start:stop], scratch)
             else:
                 probs, visible = explicit_probs(q[:, :, start:stop], keys_t, q_pos, key_pos, spec, causal_start,
-                                                self._scores if scratch else None)
+                                                scratch)
             if self.query_group is not None:
                 probs = self.query_group.combine(probs, self.policy.group_reduce)
             query_t = (q_pos + 1).clamp(min=0)[:, None, :].expand(b, hkv, stop - start)
@@ -453,7 +512,6 @@ class RaggedCache(KVCache):
             observed = observe(probs, query_t, attended, visible)
             for name, value in self.policy.merge(state, observed).items():
                 state[name].copy_(value)
-        return out
 
     def _attend_pool(self, pool: BlockPool, q, k, v, positions, slots, spec, out_rows: int | None) -> torch.Tensor:
         """A multi-token call after the new keys were stored in ``slots``: attention over the

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from . import prompt_attention
 from .alibi import alibi_bias
 
 
@@ -109,7 +110,8 @@ def attend(
     gqa = group > 1
     if causal and q_pos is None:
         if spec.sliding_window is None and spec.alibi_slopes is None:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=spec.scale, enable_gqa=gqa)
+            return prompt_attention.causal(q, k, v, spec.scale, False, lambda: (F.scaled_dot_product_attention(
+                q, k, v, is_causal=True, scale=spec.scale, enable_gqa=gqa), None))[0]
         q_pos = k_pos = torch.arange(q.shape[2], device=q.device).expand(q.shape[0], -1)
     if q_pos is None or k_pos is None:
         raise ValueError("attend needs q_pos and k_pos unless causal=True on an unpadded sequence")
@@ -135,20 +137,31 @@ _flash_lse_broken = False  # set once the op refused a call: never offered again
 
 def attend_causal_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                            spec: AttentionSpec) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``attend(q, k, v, spec, causal=True)`` and, where SDPA's CPU flash kernel computes it
-    (a plain causal prompt, float32 or bfloat16 on CPU), each query's log-sum-exp of its
-    scaled scores [B, Hq, T] (float32) as a by-product: a policy's log-probabilities of a few
-    rows are then their scores minus it, with no softmax over them. None where it is not."""
-    global _flash_lse_broken
+    """``attend(q, k, v, spec, causal=True)`` and, where the path that runs it computes it (a
+    plain causal prompt on CPU: cormlm's prompt kernel, or SDPA's flash kernel in float32 or
+    bfloat16), each query's log-sum-exp of its scaled scores [B, Hq, T] (float32) as a
+    by-product: a policy's log-probabilities of a few rows are then their scores minus it,
+    with no softmax over them. None where it is not."""
     plain = spec.sliding_window is None and spec.alibi_slopes is None and q.shape[2] == k.shape[2]
-    if plain and _FLASH_CPU is not None and not _flash_lse_broken and q.device.type == "cpu" \
+    if not plain:
+        return attend(q, k, v, spec, causal=True), None
+    return prompt_attention.causal(q, k, v, spec.scale, True, lambda: sdpa_causal_with_lse(q, k, v, spec))
+
+
+def sdpa_causal_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    spec: AttentionSpec) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """PyTorch's plain causal attention (no window, no ALiBi) and each query's log-sum-exp where
+    its CPU flash kernel gives it (None where not)."""
+    global _flash_lse_broken
+    if _FLASH_CPU is not None and not _flash_lse_broken and q.device.type == "cpu" \
             and q.dtype in (torch.float32, torch.bfloat16):
         try:
             out, lse = _FLASH_CPU(q, k, v, is_causal=True, scale=spec.scale)
             return out, lse
         except RuntimeError:  # a torch whose kernel refuses this call (e.g. no native GQA): SDPA as always
             _flash_lse_broken = True
-    return attend(q, k, v, spec, causal=True), None
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=spec.scale,
+                                          enable_gqa=spec.group_size > 1), None
 
 
 def default_scale(head_dim: int) -> float:
