@@ -165,17 +165,23 @@ def test_a_model_prompt_agrees_under_both_paths(monkeypatch):
 
 
 @pytest.mark.parametrize("rows", [1, 7, 64, 130])
+@pytest.mark.parametrize("group_max", [False, True])
 @torch.inference_mode()
-def test_the_scored_rows_log_probabilities_equal_the_rule(rows):
+def test_the_scored_rows_log_probabilities_equal_the_rule(rows, group_max):
     """What a policy reads of a prompt's last rows, from the kernel's own pass: their natural-log
-    probabilities over every key [B, Hkv, G, rows, T], -inf where the key comes after the query
-    (and exactly 0 for a first query, which sees its own key alone)."""
+    probabilities over every key [B, Hkv, G, rows, T] (or the group's maximum, [B, Hkv, 1,
+    rows, T]), -inf where the key comes after the query (and exactly 0 for a first query, which
+    sees its own key alone)."""
     q, k, v = fused_heads(2, 6, 2, 130, 64, seed=rows)
-    out, log_probs = prompt_attention.run_scored(q, k, v, 0.125, rows)
+    scratch = torch.full((2 * 6 * rows * 130 + 5,), float("nan"))
+    out, log_probs = prompt_attention.run_scored(q, k, v, 0.125, rows, group_max, scratch)
+    assert log_probs.data_ptr() == scratch.data_ptr()
     assert torch.equal(out, prompt_attention.run(q, k, v, 0.125, with_lse=False)[0])
     scores = q.double() @ k.double().repeat_interleave(3, dim=1).transpose(-1, -2) * 0.125
     scores.masked_fill_(torch.ones(130, 130, dtype=torch.bool).triu(1), float("-inf"))
     expected = torch.log_softmax(scores, dim=-1)[:, :, -rows:].reshape(2, 2, 3, rows, 130)
+    if group_max:
+        expected = expected.amax(dim=2, keepdim=True)
     assert log_probs.shape == expected.shape and log_probs.dtype == torch.float32
     assert torch.equal(torch.isneginf(log_probs), torch.isneginf(expected))
     finite = torch.isfinite(expected)

@@ -47,7 +47,8 @@ COMPACT_SLACK = 1.06
 SCORE_BYTES = 8 * 2**20
 SCORE_MIN_ROWS = 16
 # A prompt's scored rows' log-probabilities taken whole from cormlm's prompt kernel up to this
-# size (a 1k prompt of SmolLM2 with w = 256: 9 MiB); larger, they are scored in chunks as above
+# size (a 1k prompt of SmolLM2 with w = 256: 3 MiB of group maxima, 9 MiB of heads); larger,
+# they are scored in chunks as above
 SCORED_BYTES = 64 * 2**20
 
 
@@ -448,6 +449,10 @@ class RaggedCache(KVCache):
         prompt whose scored rows would take more than ``SCORED_BYTES`` at once is scored in
         chunks after either kernel's attention."""
         b, hq, t, _ = q.shape
+        # the scored rows' log-probabilities, taken whole: each head's, or the group's maximum
+        # where that is what the policy reads
+        group_max = self.policy.group_reduce == "max"
+        size = b * (self.num_kv_heads if group_max else hq) * rows * t
 
         def sdpa() -> torch.Tensor:
             out, lse = sdpa_causal_with_lse(q, keys, values, spec)
@@ -455,12 +460,12 @@ class RaggedCache(KVCache):
             return out
 
         def native() -> torch.Tensor:
-            out, log_probs = prompt_attention.run_scored(q, keys, values, spec.scale, rows, self._score_scratch(size))
+            out, log_probs = prompt_attention.run_scored(q, keys, values, spec.scale, rows, group_max,
+                                                         self._score_scratch(size))
             self._observe_rows(q, keys, positions, positions, spec, rows, state, True, log_probs=log_probs)
             return out
 
         plain = spec.sliding_window is None and spec.alibi_slopes is None
-        size = b * hq * rows * t
         if plain and size * 4 <= SCORED_BYTES:
             return prompt_attention.choose(q, keys, values, f"{rows} rows' log-probabilities", native, sdpa)
         out, lse = attend_causal_with_lse(q, keys, values, spec)

@@ -13,9 +13,11 @@
  * product (native_tiles.h).
  *
  * A policy that reads the log-probabilities of the last rows (CORM's scored window) gets them
- * from the same pass: those rows' scaled scores are kept as each block is scored and, once the
- * row's log-sum-exp is known, turned into log-probabilities in place (hidden keys -inf), so
- * the rows are never scored a second time.
+ * from the same pass: those rows' scaled scores are kept in the thread's scratch as each block
+ * is scored and, once the item's log-sum-exps are known, written out once as log-probabilities
+ * (hidden keys -inf), each head's or, for a policy that reads its group through the maximum,
+ * the group's maximum alone (a third of the bytes at G = 3: the rows are memory traffic, not
+ * arithmetic). The rows are never scored a second time.
  *
  * Each row's result depends on its own scores and the fixed key blocks only, never on which
  * rows share its work item, so the same query rounds alike whatever the head count or batch.
@@ -42,28 +44,37 @@
 /* Query positions per work item for groups of G heads. */
 static int64_t positions_per_item(int64_t G) { return G >= ROWS ? 1 : ROWS / G; }
 
+/* Floats of each thread's scratch: an item's queries, scores, outputs and, when rows are
+ * scored (W > 0), their scores over every key. */
+static int64_t scratch_per_thread(int64_t G, int64_t T, int64_t D, int64_t W) {
+    const int64_t R = positions_per_item(G) * G;
+    return R * (3 * D + KB + 3) + (W > 0 ? R * T : 0);
+}
+
 /* Floats of workspace the kernel needs (keys transposed, then each thread's scratch). */
-int64_t cormlm_prompt_attention_work(int64_t B, int64_t Hq, int64_t Hkv, int64_t T, int64_t D, int threads) {
-    const int64_t G = Hq / Hkv, R = positions_per_item(G) * G, Tp = (T + KB - 1) / KB * KB;
-    return B * Hkv * D * Tp + (int64_t)threads * R * (3 * D + KB + 3);
+int64_t cormlm_prompt_attention_work(int64_t B, int64_t Hq, int64_t Hkv, int64_t T, int64_t D, int64_t W,
+                                     int threads) {
+    const int64_t Tp = (T + KB - 1) / KB * KB;
+    return B * Hkv * D * Tp + (int64_t)threads * scratch_per_thread(Hq / Hkv, T, D, W);
 }
 
 /* q [B, Hq, T, D], k and v [B, Hkv, T, D], each by its (batch, head, position) strides in
  * elements, D contiguous; query head h reads KV head h / (Hq / Hkv). Writes out [B, T, Hq, D]
  * (contiguous: the layout the output projection reads), when lse is not NULL each query's
  * log-sum-exp of its scaled scores [B, Hq, T], and when W > 0 the log-probabilities of the
- * last W positions' queries over every key into log_probs [B, Hkv, G, W, T] (-inf where a key
- * comes after the query). work: cormlm_prompt_attention_work floats for the same
- * arguments. */
+ * last W positions' queries over every key into log_probs [B, Hkv, G, W, T], or with
+ * group_max their maximum over the group's heads [B, Hkv, 1, W, T] (-inf where a key comes
+ * after the query). work: cormlm_prompt_attention_work floats for the same arguments. */
 void cormlm_prompt_attention_f32(const float *q, int64_t qsb, int64_t qsh, int64_t qst, const float *k, int64_t ksb,
                                  int64_t ksh, int64_t kst, const float *v, int64_t vsb, int64_t vsh, int64_t vst,
                                  int64_t B, int64_t Hq, int64_t Hkv, int64_t T, int64_t D, float scale, float *out,
-                                 float *lse, int64_t W, float *log_probs, float *work, int threads) {
+                                 float *lse, int64_t W, float *log_probs, int group_max, float *work,
+                                 int threads) {
     const int64_t G = Hq / Hkv, P = positions_per_item(G), R = P * G;
     const int64_t Tp = (T + KB - 1) / KB * KB, NQ = (T + P - 1) / P, streams = B * Hkv;
     float *keys_t = work; /* [streams, Tp / KB, D, KB], the columns past T zero (every query hides them) */
     float *scratch = work + streams * D * Tp;
-    const int64_t per_thread = R * (3 * D + KB + 3);
+    const int64_t per_thread = scratch_per_thread(G, T, D, W);
 #pragma omp parallel num_threads(threads)
     {
         int t = 0;
@@ -85,6 +96,7 @@ void cormlm_prompt_attention_f32(const float *q, int64_t qsb, int64_t qsh, int64
         float *acc = sc + R * KB;             /* [R, D] the weighted values so far */
         float *part = acc + R * D;            /* [R, D] one block's weighted values */
         float *mx = part + R * D, *sum = mx + R, *rescale = sum + R;
+        float *kept = rescale + R;            /* [R, T] the scored rows' scores (W > 0) */
         /* the longest items (last positions) first, so the dynamic schedule ends evenly */
 #pragma omp for schedule(dynamic, 1)
         for (int64_t item = 0; item < streams * NQ; item++) {
@@ -106,9 +118,7 @@ void cormlm_prompt_attention_f32(const float *q, int64_t qsb, int64_t qsh, int64
                     float *row = sc + r * KB;
                     const int64_t seen = min64(KB, p0 + r / G - j0 + 1); /* keys j0 .. position */
                     if (seen <= 0) { memset(row, 0, sizeof(float) * KB); rescale[r] = 1.0f; continue; }
-                    const int64_t w = p0 + r / G - (T - W); /* the row's place among the scored ones */
-                    if (w >= 0)
-                        memcpy(log_probs + ((s * G + r % G) * W + w) * T + j0, row, sizeof(float) * seen);
+                    if (p0 + r / G >= T - W) memcpy(kept + r * T + j0, row, sizeof(float) * seen);
                     float m = mx[r];
                     for (int64_t c = 0; c < seen; c++) m = row[c] > m ? row[c] : m;
                     float total = 0.0f;
@@ -130,11 +140,25 @@ void cormlm_prompt_attention_f32(const float *q, int64_t qsb, int64_t qsh, int64
                 const float inv = 1.0f / sum[r], *a = acc + r * D;
                 float *o = out + ((b * T + pos) * Hq + h) * D;
                 for (int64_t d = 0; d < D; d++) o[d] = a[d] * inv;
-                const float total = mx[r] + logf(sum[r]);
-                if (lse) lse[(b * Hq + h) * T + pos] = total;
-                if (pos >= T - W) { /* scores -> log-probabilities: what a policy compares */
-                    float *lp = log_probs + ((s * G + r % G) * W + pos - (T - W)) * T;
-                    for (int64_t j = 0; j <= pos; j++) lp[j] -= total;
+                mx[r] += logf(sum[r]); /* the row's log-sum-exp */
+                if (lse) lse[(b * Hq + h) * T + pos] = mx[r];
+            }
+            for (int64_t i = 0; i < np; i++) { /* scores -> log-probabilities: what a policy compares */
+                const int64_t pos = p0 + i;
+                if (pos < T - W) continue;
+                const int64_t heads = group_max ? 1 : G;
+                for (int64_t g = 0; g < heads; g++) {
+                    float *lp = log_probs + ((s * heads + g) * W + pos - (T - W)) * T;
+                    const float *first = kept + (i * G + g) * T, total = mx[i * G + g];
+                    for (int64_t j = 0; j <= pos; j++) lp[j] = first[j] - total;
+                    if (group_max)
+                        for (int64_t other = 1; other < G; other++) {
+                            const float *row = kept + (i * G + other) * T, t2 = mx[i * G + other];
+                            for (int64_t j = 0; j <= pos; j++) {
+                                const float x = row[j] - t2;
+                                lp[j] = x > lp[j] ? x : lp[j];
+                            }
+                        }
                     uint32_t *hidden = (uint32_t *)lp; /* -inf by its bits: -ffast-math assumes no infinities */
                     for (int64_t j = pos + 1; j < T; j++) hidden[j] = NEG_INF_BITS;
                 }

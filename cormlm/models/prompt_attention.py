@@ -36,9 +36,15 @@ PATHS = ("native", "sdpa")
 _p, _i64 = ctypes.c_void_p, ctypes.c_int64
 KERNEL = native.Kernel(SOURCE, "cormlm_prompt_attention_f32",
                        [_p, _i64, _i64, _i64, _p, _i64, _i64, _i64, _p, _i64, _i64, _i64,
-                        _i64, _i64, _i64, _i64, _i64, ctypes.c_float, _p, _p, _i64, _p, _p, ctypes.c_int])
-WORK = native.Kernel(SOURCE, "cormlm_prompt_attention_work", [_i64, _i64, _i64, _i64, _i64, ctypes.c_int],
+                        _i64, _i64, _i64, _i64, _i64, ctypes.c_float, _p, _p, _i64, _p, ctypes.c_int, _p,
+                        ctypes.c_int])
+WORK = native.Kernel(SOURCE, "cormlm_prompt_attention_work", [_i64, _i64, _i64, _i64, _i64, _i64, ctypes.c_int],
                      restype=ctypes.c_int64)
+# the kernel's workspace (keys transposed, each thread's scratch) is kept between calls up to
+# this size (a 1k SmolLM2 prompt's: 1.3 MiB); a larger one is made per call and freed with it
+# (its page faults cost little against such a call's arithmetic), so no long prompt leaves
+# memory behind
+WORKSPACE_KEPT = 16 * 2**20
 _workspace = native.Workspace()
 _choices: dict[tuple, str] = {}
 _trials: dict[tuple, dict[str, list[float]]] = {}
@@ -73,29 +79,34 @@ def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, with_ls
 
 
 def run_scored(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, rows: int,
-               scratch: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+               group_max: bool = False, scratch: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`run`'s output, and the log-probabilities of the last ``rows`` queries over every
     key [B, Hkv, G, rows, T] (float32, -inf where a key comes after the query), as
-    :func:`cormlm.cache.ragged.explicit_log_probs` lays them out: in the first elements of
-    ``scratch`` (a float32 tensor at least that large) when given."""
-    out, _, log_probs = _call(q, k, v, scale, False, rows, scratch)
+    :func:`cormlm.cache.ragged.explicit_log_probs` lays them out, or with ``group_max`` their
+    maximum over each group's heads [B, Hkv, 1, rows, T] (what a policy whose ``group_reduce``
+    is "max" reads); in the first elements of ``scratch`` (a float32 tensor at least that
+    large) when given."""
+    out, _, log_probs = _call(q, k, v, scale, False, rows, group_max, scratch)
     return out, log_probs
 
 
 def _call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, with_lse: bool, rows: int,
-          scratch: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+          group_max: bool = False, scratch: torch.Tensor | None = None
+          ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     b, hq, t, d = q.shape
     hkv = k.shape[1]
     rows = min(rows, t)
     threads = torch.get_num_threads()
-    work = _workspace.get(WORK.function()(b, hq, hkv, t, d, threads))
+    size = WORK.function()(b, hq, hkv, t, d, rows, threads)
+    work = _workspace.get(size) if size * 4 <= WORKSPACE_KEPT else torch.empty(size)
     out = q.new_empty(b, t, hq, d)
     lse = q.new_empty(b, hq, t) if with_lse else None
-    shape = (b, hkv, hq // hkv, rows, t)
+    shape = (b, hkv, 1 if group_max else hq // hkv, rows, t)
     log_probs = None if not rows else q.new_empty(shape) if scratch is None else scratch[:math.prod(shape)].view(shape)
     KERNEL.function()(q.data_ptr(), *_strides(q), k.data_ptr(), *_strides(k), v.data_ptr(), *_strides(v),
                       b, hq, hkv, t, d, scale, out.data_ptr(), 0 if lse is None else lse.data_ptr(),
-                      rows, 0 if log_probs is None else log_probs.data_ptr(), work.data_ptr(), threads)
+                      rows, 0 if log_probs is None else log_probs.data_ptr(), int(group_max), work.data_ptr(),
+                      threads)
     return out.transpose(1, 2), lse, log_probs
 
 
