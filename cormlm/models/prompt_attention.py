@@ -41,9 +41,9 @@ KERNEL = native.Kernel(SOURCE, "cormlm_prompt_attention_f32",
 WORK = native.Kernel(SOURCE, "cormlm_prompt_attention_work", [_i64, _i64, _i64, _i64, _i64, _i64, ctypes.c_int],
                      restype=ctypes.c_int64)
 # the kernel's workspace (keys transposed, each thread's scratch) is kept between calls up to
-# this size (a 1k SmolLM2 prompt's: 1.3 MiB); a larger one is made per call and freed with it
-# (its page faults cost little against such a call's arithmetic), so no long prompt leaves
-# memory behind
+# this size (a 1k SmolLM2 prompt's under CORM: 1.4 MiB); a larger one is made per call and
+# freed with it (its page faults cost little against such a call's arithmetic), so no long
+# prompt leaves memory behind
 WORKSPACE_KEPT = 16 * 2**20
 _workspace = native.Workspace()
 _choices: dict[tuple, str] = {}
