@@ -536,34 +536,26 @@ def print_kernel_choices() -> None:
         for choice in graph_choices:
             print(f"- {choice}")
     from cormlm.cache import paged_kernel
+    from cormlm.models import decode_block, prompt_attention
 
     in_graphs = "the C kernel" if paged_kernel.choose_for_graphs() == "native" else "the tensor operations, fused"
-    print("\ncormlm decode attention per shape (fused C kernel or tensor operations, measured at first use; "
-          f"compiled graphs here: {in_graphs}):")
-    forced = os.environ.get(paged_kernel.FORCE_ENV)
-    if forced:
-        print(f"- {paged_kernel.FORCE_ENV}={forced} forces the path")
-    for line in paged_kernel.kernel_status() or ["(none measured: no eager CPU decode step ran)"]:
-        print(f"- {line}")
-    from cormlm.models import prompt_attention
+    _print_paths("decode attention per shape (fused C kernel or tensor operations, measured at first use; "
+                 f"compiled graphs here: {in_graphs})", paged_kernel, "no eager CPU decode step ran")
+    _print_paths("prompt attention per shape (the C kernel or SDPA, measured at first use, with what else the "
+                 "call computes)", prompt_attention, "no eager CPU prompt ran")
+    _print_paths("block dense work per block shape (the two C calls or the modules, measured at first use; "
+                 "compiled graphs call what was measured before tracing)", decode_block,
+                 "no eager decode step of a fitting block ran")
 
-    print("\ncormlm prompt attention per shape (the C kernel or SDPA, measured at first use, with what "
-          "else the call computes):")
-    forced = os.environ.get(prompt_attention.FORCE_ENV)
-    if forced:
-        print(f"- {prompt_attention.FORCE_ENV}={forced} forces the path")
-    for line in prompt_attention.kernel_status() or ["(none measured: no eager CPU prompt ran)"]:
-        print(f"- {line}")
-    from cormlm.models import decode_block
 
-    print("\ncormlm block dense work per block shape (the two C calls or the modules, measured at first use; "
-          "compiled graphs call what was measured before tracing):")
-    forced = os.environ.get(decode_block.FORCE_ENV)
+def _print_paths(title: str, module, nothing: str) -> None:
+    """One measured choice's list: what ``module.kernel_status()`` says, and its forcing variable when set."""
+    print(f"\ncormlm {title}:")
+    forced = os.environ.get(module.FORCE_ENV)
     if forced:
-        print(f"- {decode_block.FORCE_ENV}={forced} forces the path")
-    for line in decode_block.kernel_status() or ["(none measured: no eager decode step of a fitting block ran)"]:
+        print(f"- {module.FORCE_ENV}={forced} forces the path")
+    for line in module.kernel_status() or [f"(none measured: {nothing})"]:
         print(f"- {line}")
-
 
 # -------------------------------------------------------------------------- main
 def main() -> None:

@@ -7,6 +7,7 @@ import time
 
 import pytest
 import torch
+from trial_state import fresh_trials
 
 from cormlm import native
 from cormlm.cache import paged_kernel
@@ -21,9 +22,7 @@ pytestmark = pytest.mark.skipif(not paged_kernel.available(), reason="no C compi
 
 @pytest.fixture(autouse=True)
 def _fresh_choices(monkeypatch):
-    monkeypatch.setattr(paged_kernel, "_choices", {})
-    monkeypatch.setattr(paged_kernel, "_trials", {})
-    monkeypatch.delenv(paged_kernel.FORCE_ENV, raising=False)
+    fresh_trials(monkeypatch, paged_kernel)
 
 
 def random_pool(streams: int, group: int, head_dim: int, block: int, blocks: int, seed: int):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from trial_state import fresh_trials
 
 from cormlm.errors import InputError
 from cormlm.models import prompt_attention
@@ -18,9 +19,7 @@ pytestmark = pytest.mark.skipif(not prompt_attention.available(), reason="no C c
 
 @pytest.fixture(autouse=True)
 def _fresh_choices(monkeypatch):
-    monkeypatch.setattr(prompt_attention, "_choices", {})
-    monkeypatch.setattr(prompt_attention, "_trials", {})
-    monkeypatch.delenv(prompt_attention.FORCE_ENV, raising=False)
+    fresh_trials(monkeypatch, prompt_attention)
 
 
 def fused_heads(batch: int, heads: int, kv_heads: int, length: int, head_dim: int, seed: int):
