@@ -467,7 +467,8 @@ class RaggedCache(KVCache):
 
         plain = spec.sliding_window is None and spec.alibi_slopes is None
         if plain and size * 4 <= SCORED_BYTES:
-            return prompt_attention.choose(q, keys, values, f"{rows} rows' log-probabilities", native, sdpa)
+            asked = f"{rows} rows' log-probabilities{', group maxima' * group_max}"
+            return prompt_attention.choose(q, keys, values, asked, native, sdpa)
         out, lse = attend_causal_with_lse(q, keys, values, spec)
         self._observe_rows(q, keys, positions, positions, spec, rows, state, True, lse)
         return out

@@ -149,7 +149,7 @@ def attend_causal_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 
 def sdpa_causal_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                    spec: AttentionSpec) -> tuple[torch.Tensor, torch.Tensor | None]:
+                         spec: AttentionSpec) -> tuple[torch.Tensor, torch.Tensor | None]:
     """PyTorch's plain causal attention (no window, no ALiBi) and each query's log-sum-exp where
     its CPU flash kernel gives it (None where not)."""
     global _flash_lse_broken

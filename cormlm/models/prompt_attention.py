@@ -158,7 +158,7 @@ def choose(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, asked: str, native
 
 def kernel_status() -> list[str]:
     """What prompt attention runs as, one line per shape, e.g. 'batch 1, 9 heads over 3, up to
-    1024 positions, head 64, 256 rows' log-probabilities, 2 threads: native' (or 'still
+    1024 positions, head 64, 256 rows' log-probabilities, group maxima, 2 threads: native' (or 'still
     measuring' where the trials have not ended)."""
     if KERNEL.unavailable:
         return [f"native kernel unavailable ({KERNEL.unavailable[0]}): SDPA"]
@@ -168,9 +168,3 @@ def kernel_status() -> list[str]:
     return [f"batch {b}, {hq} heads over {hkv}, up to {t} positions, head {d}{', ' * bool(asked)}{asked}, "
             f"{threads} thread{'s' * (threads > 1)}: {state}"
             for (b, hq, hkv, t, d, asked, threads), state in sorted(states.items())]
-
-
-def reset() -> None:
-    """Forget every choice and trial (tests)."""
-    _choices.clear()
-    _trials.clear()
