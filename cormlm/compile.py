@@ -4,7 +4,9 @@ Each block is compiled as two graphs, everything before attention (norm, QKV pro
 rotary) and everything after it (output projection, MLP, residuals), plus one for the
 final norm and LM head: few graph calls per step, and elementwise work fused around the
 GEMMs. ``dynamic=True`` keeps batch and length symbolic, so a graph serves every token
-count of its kind. A decode step (one token per row) runs as one graph: every layer,
+count of its kind; a prompt runs those graphs or the blocks' eager modules, whichever
+measures faster for its shape (:mod:`cormlm.models.prompt_blocks`: the modules chunk a
+prompt's MLP, a graph cannot). A decode step (one token per row) runs as one graph: every layer,
 the cache appends, decode attention, the policy's state update and evictions
 (``CausalLM.body``); the pools' block counts are symbolic, so caches that grow,
 evict and compact reuse it. Allocation of blocks and compaction run eagerly between steps.

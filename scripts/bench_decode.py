@@ -536,7 +536,7 @@ def print_kernel_choices() -> None:
         for choice in graph_choices:
             print(f"- {choice}")
     from cormlm.cache import paged_kernel
-    from cormlm.models import decode_block, prompt_attention
+    from cormlm.models import decode_block, prompt_attention, prompt_blocks
 
     in_graphs = "the C kernel" if paged_kernel.choose_for_graphs() == "native" else "the tensor operations, fused"
     _print_paths("decode attention per shape (fused C kernel or tensor operations, measured at first use; "
@@ -546,6 +546,8 @@ def print_kernel_choices() -> None:
     _print_paths("block dense work per block shape (the two C calls or the modules, measured at first use; "
                  "compiled graphs call what was measured before tracing)", decode_block,
                  "no eager decode step of a fitting block ran")
+    _print_paths("compiled models' prompt blocks per half and shape (the compiled graph or the eager modules, "
+                 "measured at first use)", prompt_blocks, "no compiled model's prompt ran")
 
 
 def _print_paths(title: str, module, nothing: str) -> None:

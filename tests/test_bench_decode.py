@@ -105,6 +105,12 @@ def test_prompt_attention_choices_are_printed(output):
     assert lines or "native kernel unavailable" in tail, tail
 
 
+def test_prompt_block_choices_are_printed(output):
+    """--no-compile: no compiled model's prompt ran, and the list says so."""
+    tail = output[output.index("cormlm compiled models' prompt blocks per half and shape"):]
+    assert tail.splitlines()[1] == "- (none measured: no compiled model's prompt ran)"
+
+
 def test_bandwidth_is_sampled_in_every_repeat(output):
     """The share of the bandwidth limit is taken against samples from its own repeat: one
     figure per repeat and context is printed after each table (--repeats 1, --contexts 32)."""

@@ -19,7 +19,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..errors import InputError
-from . import decode_block
+from . import decode_block, prompt_blocks
 from .alibi import alibi_slopes
 from .attention import Attention, StepContext
 from .linear import Linear
@@ -48,8 +48,9 @@ class Block(nn.Module):
         self.mlp = make_mlp(config)
         has_mlp_norm = not self.parallel or config.parallel_norms == 2
         self.mlp_norm = make_norm(config) if has_mlp_norm else None
-        # compile_model: (pre_attention, post_attention) compiled for prompts; a traced decode
-        # step inlines the plain methods instead (its saved form must not refer to these)
+        # compile_model: (pre_attention, post_attention) compiled for prompts (run where they
+        # measure faster than the modules: prompt_blocks); a traced decode step inlines the
+        # plain methods instead (its saved form must not refer to these)
         self.prompt_graphs: tuple[Callable, Callable] | None = None
         self.native_shape = decode_block.shaped_for(config, sharded=reduce is not None)  # see decode_block
         self.native_memo: tuple | None = None  # decode_block.choose's settled path, per call kind
@@ -95,8 +96,9 @@ class Block(nn.Module):
             path, trial = decode_block.choose(self, x, step.rotary)
             if path == "native" or trial is not None:
                 return decode_block.forward(self, x, step, path, trial)
-        pre, post = (self.pre_attention, self.post_attention) if (
-            torch.compiler.is_compiling() or self.prompt_graphs is None) else self.prompt_graphs
+        pre, post = self.pre_attention, self.post_attention
+        if self.prompt_graphs is not None and not torch.compiler.is_compiling():
+            pre, post = prompt_blocks.measured_halves(self)  # each half: its graph or modules, as measured
         h, q, k, v = pre(x, step.rotary)
         if not last_only:
             return post(x, h, self.attn.attend(q, k, v, step))
