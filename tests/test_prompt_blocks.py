@@ -134,6 +134,8 @@ def test_the_last_blocks_single_row_is_measured_on_its_own(folder):
     hidden = model.config.hidden_size
     assert keys == {("pre", hidden, 64, "float32", 1), ("post", hidden, 64, "float32", 1),
                     ("post", hidden, 1, "float32", 1)}
+    assert f"post-attention, hidden {hidden}, up to 1 row, float32, 1 thread: still measuring (1 of 18 calls)" \
+        in prompt_blocks.kernel_status()
 
 
 def test_a_misspelt_path_is_an_error_naming_both(folder, monkeypatch):

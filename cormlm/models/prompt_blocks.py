@@ -85,8 +85,9 @@ def kernel_status() -> list[str]:
     total = len(PATHS) * (TRIALS + 1)
     states = {**{key: f"still measuring ({sum(map(len, times.values()))} of {total} calls)"
                  for key, times in _trials.items()}, **_choices}
-    return [f"{half}-attention, hidden {hidden}, up to {rows} rows, {dtype}, {threads} thread{'s' * (threads > 1)}: "
-            f"{state}" for (half, hidden, rows, dtype, threads), state in sorted(states.items(), key=_order)]
+    return [f"{half}-attention, hidden {hidden}, up to {rows} row{'s' * (rows > 1)}, {dtype}, "
+            f"{threads} thread{'s' * (threads > 1)}: {state}"
+            for (half, hidden, rows, dtype, threads), state in sorted(states.items(), key=_order)]
 
 
 def _order(item: tuple[tuple, str]) -> tuple:
