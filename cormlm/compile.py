@@ -33,13 +33,20 @@ from .errors import CormlmError
 from .models import decode_block
 
 INDUCTOR_OPTIONS = ("freezing", "cpp_wrapper", "max_autotune")  # what scripts/bench_compile.py measures
+# Inductor's generated Python checks every kernel's output sizes, strides and alignment at
+# run time, several hundred calls per decode step of a 30-layer model (about 2% of its time:
+# fewer Python calls, so nowhere slower). cormlm's own operations are held to their fake
+# implementations by tests that compile with the checks on (tests/test_compile.py).
+DEFAULT_OPTIONS: dict[str, object] = {"size_asserts": False, "alignment_asserts": False}
 
 
 def compile_model(model: torch.nn.Module, options: dict[str, object] | None = None,
                   log: Callable[[str], None] | None = None) -> torch.nn.Module:
     """Compile ``model`` in place (once: a second call changes nothing); returns the model.
 
-    ``options`` go to inductor as ``torch.compile(options=...)`` for every graph, e.g.
+    ``options`` go to inductor as ``torch.compile(options=...)`` for every graph, over
+    :data:`DEFAULT_OPTIONS` (its run-time size checks off; ``{"size_asserts": True,
+    "alignment_asserts": True}`` turns them back on), e.g.
     ``{"freezing": True}`` (weights folded in as constants and pre-packed), ``{"cpp_wrapper":
     True}`` (the graph's Python wrapper as C++), ``{"max_autotune": True}`` (GEMM templates
     benchmarked at compile time); ``scripts/bench_compile.py`` measures what each buys here.
@@ -58,7 +65,7 @@ def compile_model(model: torch.nn.Module, options: dict[str, object] | None = No
     if getattr(model, "tp", None) is not None:
         raise CormlmError("torch.compile is not supported with tensor parallelism (its all-reduces run eagerly); "
                           "drop --compile or compile_model() for a model loaded with tp=")
-    options = _checked_options(options)
+    options = {**DEFAULT_OPTIONS, **(_checked_options(options) or {})}
     where = compile_cache.folder() if compile_cache.supported() else None
     # graphs cannot time kernels: decide decode- and prefill-sized products now (or as measured before)
     compile_cache.calibrate_once(model, where)

@@ -4,7 +4,9 @@
     python scripts/bench_compile.py --quick         # the embedded toy model, a few steps (tests)
 
 One copy of the model per variant: ``eager`` (not compiled), ``default``
-(``cormlm.compile_model(model)``), then ``compile_model(model, options={name: True})`` for
+(``cormlm.compile_model(model)``, whose graphs skip inductor's run-time size checks:
+``cormlm.compile.DEFAULT_OPTIONS``), ``size-checks`` (those checks on, as inductor's own
+default), then ``compile_model(model, options={name: True})`` for
 each of ``--options`` (default: ``freezing``, weights folded into the graph as constants
 and pre-packed; ``cpp_wrapper``, the graph's Python wrapper generated as C++;
 ``max_autotune``, GEMM templates benchmarked at compile time), and ``attention-ops``: the
@@ -38,9 +40,11 @@ from bench_decode import describe_machine, reset_peak_rss
 import cormlm
 from cormlm.cache import paged_kernel
 from cormlm.checkpoint.real_model import resolve_model_argument
-from cormlm.compile import INDUCTOR_OPTIONS
+from cormlm.compile import DEFAULT_OPTIONS, INDUCTOR_OPTIONS
 
 TENSOR_OPS = "attention-ops"  # the variant whose graphs fuse decode attention's tensor operations
+SIZE_CHECKS = "size-checks"  # the default with inductor's run-time checks of kernel outputs on
+CHECKS_ON = {name: True for name in DEFAULT_OPTIONS}
 
 
 def warm_up(model, ids: torch.Tensor) -> tuple[float, cormlm.KVCache, torch.Tensor]:
@@ -88,7 +92,8 @@ def main() -> None:
     torch.manual_seed(0)
     ids = torch.randint(0, base.config.vocab_size, (1, args.context))
 
-    variants: dict[str, dict | None] = {"eager": None, "default": {}, **{name: {name: True} for name in args.options}}
+    variants: dict[str, dict | None] = {"eager": None, "default": {}, SIZE_CHECKS: CHECKS_ON,
+                                        **{name: {name: True} for name in args.options}}
     if paged_kernel.choose_for_graphs() == "native":
         variants[TENSOR_OPS] = {}
     # what each variant's graphs call for decode attention: a module constant their traces read

@@ -41,7 +41,7 @@ def test_one_row_per_variant_with_the_default_as_reference(output):
         cells = [c.strip() for c in line.strip("|").split("|")]
         rows[cells[0]] = dict(zip(COLUMNS, cells))
     # and the default with decode attention as inductor's tensor operations, where the kernel is built
-    assert list(rows) == ["eager", "default", "freezing"] + ["attention-ops"] * paged_kernel.available()
+    assert list(rows) == ["eager", "default", "size-checks", "freezing"] + ["attention-ops"] * paged_kernel.available()
     assert rows["default"]["vs default"] == "1.00x"
     for row in rows.values():
         if row["warm-up s"] == "failed":  # then its error is named below the table

@@ -16,6 +16,9 @@ from cormlm.cache import paged_attention, paged_kernel
 from cormlm.cache.ragged import RaggedCache
 
 VOCAB = 160
+# inductor's run-time checks of each kernel's output sizes, strides and alignment, which
+# compile_model turns off: on here, they hold cormlm's operations to their fake implementations
+CHECKED = {"size_asserts": True, "alignment_asserts": True}
 STEPS = 120  # long enough for the pools to grow across capacity buckets and to compact
 
 
@@ -57,7 +60,7 @@ def test_compiled_decode_matches_eager_with_bounded_graphs(folder, cfg, path, de
     if not dense:
         monkeypatch.setattr(paged_attention, "DENSE_SEGMENTS_MAX", 0)
     eager = cormlm.load_model(folder)
-    compiled = cormlm.compile_model(cormlm.load_model(folder))
+    compiled = cormlm.compile_model(cormlm.load_model(folder), options=CHECKED)
     assert paged_kernel.graph_path == path
     prompt = random_prompt(40, 7, VOCAB)
     want_tokens, want_logits, want_kept, capacities = decode(eager, cfg, prompt, STEPS)
@@ -82,6 +85,20 @@ def test_compiled_decode_matches_eager_with_bounded_graphs(folder, cfg, path, de
     # every graph (per-block dense parts, head, decode attention) exists after two decode
     # steps; growing, evicting and compacting the pools must not add any
     assert counters["stats"]["unique_graphs"] == seen["graphs"]
+
+
+@pytest.mark.parametrize("given,want", [
+    (None, {"size_asserts": False, "alignment_asserts": False}),
+    ({"size_asserts": True, "freezing": True}, {"size_asserts": True, "alignment_asserts": False, "freezing": True})],
+    ids=["default", "given"])
+def test_every_graph_gets_the_default_options_under_the_given_ones(folder, monkeypatch, given, want):
+    seen = []
+    real = torch.compile
+    # (calls without options: compile_cache asking whether torch can save steps)
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: "options" in kw and seen.append(kw["options"]) or real(fn, **kw))
+    model = cormlm.compile_model(cormlm.load_model(folder), options=given)
+    assert len(seen) == 2 * model.config.num_layers + 2  # prompt halves, head, decode step
+    assert all(options == want for options in seen), seen
 
 
 def test_compiling_twice_changes_nothing(folder):
@@ -129,7 +146,7 @@ def test_compiled_decode_steps_call_the_native_block(folder, monkeypatch):
     if not decode_block.available():
         pytest.skip(f"no C kernel here: {decode_block.PRE.unavailable}")
     monkeypatch.setenv(decode_block.FORCE_ENV, "native")
-    compiled = cormlm.compile_model(cormlm.load_model(folder))
+    compiled = cormlm.compile_model(cormlm.load_model(folder), options=CHECKED)
     assert decode_block.graph_path == "native"
     monkeypatch.setenv(decode_block.FORCE_ENV, "torch")  # the eager reference: the modules
     cfg, prompt, steps = cormlm.CacheConfig("corm", window=8, recent=4), random_prompt(40, 5, VOCAB), 30
