@@ -4,10 +4,10 @@ Each block is compiled as two graphs, everything before attention (norm, QKV pro
 rotary) and everything after it (output projection, MLP, residuals), plus one for the
 final norm and LM head: few graph calls per step, and elementwise work fused around the
 GEMMs. ``dynamic=True`` keeps batch and length symbolic, so a graph serves every token
-count of its kind; a prompt runs those graphs or the blocks' eager modules, whichever
-measures faster for its shape (:mod:`cormlm.models.prompt_blocks`: the modules chunk a
-prompt's MLP, a graph cannot). A decode step (one token per row) runs as one graph: every layer,
-the cache appends, decode attention, the policy's state update and evictions
+count of its kind; a prompt runs each of those graphs or the block's eager modules,
+whichever measures faster for its shape (:mod:`cormlm.models.prompt_blocks`: the modules
+chunk a prompt's MLP, a graph cannot). A decode step (one token per row) runs as one
+graph: every layer, the cache appends, decode attention, the policy's state update and evictions
 (``CausalLM.body``); the pools' block counts are symbolic, so caches that grow,
 evict and compact reuse it. Allocation of blocks and compaction run eagerly between steps.
 Compiled functions use the modules' parameters: nothing is copied. Their linear layers call
