@@ -18,6 +18,21 @@ from .errors import InputError
 TRIALS = 8  # timed calls of each implementation per key (after one untimed warm-up call each)
 
 
+def power_of_two(n: int) -> int:
+    """``n`` rounded up to a power of two: how sizes are keyed (a growing pool or prompt is
+    not measured again at every size)."""
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def status(trials: dict[object, dict[str, list[float]]], choices: dict[object, str],
+           names: Sequence[str]) -> dict[object, str]:
+    """Each key's kept choice, or 'still measuring (k of n calls)' while its trials run: what
+    the modules' ``kernel_status`` lists."""
+    total = len(names) * (TRIALS + 1)
+    return {**{key: f"still measuring ({sum(map(len, times.values()))} of {total} calls)"
+               for key, times in trials.items()}, **choices}
+
+
 def next_trial(names: Sequence[str], times: dict[str, list[float]]) -> str:
     """The implementation to run next for a key still measured: the one run least (the first
     of ``names`` among equals)."""

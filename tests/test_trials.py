@@ -1,6 +1,6 @@
 """The in-place trial rule both measured choices share (linear kernels, decode-attention paths)."""
 
-from cormlm.trials import TRIALS, decided, next_trial
+from cormlm.trials import TRIALS, decided, next_trial, power_of_two, status
 
 
 def _times(**medians: float) -> dict[str, list[float]]:
@@ -60,3 +60,13 @@ def test_trials_rotate_over_the_least_run_first_in_order():
         order.append(name)
         times.setdefault(name, []).append(1.0)
     assert order == ["a", "b", "c", "a", "b", "c"]
+
+
+def test_sizes_are_keyed_by_the_next_power_of_two():
+    assert [power_of_two(n) for n in (0, 1, 2, 3, 4, 5, 64, 65, 4096)] == [1, 1, 2, 4, 4, 8, 64, 128, 4096]
+
+
+def test_the_status_lists_kept_choices_and_the_trials_still_running():
+    trials = {"k1": {"a": [1.0] * 3, "b": [1.0] * 2}}
+    assert status(trials, {"k2": "b"}, ["a", "b"]) == {"k1": f"still measuring (5 of {2 * (TRIALS + 1)} calls)",
+                                                        "k2": "b"}

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .. import trials
 from ..models.alibi import alibi_bias
 from ..models.attention_ops import AttentionSpec, upcast
 from . import paged_kernel
@@ -90,7 +91,7 @@ def paged_decode_attention(keys: torch.Tensor, values: torch.Tensor, positions: 
         return tensor_decode_attention(keys, values, positions, owner, q, q_pos, spec, probs)
     # the fused kernel or the tensor operations, whichever measured faster for this shape
     if fits:
-        key = (s, paged_kernel.block_bucket(keys.shape[0]), g, d, keys.shape[2], probs, torch.get_num_threads())
+        key = (s, trials.power_of_two(keys.shape[0]), g, d, keys.shape[2], probs, torch.get_num_threads())
         path, trial = paged_kernel.choose(key)
         started = time.perf_counter() if trial else 0.0
         if path == "native":

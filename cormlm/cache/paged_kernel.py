@@ -163,12 +163,6 @@ def choose_for_graphs() -> str:
     return graph_path
 
 
-def block_bucket(blocks: int) -> int:
-    """Pool blocks as a choice is keyed: the next power of two (a growing pool is not
-    measured again at every size)."""
-    return 1 << max(blocks - 1, 0).bit_length()
-
-
 def _forced() -> str | None:
     return trials.forced(FORCE_ENV, PATHS, "a decode-attention path", "each shape")
 

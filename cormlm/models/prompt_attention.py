@@ -28,7 +28,7 @@ from typing import TypeVar
 import torch
 
 from .. import native, trials
-from ..trials import TRIALS, next_trial
+from ..trials import next_trial
 
 SOURCE = Path(__file__).with_name("prompt_attention.c")
 FORCE_ENV = "CORMLM_PROMPT_ATTENTION"
@@ -115,11 +115,6 @@ def _strides(x: torch.Tensor) -> tuple[int, int, int]:
     return x.stride(0), x.stride(1), x.stride(2)
 
 
-def length_bucket(length: int) -> int:
-    """Prompt lengths as a choice is keyed: the next power of two."""
-    return 1 << max(length - 1, 0).bit_length()
-
-
 def _forced() -> str | None:
     return trials.forced(FORCE_ENV, PATHS, "a prompt-attention path", "each shape")
 
@@ -144,7 +139,7 @@ def choose(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, asked: str, native
     if forced is not None:
         return native() if forced == "native" else sdpa()
     b, hq, t, d = q.shape
-    key = (b, hq, k.shape[1], length_bucket(t), d, asked, torch.get_num_threads())
+    key = (b, hq, k.shape[1], trials.power_of_two(t), d, asked, torch.get_num_threads())
     choice = _choices.get(key)
     if choice is None:
         times = _trials.setdefault(key, {})
@@ -162,9 +157,7 @@ def kernel_status() -> list[str]:
     measuring' where the trials have not ended)."""
     if KERNEL.unavailable:
         return [f"native kernel unavailable ({KERNEL.unavailable[0]}): SDPA"]
-    total = len(PATHS) * (TRIALS + 1)
-    states = {**{key: f"still measuring ({sum(map(len, times.values()))} of {total} calls)"
-                 for key, times in _trials.items()}, **_choices}
+    states = trials.status(_trials, _choices, PATHS)
     return [f"batch {b}, {hq} heads over {hkv}, up to {t} positions, head {d}{', ' * bool(asked)}{asked}, "
             f"{threads} thread{'s' * (threads > 1)}: {state}"
             for (b, hq, hkv, t, d, asked, threads), state in sorted(states.items())]

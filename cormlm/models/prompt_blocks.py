@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .. import trials
-from ..trials import TRIALS, next_trial
+from ..trials import next_trial
 
 if TYPE_CHECKING:
     from .transformer import Block
@@ -32,11 +32,6 @@ FORCE_ENV = "CORMLM_PROMPT_BLOCKS"
 PATHS = ("graphs", "eager")
 _choices: dict[tuple, str] = {}
 _trials: dict[tuple, dict[str, list[float]]] = {}
-
-
-def row_bucket(rows: int) -> int:
-    """Rows as a choice is keyed: the next power of two."""
-    return 1 << max(rows - 1, 0).bit_length()
 
 
 def _forced() -> str | None:
@@ -49,7 +44,7 @@ def choose(half: str, x: torch.Tensor) -> tuple[str, tuple | None]:
     forced = _forced()
     if forced is not None:
         return forced, None
-    key = (half, x.shape[-1], row_bucket(x.numel() // x.shape[-1]), str(x.dtype).removeprefix("torch."),
+    key = (half, x.shape[-1], trials.power_of_two(x.numel() // x.shape[-1]), str(x.dtype).removeprefix("torch."),
            torch.get_num_threads())
     choice = _choices.get(key)
     if choice is not None:
@@ -82,9 +77,7 @@ def _measured(half: str, modules: Callable[..., Any], graph: Callable[..., Any])
 def kernel_status() -> list[str]:
     """What each half runs as per prompt shape, e.g. 'post-attention, hidden 576, up to 4096
     rows, float32, 2 threads: eager' (or 'still measuring' where the trials have not ended)."""
-    total = len(PATHS) * (TRIALS + 1)
-    states = {**{key: f"still measuring ({sum(map(len, times.values()))} of {total} calls)"
-                 for key, times in _trials.items()}, **_choices}
+    states = trials.status(_trials, _choices, PATHS)
     return [f"{half}-attention, hidden {hidden}, up to {rows} row{'s' * (rows > 1)}, {dtype}, "
             f"{threads} thread{'s' * (threads > 1)}: {state}"
             for (half, hidden, rows, dtype, threads), state in sorted(states.items(), key=_order)]
