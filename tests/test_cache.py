@@ -329,7 +329,10 @@ def test_aligned_lead_leaves_the_fewest_empty_slots_for_one_common_tail_fill(see
     assert int(lead.sum()) == fewest
 
 
-def test_a_repacked_pool_keeps_every_key_and_fills_its_streams_tails_alike(gqa):
+def test_a_repacked_pool_keeps_every_key_and_fills_its_streams_tails_alike(gqa, monkeypatch):
+    """Tails aligned by a repack are taken again together by decode steps that fill tails
+    (``reuse_holes`` off: decode steps of an evicting cache otherwise fill holes first)."""
+    monkeypatch.setattr(cormlm.cache.ragged.RaggedCache, "reuse_holes", False)
     cache = cormlm.make_cache(gqa, cormlm.CacheConfig("corm", window=4, recent=4), batch_size=2)
     with torch.inference_mode():
         gqa(_ids(2, 150, seed=6), cache=cache)
@@ -345,6 +348,48 @@ def test_a_repacked_pool_keeps_every_key_and_fills_its_streams_tails_alike(gqa):
             had_room = pool.tail_has_room()
             gqa(torch.full((2, 1), 3), cache=cache)
             assert had_room or len(set(pool.fill[live].tolist())) == 1
+
+
+@pytest.mark.parametrize("model_name, policy, params", [
+    ("gqa", "corm", {"window": 4, "recent": 4}), ("gqa", "h2o", {"budget": 0.5}),
+    ("gqa", "scissorhands", {"budget": 40}), ("gqa", "streaming", {"sink": 2, "recent": 30}),
+    ("mistral", "full", {})])
+@torch.inference_mode()
+def test_decode_steps_store_into_holes_what_tails_would_store(request, monkeypatch, model_name, policy, params):
+    """Decode steps of a cache that evicts store each stream's key in the lowest free slot of
+    its own blocks: the same live keys, values, positions and state, and the same logits, as
+    storing into tail blocks; a step takes a fresh block only for a stream with no free slot
+    (as many as ``bytes_for_next_token`` said before it); fewer blocks held than with tails."""
+    model = request.getfixturevalue(model_name)
+    ids = _ids(2, 90, seed=31)
+    taken = []
+    real_give = BlockPool.give_blocks
+    monkeypatch.setattr(BlockPool, "give_blocks", lambda self, streams: taken.append(
+        len(streams) * self.block_nbytes()) or real_give(self, streams))
+
+    def run(holes: bool):
+        monkeypatch.setattr(cormlm.cache.ragged.RaggedCache, "reuse_holes", holes)
+        cache = cormlm.make_cache(model, cormlm.CacheConfig(policy, block_size=4, **params), batch_size=2)
+        logits, contents, used = [model(ids, cache=cache)[:, -1]], [], []
+        for _ in range(40):
+            expected = cache.bytes_for_next_token()
+            taken.clear()
+            logits.append(model(logits[-1].argmax(-1, keepdim=True), cache=cache)[:, -1])
+            if holes:
+                assert sum(taken) == expected
+            contents.append(_live_content(cache))
+            used.append(sum(pool.used_blocks() for pool in cache.pools))
+        return torch.stack(logits), contents, used
+
+    hole_logits, hole_contents, hole_used = run(True)
+    tail_logits, tail_contents, tail_used = run(False)
+    torch.testing.assert_close(hole_logits, tail_logits, rtol=1e-5, atol=1e-5)
+    for hole_step, tail_step in zip(hole_contents, tail_contents):
+        for hole_layer, tail_layer in zip(hole_step, tail_step):
+            positions, keys, values, state, counts = hole_layer
+            assert torch.equal(positions, tail_layer[0]) and torch.equal(counts, tail_layer[4])
+            torch.testing.assert_close((keys, values, state), tail_layer[1:4], rtol=1e-5, atol=1e-5)
+    assert sum(hole_used) < sum(tail_used), "holes filled: fewer blocks held over the steps"
 
 
 @pytest.fixture(scope="module")

@@ -297,3 +297,40 @@ def test_the_append_kernel_writes_what_the_tensor_operations_write(streams, bloc
     for name in ("keys", "values", "positions", "tail", "fill"):
         assert torch.equal(getattr(pools[0], name), getattr(pools[1], name)), name
     assert len(calls) == 3 * block + 1
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("streams,block", [(1, 16), (6, 4), (24, 64)])
+def test_the_append_kernel_writes_into_chosen_slots_what_the_tensor_operations_write(streams, block, monkeypatch):
+    """A decode step's append into slots the cache chose (holes of each stream's own blocks,
+    in any order): the same keys, values and positions as the tensor operations, and the
+    slots it was given."""
+    from cormlm.cache.paged import BlockPool
+
+    if paged_kernel.APPEND.function() is None:
+        pytest.skip(f"no C kernel here: {paged_kernel.APPEND.unavailable}")
+    torch.manual_seed(streams + block)
+    d, real = 12, paged_kernel.append
+    pools = [BlockPool(streams, block, d, torch.float32, torch.device("cpu"), {}) for _ in range(2)]
+    for pool in pools:
+        pool.give_blocks(torch.arange(streams).repeat(3))
+    owned = pools[0].owner.clone()
+    free = [torch.randperm(3 * block) for _ in range(streams)]  # each stream's slots in a random order
+    blocks = [(owned == s).nonzero()[:, 0] for s in range(streams)]
+    for step in range(3 * block):
+        chosen = torch.stack([blocks[s][free[s][step] // block] * block + free[s][step] % block
+                              for s in range(streams)])
+        keys = torch.randn(streams, 2 * d)[:, ::2]
+        values, positions = torch.randn(streams, d), torch.full((streams,), step, dtype=torch.int32)
+        slots = []
+        for pool, kernel in zip(pools, (True, False)):
+            pool.next_slot = chosen
+            if not kernel:
+                monkeypatch.setattr(paged_kernel, "append", lambda *args: None)
+            slots.append(pool.append_one(keys, values, positions))
+            monkeypatch.setattr(paged_kernel, "append", real)
+            pool.appended_one()
+        assert torch.equal(slots[0], chosen) and torch.equal(slots[1], chosen)
+    for name in ("keys", "values", "positions"):
+        assert torch.equal(getattr(pools[0], name), getattr(pools[1], name)), name
+    assert (pools[0].positions[owned >= 0] >= 0).all(), "every slot of the streams' blocks written once"

@@ -118,3 +118,60 @@ def test_reserved_rows_not_taken_are_left_when_the_layout_shrinks():
     index.resize(0, 2, keep=True)  # region 0 shrinks a lot: the layout is made smaller...
     assert index.spans[1] >= 80  # ...but region 1's reservation survives it
     assert index.spans[0] < 100
+
+
+def _naive_first_free_slots(index: SlotIndex, streams: int) -> torch.Tensor:
+    """The rule, one slot at a time: each (region, stream)'s lowest free slot in the rows it owns."""
+    lowest = torch.full((len(index.spans), streams), -1, dtype=torch.long)
+    for region, (start, span) in enumerate(zip(index.starts, index.spans)):
+        for row in range(span):
+            stream = int(index.owner[start + row])
+            if stream < 0:
+                continue
+            for j in range(index.block_size):
+                if index.positions[start + row, j] < 0:
+                    slot = row * index.block_size + j
+                    if lowest[region, stream] < 0 or slot < lowest[region, stream]:
+                        lowest[region, stream] = slot
+    return lowest
+
+
+@pytest.mark.parametrize("native", [True, False])
+@pytest.mark.parametrize("seed", range(8))
+def test_first_free_slots_are_each_streams_lowest_free_slot_of_its_own_blocks(seed, native, monkeypatch):
+    """The slots decode steps of an evicting cache store into: in C and in tensor operations,
+    the same as the rule, over regions of any size with free rows, spare rows, full blocks and
+    streams that own no free slot."""
+    from cormlm.cache import paged_kernel
+
+    if native and paged_kernel.FREE_SLOTS.function() is None:
+        pytest.skip(f"no C kernel here: {paged_kernel.FREE_SLOTS.unavailable}")
+    if not native:
+        monkeypatch.setattr(paged_kernel, "first_free_slots", lambda *args: None)
+    g = torch.Generator().manual_seed(seed)
+    streams, regions = int(torch.randint(1, 6, (1,), generator=g)), int(torch.randint(1, 5, (1,), generator=g))
+    index = SlotIndex(regions, BLOCK, FIELDS, torch.device("cpu"))
+    pools = [Pool(index, region) for region in range(regions)]
+    for region in range(regions):
+        index.resize(region, int(torch.randint(0, 30, (1,), generator=g)), keep=False)
+    for pool in pools:
+        rows = pool.owner.shape[0]
+        full = torch.rand(rows, BLOCK, generator=g) < float(torch.rand(1, generator=g))
+        pool.positions.copy_(torch.where(full, 5, -1).to(torch.int32))
+        pool.owner.copy_(torch.randint(-1, streams, (rows,), generator=g))
+    assert torch.equal(index.first_free_slots(streams), _naive_first_free_slots(index, streams))
+
+
+def test_make_fresh_resets_the_given_slots_state_only():
+    index = SlotIndex(3, BLOCK, FIELDS, torch.device("cpu"))
+    pools = [Pool(index, region) for region in range(3)]
+    for region, rows in enumerate((5, 2, 7)):
+        index.resize(region, rows, keep=False)
+        pools[region].state["keep_until"].fill_(1.0)
+    slots = torch.tensor([[0, 19], [3, 4], [27, 9]])
+    index.make_fresh(slots)
+    for pool, chosen in zip(pools, slots):
+        state = pool.state["keep_until"].view(-1)
+        fresh = torch.zeros_like(state, dtype=torch.bool)
+        fresh[chosen] = True
+        assert (state[fresh] == 7.0).all() and (state[~fresh] == 1.0).all()

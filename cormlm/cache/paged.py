@@ -7,13 +7,15 @@ slots taken from one pool per layer, so bytes follow the sum of what the streams
 (block granularity aside).
 
 - Appending writes only the new tokens into each stream's tail block (or into a fresh
-  block taken from the free list): never a copy of the cache.
+  block taken from the free list): never a copy of the cache. A decode step of a cache that
+  evicts writes each stream's token into a slot the cache chose instead (``fill_slots``): the
+  lowest free one of the stream's own blocks, a hole an eviction left where there is one.
 - Eviction marks slots empty; blocks whose slots are all empty go back to the free list at
   the cache's periodic check or when the pool would otherwise grow. Holes inside live
-  blocks are reclaimed by ``compact``, which repacks the live slots stream by stream and
-  resizes the pool to fit: the cache calls it when holes or free blocks make up a large
-  share of the pool, so held bytes track retained tokens and the memory really goes back
-  to the allocator.
+  blocks are filled by those decode steps, or reclaimed by ``compact``, which repacks the
+  live slots stream by stream and resizes the pool to fit: the cache calls it when holes or
+  free blocks make up a large share of the pool, so held bytes track retained tokens and
+  the memory really goes back to the allocator.
 - Keys are stored transposed within each block ([blocks, head_dim, block], values
   [blocks, block, head_dim]): decode attention multiplies each block's queries by its keys
   as a contiguous [head_dim, block] matrix (a batched product with a transposed operand
@@ -103,6 +105,10 @@ class BlockPool:
         self.fill = torch.full((num_streams,), block_size, dtype=torch.long)
         self._room_left = 0  # host: free slots in the fullest tail block (min over streams)
         self.allocated_upper = 0  # host upper bound of blocks owned by streams
+        # [S]: the slot each stream's token of this decode step goes to, when the cache chose
+        # them (free slots of the stream's own blocks, see :func:`first_free_slots`); None: the tails
+        self.next_slot: torch.Tensor | None = None
+        self._tails_forgotten = False  # host: fill_slots set every tail to none since a tail was taken
 
     # ----------------------------------------------------------------- storage
     def _allocate(self, num_blocks: int) -> None:
@@ -198,10 +204,10 @@ class BlockPool:
         return self.bucket(self.allocated_upper + total_new)
 
     def _take_free(self, count: int) -> torch.Tensor:
-        """Indices of ``count`` free blocks (free blocks sort first, stably), their policy state
-        made fresh: a slot is always fresh until a key is stored in it, so appending a key
-        writes no state (a released block still holds its evicted keys' state)."""
-        ids = torch.argsort((self.owner >= 0).to(torch.int8), stable=True)[:count]
+        """Indices of the first ``count`` free blocks, their policy state made fresh: a slot is
+        always fresh until a key is stored in it, so appending a key writes no state (a released
+        block still holds its evicted keys' state)."""
+        ids = (self.owner < 0).nonzero()[:count, 0]
         for name, (_, fresh) in self.state_fields.items():
             self.state[name].index_fill_(0, ids, fresh)
         return ids
@@ -266,6 +272,7 @@ class BlockPool:
             has_new = new_per_stream > 0
             last_new = (new_per_stream.cumsum(0) - 1).clamp(min=0).to(dev)
             self.tail = torch.where(has_new.to(dev), new_ids[last_new], self.tail)
+            self._tails_forgotten = False
             self.fill = torch.where(has_new, extra - (new_per_stream - 1) * bs, self.fill + counts_host)
         else:
             self.fill = self.fill + counts_host
@@ -282,37 +289,61 @@ class BlockPool:
         if self.tail_has_room():
             return
         full = self.fill >= self.block_size  # host
-        streams = full.nonzero()[:, 0]
-        self._reserve(len(streams))
-        ids = self._take_free(len(streams))
-        streams = streams.to(self.device)
-        self.owner[ids] = streams
-        self.tail = self.tail.index_copy(0, streams, ids)
-        self.allocated_upper += len(streams)
+        streams = full.nonzero()[:, 0].to(self.device)
+        self.tail = self.tail.index_copy(0, streams, self.give_blocks(streams))
+        self._tails_forgotten = False
         self.fill = self.fill.masked_fill(full, 0)
         self._room_left = self.block_size - int(self.fill.max())
+
+    def give_blocks(self, streams: torch.Tensor) -> torch.Tensor:
+        """A fresh block for each of ``streams`` [n] (the pool grows if it must); returns their ids."""
+        self._reserve(len(streams))
+        ids = self._take_free(len(streams))
+        self.owner[ids] = streams
+        self.allocated_upper += len(streams)
+        return ids
+
+    def fill_slots(self, slots: torch.Tensor) -> None:
+        """This decode step's tokens go to ``slots`` [S] (free slots of each stream's own blocks,
+        their state fresh) rather than to the tails: the tails are forgotten (a later append of
+        several tokens starts fresh blocks; these slots may be a tail's next ones)."""
+        self.next_slot = slots
+        if not self._tails_forgotten:
+            self.tail = torch.full_like(self.tail, -1)
+            self.fill = torch.full_like(self.fill, self.block_size)
+            self._room_left = 0
+            self._tails_forgotten = True
 
     def append_one(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """One token per stream (``keys`` [S, D], ``positions`` [S]) into each tail block's next
         slot; returns the slots [S]. Tensor operations when traced, else one C call where it
         fits (``paged_kernel.append``): the caller made tail room before the step and calls
-        :meth:`appended_one` after it."""
+        :meth:`appended_one` after it; or the cache chose each stream's slot (:meth:`fill_slots`)."""
+        chosen = self.next_slot
         # eagerly, every stream with its tail slot (so that C may write): one C call
-        if not torch.compiler.is_compiling() and self._room_left > 0 and self.device.type == "cpu":
+        if not torch.compiler.is_compiling() and (chosen is not None or self._room_left > 0) \
+                and self.device.type == "cpu":
             slots = paged_kernel.append(self.keys, self.values, self.positions, self.tail, self.fill, keys, values,
-                                        positions)
+                                        positions, chosen)
             if slots is not None:
                 return slots
-        fill = self.fill.to(self.device)
-        slots = self.tail * self.block_size + fill
+        if chosen is None:
+            block, within = self.tail, self.fill.to(self.device)
+            slots = block * self.block_size + within
+        else:
+            slots = chosen
+            block, within = self._split_slots(slots)
         d = self.head_dim
-        self.key_slots().index_put_((self.tail, fill), keys.to(self.dtype))  # (block, index in block) as held
+        self.key_slots().index_put_((block, within), keys.to(self.dtype))  # (block, index in block) as held
         self.values.view(-1, d).index_copy_(0, slots, values.to(self.dtype))
         self.positions.view(-1).index_copy_(0, slots, positions.to(torch.int32))
         return slots  # (the slots' state is fresh: see _take_free)
 
     def appended_one(self) -> None:
         """Host bookkeeping after :meth:`append_one`."""
+        if self.next_slot is not None:  # the slots were chosen for this step only
+            self.next_slot = None
+            return
         self.fill = self.fill + 1
         self._room_left -= 1
 
@@ -400,6 +431,7 @@ class BlockPool:
         moved = torch.full((other.capacity + 1,), -1, dtype=torch.long, device=self.device)
         moved[source] = target
         self.tail = torch.cat([self.tail, moved[other.tail.masked_fill(other.tail < 0, other.capacity)]])
+        self._tails_forgotten = False
         self.fill = torch.cat([self.fill, other.fill])
         self.num_streams += other.num_streams
         self.allocated_upper += count
@@ -442,6 +474,7 @@ class BlockPool:
         self.owner[:total] = streams.repeat_interleave(blocks_per_stream)
         has = blocks_per_stream > 0
         self.tail = torch.where(has, first_block + blocks_per_stream - 1, torch.full_like(first_block, -1))
+        self._tails_forgotten = False
         self.fill = torch.where(counts_host > 0, fill, bs)
         self._room_left = bs - int(self.fill.max())
         self.allocated_upper = total

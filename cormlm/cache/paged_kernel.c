@@ -165,19 +165,42 @@ void cormlm_paged_decode_f32(const float *q, const float *keys, const float *val
     }
 }
 
-/* A decode step's new key, value and position of each stream into the next slot of its tail
- * block, slot[s] = tail[s] * bs + fill[s] (stored into slots): keys [NB, D, bs] (transposed
- * per block), values [NB, bs, D], positions [NB, bs]; rows s of k and v ld_k and ld_v apart.
- * The caller has made tail room (every fill[s] < bs, tail[s] a block of the pool). */
+/* A decode step's new key, value and position of each stream into one slot: slots[s] when
+ * tail is NULL (slots chosen by the caller, read), else the next slot of its tail block,
+ * tail[s] * bs + fill[s] (stored into slots): keys [NB, D, bs] (transposed per block), values
+ * [NB, bs, D], positions [NB, bs]; rows s of k and v ld_k and ld_v apart. With tails, the
+ * caller has made tail room (every fill[s] < bs, tail[s] a block of the pool). */
 void cormlm_paged_append_f32(float *keys, float *values, int32_t *positions, const int64_t *tail, const int64_t *fill,
                              const float *k, int64_t ld_k, const float *v, int64_t ld_v, const int32_t *new_pos,
                              int64_t *slots, int64_t S, int64_t D, int64_t bs) {
     for (int64_t s = 0; s < S; s++) {
-        const int64_t slot = tail[s] * bs + fill[s];
-        float *key = keys + tail[s] * D * bs + fill[s];
+        const int64_t slot = tail ? tail[s] * bs + fill[s] : slots[s];
+        float *key = keys + (slot / bs) * D * bs + slot % bs;
         for (int64_t d = 0; d < D; d++) key[d * bs] = k[s * ld_k + d];
         memcpy(values + slot * D, v + s * ld_v, (size_t)D * sizeof(float));
         positions[slot] = new_pos[s];
-        slots[s] = slot;
+        if (tail) slots[s] = slot;
+    }
+}
+
+/* Each stream's lowest free slot (position < 0) among the rows (blocks) it owns, for every
+ * region (layer) of a slot index at once: positions [rows, bs], owner [rows] (-1: a free
+ * row), each row's region and index within it; lowest [regions * streams], filled with -1
+ * by the caller, gets the region's slot id (row_in_region * bs + index in block). */
+void cormlm_first_free_slots(const int32_t *positions, const int64_t *owner, const int64_t *region_of_row,
+                             const int64_t *row_in_region, int64_t rows, int64_t bs, int64_t streams,
+                             int64_t *lowest) {
+    for (int64_t r = 0; r < rows; r++) {
+        if (owner[r] < 0) continue;
+        const int32_t *row = positions + r * bs;
+        int32_t any = 0;  /* the sign bit of any free slot's position (a vectorised pass over most rows: full) */
+        for (int64_t j = 0; j < bs; j++) any |= row[j];
+        if (any >= 0) continue;
+        for (int64_t j = 0; j < bs; j++) {
+            if (row[j] >= 0) continue;
+            const int64_t slot = row_in_region[r] * bs + j, at = region_of_row[r] * streams + owner[r];
+            if (lowest[at] < 0 || slot < lowest[at]) lowest[at] = slot;
+            break;
+        }
     }
 }

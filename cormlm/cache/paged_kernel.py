@@ -41,6 +41,7 @@ KERNEL = native.Kernel(SOURCE, "cormlm_paged_decode_f32",
                         ctypes.c_int, ctypes.c_int])
 APPEND = native.Kernel(SOURCE, "cormlm_paged_append_f32",
                        [_p, _p, _p, _p, _p, _p, _i64, _p, _i64, _p, _p, _i64, _i64, _i64])
+FREE_SLOTS = native.Kernel(SOURCE, "cormlm_first_free_slots", [_p, _p, _p, _p, _i64, _i64, _i64, _p])
 graph_path = "torch"  # what compiled decode steps call (choose_for_graphs decides it before tracing)
 _choices: dict[tuple, str] = {}
 _trials: dict[tuple, dict[str, list[float]]] = {}
@@ -107,26 +108,44 @@ def run(keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, owner
 
 
 def append(keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, tail: torch.Tensor,
-           fill: torch.Tensor, new_keys: torch.Tensor, new_values: torch.Tensor, new_positions: torch.Tensor
-           ) -> torch.Tensor | None:
+           fill: torch.Tensor, new_keys: torch.Tensor, new_values: torch.Tensor, new_positions: torch.Tensor,
+           chosen: torch.Tensor | None = None) -> torch.Tensor | None:
     """A decode step's append (see ``BlockPool.append_one``) in one C call: each stream's new
-    key, value and position [S, D] / [S] into slot ``tail * block + fill`` of the pool's
-    ``keys`` [NB, D, block], ``values`` [NB, block, D] and ``positions`` [NB, block]; returns
-    the slots [S], or None where the call does not fit the kernel (the caller's tensor
-    operations then run). Eager only: a traced step keeps the tensor operations."""
+    key, value and position [S, D] / [S] into slot ``chosen`` [S] or, when None, ``tail *
+    block + fill`` of the pool's ``keys`` [NB, D, block], ``values`` [NB, block, D] and
+    ``positions`` [NB, block]; returns the slots [S], or None where the call does not fit the
+    kernel (the caller's tensor operations then run). Eager only: a traced step keeps the
+    tensor operations."""
     kernel = APPEND.function()
+    slot_source = (tail, fill) if chosen is None else (chosen,)
     if (kernel is None or torch.compiler.is_compiling() or keys.dtype != torch.float32 or not keys.is_cpu
             or new_keys.dtype != torch.float32 or new_values.dtype != torch.float32
             or new_keys.stride(-1) != 1 or new_values.stride(-1) != 1 or new_positions.dtype != torch.int32
             or not (keys.is_contiguous() and values.is_contiguous() and positions.is_contiguous()
-                    and tail.is_contiguous() and fill.is_contiguous() and new_positions.is_contiguous())):
+                    and all(t.is_contiguous() for t in slot_source) and new_positions.is_contiguous())):
         return None
     s, d = new_keys.shape
-    slots = tail.new_empty(s)
-    kernel(keys.data_ptr(), values.data_ptr(), positions.data_ptr(), tail.data_ptr(), fill.data_ptr(),
-           new_keys.data_ptr(), new_keys.stride(0), new_values.data_ptr(), new_values.stride(0),
-           new_positions.data_ptr(), slots.data_ptr(), s, d, keys.shape[2])
+    slots = tail.new_empty(s) if chosen is None else chosen
+    tail_ptr, fill_ptr = (tail.data_ptr(), fill.data_ptr()) if chosen is None else (None, None)  # NULL: read slots
+    kernel(keys.data_ptr(), values.data_ptr(), positions.data_ptr(), tail_ptr, fill_ptr, new_keys.data_ptr(),
+           new_keys.stride(0), new_values.data_ptr(), new_values.stride(0), new_positions.data_ptr(), slots.data_ptr(),
+           s, d, keys.shape[2])
     return slots
+
+
+def first_free_slots(positions: torch.Tensor, owner: torch.Tensor, region_of_row: torch.Tensor,
+                     row_in_region: torch.Tensor, regions: int, streams: int) -> torch.Tensor | None:
+    """``SlotIndex.first_free_slots`` in one C pass over the rows ([regions * streams], -1
+    where a stream has no free slot), or None where the kernel is not built or the tensors
+    do not fit it (the caller's tensor operations then run)."""
+    kernel = FREE_SLOTS.function()
+    tensors = (positions, owner, region_of_row, row_in_region)
+    if (kernel is None or torch.compiler.is_compiling() or positions.dtype != torch.int32
+            or not all(t.is_cpu and t.is_contiguous() for t in tensors)):
+        return None
+    lowest = torch.full((regions * streams,), -1, dtype=torch.long)
+    kernel(*(t.data_ptr() for t in tensors), positions.shape[0], positions.shape[1], streams, lowest.data_ptr())
+    return lowest
 
 
 @torch.library.custom_op("cormlm::paged_decode", mutates_args=())

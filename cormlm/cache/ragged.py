@@ -148,6 +148,10 @@ class QueryGroup(Protocol):
 
 
 class RaggedCache(KVCache):
+    # decode steps of a cache that evicts store each stream's key in a hole of its own blocks
+    # (False: in its tail block, as a cache that never evicts does; tests compare the two)
+    reuse_holes = True
+
     def __init__(self, policy: EvictionPolicy, *, block_size: int = 16, prefill_chunk: int | None = None,
                  query_group: QueryGroup | None = None, **kwargs) -> None:
         super().__init__(**kwargs)
@@ -191,13 +195,35 @@ class RaggedCache(KVCache):
         if self._single:  # decode: every stream gets room for its token now, so attend() allocates nothing
             # [S]: each stream's new position, as the pool stores positions (once per step, not per layer)
             self._stream_pos = positions.repeat_interleave(self.num_kv_heads).to(torch.int32)
-            for pool in self.pools:
-                pool.make_tail_room()
+            if self._reuses_holes():
+                self._choose_slots()
+            else:
+                for pool in self.pools:
+                    pool.make_tail_room()
         else:  # every layer's pool grows by the same tokens: their bookkeeping regions are laid out once
             counts = self._stream_counts()
             counts = torch.full((self.batch_size * self.num_kv_heads,), num_tokens) if counts is None else counts
             self.index.reserve([pool.capacity_after(counts) for pool in self.pools])
         return positions, max_position
+
+    def _reuses_holes(self) -> bool:
+        return self.reuse_holes and (self._policy_evicts or self._window is not None)
+
+    def _choose_slots(self) -> None:
+        """Each stream's slot for this decode step in every layer: the lowest free slot of its
+        own blocks (holes its evictions left, or its tail's room), else a fresh block's first.
+        Under eviction a pool then takes blocks only as its streams outgrow their holes, and
+        holes stop piling up until a repack (what CORM paid for on most steps: a round of tail
+        blocks per pool every block of steps, most of them growing the pool, and repacks)."""
+        slots = self.index.first_free_slots(self.batch_size * self.num_kv_heads)
+        missing = slots < 0
+        if bool(missing.any()):
+            for layer in missing.any(dim=1).nonzero()[:, 0].tolist():
+                short = missing[layer].nonzero()[:, 0]
+                slots[layer, short] = self.pools[layer].give_blocks(short) * self.block_size
+        self.index.make_fresh(slots)  # (the index may have moved as pools grew: after them)
+        for pool, chosen in zip(self.pools, slots.unbind(0)):
+            pool.fill_slots(chosen)
 
     def _stream_counts(self) -> torch.Tensor | None:
         if self._step_counts is None:
@@ -601,8 +627,13 @@ class RaggedCache(KVCache):
         return int(kept) / seen if seen else 1.0
 
     def bytes_for_next_token(self) -> int:
-        """Bytes of the fresh blocks the next decode step takes (streams whose tail block is full)."""
-        return sum(pool.blocks_for_next_token() * pool.block_nbytes() for pool in self.pools)
+        """Bytes of the fresh blocks the next decode step takes (streams with no room: in their
+        tail block, or anywhere in their blocks where decode steps fill holes)."""
+        if self._reuses_holes():
+            short = (self.index.first_free_slots(self.batch_size * self.num_kv_heads) < 0).sum(dim=1).tolist()
+        else:
+            short = [pool.blocks_for_next_token() for pool in self.pools]
+        return sum(n * pool.block_nbytes() for n, pool in zip(short, self.pools))
 
     def storage_tensors(self) -> list[torch.Tensor]:
         return [tensor for pool in self.pools for tensor in pool.storage_tensors()] + self.index.storage_tensors()

@@ -22,6 +22,8 @@ from typing import Protocol
 
 import torch
 
+from . import paged_kernel
+
 REGION_HEADROOM = 1.0625  # a region moved or made bigger gets this many times the rows asked for
 REGION_SPARE_MAX = 1.25  # lay out again, each region with its headroom, when regions hold more rows than this times used
 
@@ -68,8 +70,11 @@ class SlotIndex:
                     tensor[new] = self.state[name][old]
         self.positions, self.owner, self.state = positions, owner, state
         self.spans, self.starts = list(spans), starts
-        # [rows]: the region (layer) of each row, spare rows included
+        # [rows]: the region (layer) of each row, spare rows included, and the row's index in it
         self.region_of_row = torch.arange(len(spans), device=dev).repeat_interleave(torch.tensor(spans, device=dev))
+        self.row_in_region = torch.arange(total, device=dev) - torch.tensor(starts, dtype=torch.long,
+                                                                              device=dev)[self.region_of_row]
+        self.first_slot = torch.tensor(starts, dtype=torch.long, device=dev)[:, None] * bs  # [regions, 1]
 
     def reserve(self, rows: list[int]) -> None:
         """Each region is about to grow to ``rows[region]`` rows: make room for all of them in one
@@ -120,6 +125,33 @@ class SlotIndex:
         """``region``'s used rows of positions, owner and state (views: writes go to the shared tensors)."""
         rows = slice(self.starts[region], self.starts[region] + self.sizes[region])
         return self.positions[rows], self.owner[rows], {name: tensor[rows] for name, tensor in self.state.items()}
+
+    # --------------------------------------------------------------- free slots
+    def first_free_slots(self, streams: int) -> torch.Tensor:
+        """[regions, streams]: each stream's lowest free slot among its pool's blocks that it
+        owns (the pool's slot id), -1 where it has none; every region in one pass.
+
+        Why: a stream that evicts keys can store its next ones in the holes they leave, so that
+        a pool under eviction neither takes fresh blocks nor needs repacking as often."""
+        regions = len(self.spans)
+        lowest = paged_kernel.first_free_slots(self.positions, self.owner, self.region_of_row, self.row_in_region,
+                                               regions, streams)
+        if lowest is not None:
+            return lowest.view(regions, streams)
+        free = self.positions < 0
+        usable = free.any(dim=1) & (self.owner >= 0)
+        slot = self.row_in_region * self.block_size + free.to(torch.uint8).argmax(dim=1)  # (argmax: the first)
+        stream = torch.where(usable, self.region_of_row * streams + self.owner, regions * streams)
+        none = torch.iinfo(torch.long).max
+        lowest = torch.full((regions * streams + 1,), none, dtype=torch.long, device=self.device)
+        lowest.scatter_reduce_(0, stream, slot, "amin")
+        return lowest[:-1].masked_fill_(lowest[:-1] == none, -1).view(regions, streams)
+
+    def make_fresh(self, slots: torch.Tensor) -> None:
+        """Reset the policy state of ``slots`` [regions, n] (each region's slot ids) to fresh."""
+        flat = (slots + self.first_slot).view(-1)
+        for name, (_, fresh) in self.state_fields.items():
+            self.state[name].view(-1).index_fill_(0, flat, fresh)
 
     # ----------------------------------------------------------------- scratch
     def scratch_rows(self, name: str, region: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
