@@ -120,9 +120,11 @@ def test_reserved_rows_not_taken_are_left_when_the_layout_shrinks():
     assert index.spans[0] < 100
 
 
-def _naive_first_free_slots(index: SlotIndex, streams: int) -> torch.Tensor:
-    """The rule, one slot at a time: each (region, stream)'s lowest free slot in the rows it owns."""
+def _naive_free_slots(index: SlotIndex, streams: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rule, one slot at a time: each (region, stream)'s lowest free slot in the rows it
+    owns, and its free slots there."""
     lowest = torch.full((len(index.spans), streams), -1, dtype=torch.long)
+    count = torch.zeros_like(lowest)
     for region, (start, span) in enumerate(zip(index.starts, index.spans)):
         for row in range(span):
             stream = int(index.owner[start + row])
@@ -130,15 +132,16 @@ def _naive_first_free_slots(index: SlotIndex, streams: int) -> torch.Tensor:
                 continue
             for j in range(index.block_size):
                 if index.positions[start + row, j] < 0:
+                    count[region, stream] += 1
                     slot = row * index.block_size + j
                     if lowest[region, stream] < 0 or slot < lowest[region, stream]:
                         lowest[region, stream] = slot
-    return lowest
+    return lowest, count
 
 
 @pytest.mark.parametrize("native", [True, False])
 @pytest.mark.parametrize("seed", range(8))
-def test_first_free_slots_are_each_streams_lowest_free_slot_of_its_own_blocks(seed, native, monkeypatch):
+def test_free_slots_are_each_streams_lowest_and_count_of_its_own_blocks(seed, native, monkeypatch):
     """The slots decode steps of an evicting cache store into: in C and in tensor operations,
     the same as the rule, over regions of any size with free rows, spare rows, full blocks and
     streams that own no free slot."""
@@ -147,7 +150,7 @@ def test_first_free_slots_are_each_streams_lowest_free_slot_of_its_own_blocks(se
     if native and paged_kernel.FREE_SLOTS.function() is None:
         pytest.skip(f"no C kernel here: {paged_kernel.FREE_SLOTS.unavailable}")
     if not native:
-        monkeypatch.setattr(paged_kernel, "first_free_slots", lambda *args: None)
+        monkeypatch.setattr(paged_kernel, "free_slots", lambda *args: None)
     g = torch.Generator().manual_seed(seed)
     streams, regions = int(torch.randint(1, 6, (1,), generator=g)), int(torch.randint(1, 5, (1,), generator=g))
     index = SlotIndex(regions, BLOCK, FIELDS, torch.device("cpu"))
@@ -159,7 +162,9 @@ def test_first_free_slots_are_each_streams_lowest_free_slot_of_its_own_blocks(se
         full = torch.rand(rows, BLOCK, generator=g) < float(torch.rand(1, generator=g))
         pool.positions.copy_(torch.where(full, 5, -1).to(torch.int32))
         pool.owner.copy_(torch.randint(-1, streams, (rows,), generator=g))
-    assert torch.equal(index.first_free_slots(streams), _naive_first_free_slots(index, streams))
+    lowest, count = index.free_slots(streams)
+    expected_lowest, expected_count = _naive_free_slots(index, streams)
+    assert torch.equal(lowest, expected_lowest) and torch.equal(count, expected_count)
 
 
 def test_make_fresh_resets_the_given_slots_state_only():

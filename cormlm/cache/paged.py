@@ -106,7 +106,7 @@ class BlockPool:
         self._room_left = 0  # host: free slots in the fullest tail block (min over streams)
         self.allocated_upper = 0  # host upper bound of blocks owned by streams
         # [S]: the slot each stream's token of this decode step goes to, when the cache chose
-        # them (free slots of the stream's own blocks, see :func:`first_free_slots`); None: the tails
+        # them (free slots of the stream's own blocks, see ``SlotIndex.free_slots``); None: the tails
         self.next_slot: torch.Tensor | None = None
         self._tails_forgotten = False  # host: fill_slots set every tail to none since a tail was taken
 

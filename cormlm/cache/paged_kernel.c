@@ -183,24 +183,27 @@ void cormlm_paged_append_f32(float *keys, float *values, int32_t *positions, con
     }
 }
 
-/* Each stream's lowest free slot (position < 0) among the rows (blocks) it owns, for every
- * region (layer) of a slot index at once: positions [rows, bs], owner [rows] (-1: a free
- * row), each row's region and index within it; lowest [regions * streams], filled with -1
- * by the caller, gets the region's slot id (row_in_region * bs + index in block). */
-void cormlm_first_free_slots(const int32_t *positions, const int64_t *owner, const int64_t *region_of_row,
-                             const int64_t *row_in_region, int64_t rows, int64_t bs, int64_t streams,
-                             int64_t *lowest) {
-    for (int64_t r = 0; r < rows; r++) {
-        if (owner[r] < 0) continue;
-        const int32_t *row = positions + r * bs;
-        int32_t any = 0;  /* the sign bit of any free slot's position (a vectorised pass over most rows: full) */
-        for (int64_t j = 0; j < bs; j++) any |= row[j];
-        if (any >= 0) continue;
-        for (int64_t j = 0; j < bs; j++) {
-            if (row[j] >= 0) continue;
-            const int64_t slot = row_in_region[r] * bs + j, at = region_of_row[r] * streams + owner[r];
+/* Each stream's lowest free slot (position < 0) among the rows (blocks) it owns, and how many
+ * free slots those rows hold, for every region (layer) of a slot index at once: positions
+ * [rows, bs], owner [rows] (-1: a free row), region g's used rows starting at row starts[g],
+ * sizes[g] of them; lowest [regions * streams], filled with -1 by the caller, gets the
+ * region's slot id (row within the region * bs + index in block), count [regions * streams],
+ * zeroed, the counts. */
+void cormlm_free_slots(const int32_t *positions, const int64_t *owner, const int64_t *starts, const int64_t *sizes,
+                       int64_t regions, int64_t bs, int64_t streams, int64_t *lowest, int64_t *count) {
+    for (int64_t g = 0; g < regions; g++) {
+        for (int64_t r = 0; r < sizes[g]; r++) {
+            const int64_t stream = owner[starts[g] + r];
+            if (stream < 0) continue;
+            const int32_t *row = positions + (starts[g] + r) * bs;
+            int64_t free = 0;  /* (a vectorised pass: most rows are full) */
+            for (int64_t j = 0; j < bs; j++) free += row[j] < 0;
+            if (!free) continue;
+            int64_t j = 0;
+            while (row[j] >= 0) j++;
+            const int64_t slot = r * bs + j, at = g * streams + stream;
             if (lowest[at] < 0 || slot < lowest[at]) lowest[at] = slot;
-            break;
+            count[at] += free;
         }
     }
 }

@@ -41,7 +41,7 @@ KERNEL = native.Kernel(SOURCE, "cormlm_paged_decode_f32",
                         ctypes.c_int, ctypes.c_int])
 APPEND = native.Kernel(SOURCE, "cormlm_paged_append_f32",
                        [_p, _p, _p, _p, _p, _p, _i64, _p, _i64, _p, _p, _i64, _i64, _i64])
-FREE_SLOTS = native.Kernel(SOURCE, "cormlm_first_free_slots", [_p, _p, _p, _p, _i64, _i64, _i64, _p])
+FREE_SLOTS = native.Kernel(SOURCE, "cormlm_free_slots", [_p, _p, _p, _p, _i64, _i64, _i64, _p, _p])
 graph_path = "torch"  # what compiled decode steps call (choose_for_graphs decides it before tracing)
 _choices: dict[tuple, str] = {}
 _trials: dict[tuple, dict[str, list[float]]] = {}
@@ -133,19 +133,22 @@ def append(keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, ta
     return slots
 
 
-def first_free_slots(positions: torch.Tensor, owner: torch.Tensor, region_of_row: torch.Tensor,
-                     row_in_region: torch.Tensor, regions: int, streams: int) -> torch.Tensor | None:
-    """``SlotIndex.first_free_slots`` in one C pass over the rows ([regions * streams], -1
-    where a stream has no free slot), or None where the kernel is not built or the tensors
-    do not fit it (the caller's tensor operations then run)."""
+def free_slots(positions: torch.Tensor, owner: torch.Tensor, bounds: torch.Tensor, streams: int
+               ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``SlotIndex.free_slots`` in one C pass over the regions' used rows (``bounds`` [2,
+    regions]: each region's first row and its used rows), each [regions * streams]; or None
+    where the kernel is not built or the tensors do not fit it (the caller's tensor
+    operations then run)."""
     kernel = FREE_SLOTS.function()
-    tensors = (positions, owner, region_of_row, row_in_region)
     if (kernel is None or torch.compiler.is_compiling() or positions.dtype != torch.int32
-            or not all(t.is_cpu and t.is_contiguous() for t in tensors)):
+            or not all(t.is_cpu and t.is_contiguous() for t in (positions, owner, bounds))):
         return None
+    regions = bounds.shape[1]
     lowest = torch.full((regions * streams,), -1, dtype=torch.long)
-    kernel(*(t.data_ptr() for t in tensors), positions.shape[0], positions.shape[1], streams, lowest.data_ptr())
-    return lowest
+    count = torch.zeros(regions * streams, dtype=torch.long)
+    kernel(positions.data_ptr(), owner.data_ptr(), bounds[0].data_ptr(), bounds[1].data_ptr(), regions,
+           positions.shape[1], streams, lowest.data_ptr(), count.data_ptr())
+    return lowest, count
 
 
 @torch.library.custom_op("cormlm::paged_decode", mutates_args=())

@@ -40,6 +40,10 @@ COMPACT_CHECK_EVERY = 16  # decode steps between releases of emptied blocks to t
 # compact a pool holding more slots than this times its live keys: with positions and policy
 # state (1.6% of a 64-dim float key + value) and bucket rounding, held bytes stay near 1.10x
 COMPACT_SLACK = 1.06
+# A decode step that must give a stream a fresh block (no free slot left in its own) gives one
+# to each stream of that pool with fewer free slots than this share of a block too: their
+# blocks come in the same round (a few operations per pool), not a step or two later.
+EARLY_BLOCK_SHARE = 0.25
 # Query rows a policy scores at once: as many as keep one [heads x rows x keys] float32 score
 # matrix within SCORE_BYTES, at least SCORE_MIN_ROWS (products of fewer rows are slow). A
 # memory bound first (256-row chunks made 300 MB of scores at batch 8 and 4k keys); a few MiB
@@ -215,15 +219,23 @@ class RaggedCache(KVCache):
         Under eviction a pool then takes blocks only as its streams outgrow their holes, and
         holes stop piling up until a repack (what CORM paid for on most steps: a round of tail
         blocks per pool every block of steps, most of them growing the pool, and repacks)."""
-        slots = self.index.first_free_slots(self.batch_size * self.num_kv_heads)
-        missing = slots < 0
-        if bool(missing.any()):
-            for layer in missing.any(dim=1).nonzero()[:, 0].tolist():
-                short = missing[layer].nonzero()[:, 0]
-                slots[layer, short] = self.pools[layer].give_blocks(short) * self.block_size
+        slots, short, takers = self._free_slots_and_takers()
+        for layer, streams in takers:
+            first = self.pools[layer].give_blocks(streams) * self.block_size
+            slots[layer, streams] = torch.where(short[layer, streams], first, slots[layer, streams])
         self.index.make_fresh(slots)  # (the index may have moved as pools grew: after them)
         for pool, chosen in zip(self.pools, slots.unbind(0)):
             pool.fill_slots(chosen)
+
+    def _free_slots_and_takers(self) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, torch.Tensor]]]:
+        """Every stream's lowest free slot [layers, S] (-1: none), whether it has none, and the
+        streams that take a fresh block this step, per layer that has a stream with none."""
+        slots, free = self.index.free_slots(self.batch_size * self.num_kv_heads)
+        short = slots < 0
+        if not bool(short.any()):
+            return slots, short, []
+        soon = free < max(1, int(EARLY_BLOCK_SHARE * self.block_size))  # (the short ones included)
+        return slots, short, [(layer, soon[layer].nonzero()[:, 0]) for layer in short.any(dim=1).nonzero()[:, 0].tolist()]
 
     def _stream_counts(self) -> torch.Tensor | None:
         if self._step_counts is None:
@@ -627,13 +639,12 @@ class RaggedCache(KVCache):
         return int(kept) / seen if seen else 1.0
 
     def bytes_for_next_token(self) -> int:
-        """Bytes of the fresh blocks the next decode step takes (streams with no room: in their
-        tail block, or anywhere in their blocks where decode steps fill holes)."""
+        """Bytes of the fresh blocks the next decode step takes (streams with no room in their
+        tail block; where decode steps fill holes, see _choose_slots)."""
         if self._reuses_holes():
-            short = (self.index.first_free_slots(self.batch_size * self.num_kv_heads) < 0).sum(dim=1).tolist()
-        else:
-            short = [pool.blocks_for_next_token() for pool in self.pools]
-        return sum(n * pool.block_nbytes() for n, pool in zip(short, self.pools))
+            _, _, takers = self._free_slots_and_takers()
+            return sum(len(streams) * self.pools[layer].block_nbytes() for layer, streams in takers)
+        return sum(pool.blocks_for_next_token() * pool.block_nbytes() for pool in self.pools)
 
     def storage_tensors(self) -> list[torch.Tensor]:
         return [tensor for pool in self.pools for tensor in pool.storage_tensors()] + self.index.storage_tensors()

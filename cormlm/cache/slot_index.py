@@ -70,6 +70,7 @@ class SlotIndex:
                     tensor[new] = self.state[name][old]
         self.positions, self.owner, self.state = positions, owner, state
         self.spans, self.starts = list(spans), starts
+        self._bounds: torch.Tensor | None = None  # (starts, sizes) for C, made when next asked
         # [rows]: the region (layer) of each row, spare rows included, and the row's index in it
         self.region_of_row = torch.arange(len(spans), device=dev).repeat_interleave(torch.tensor(spans, device=dev))
         self.row_in_region = torch.arange(total, device=dev) - torch.tensor(starts, dtype=torch.long,
@@ -117,6 +118,7 @@ class SlotIndex:
         for name, (_, fresh) in self.state_fields.items():
             self.state[name][stale] = fresh
         self.sizes[region] = blocks
+        self._bounds = None
         for index, pool in self._pools.items():
             if moved or index == region:
                 pool.bind()
@@ -127,25 +129,29 @@ class SlotIndex:
         return self.positions[rows], self.owner[rows], {name: tensor[rows] for name, tensor in self.state.items()}
 
     # --------------------------------------------------------------- free slots
-    def first_free_slots(self, streams: int) -> torch.Tensor:
-        """[regions, streams]: each stream's lowest free slot among its pool's blocks that it
-        owns (the pool's slot id), -1 where it has none; every region in one pass.
+    def free_slots(self, streams: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """[regions, streams] each: each stream's lowest free slot among its pool's blocks that
+        it owns (the pool's slot id; -1 where it has none), and how many free slots those
+        blocks hold; every region in one pass.
 
         Why: a stream that evicts keys can store its next ones in the holes they leave, so that
         a pool under eviction neither takes fresh blocks nor needs repacking as often."""
         regions = len(self.spans)
-        lowest = paged_kernel.first_free_slots(self.positions, self.owner, self.region_of_row, self.row_in_region,
-                                               regions, streams)
-        if lowest is not None:
-            return lowest.view(regions, streams)
-        free = self.positions < 0
-        usable = free.any(dim=1) & (self.owner >= 0)
+        if self._bounds is None:
+            self._bounds = torch.tensor([self.starts, self.sizes], dtype=torch.long)
+        found = paged_kernel.free_slots(self.positions, self.owner, self._bounds, streams)
+        if found is not None:
+            return found[0].view(regions, streams), found[1].view(regions, streams)
+        free = (self.positions < 0) & (self.owner >= 0)[:, None]
+        row_free = free.sum(dim=1)
         slot = self.row_in_region * self.block_size + free.to(torch.uint8).argmax(dim=1)  # (argmax: the first)
-        stream = torch.where(usable, self.region_of_row * streams + self.owner, regions * streams)
+        stream = torch.where(row_free > 0, self.region_of_row * streams + self.owner, regions * streams)
         none = torch.iinfo(torch.long).max
         lowest = torch.full((regions * streams + 1,), none, dtype=torch.long, device=self.device)
         lowest.scatter_reduce_(0, stream, slot, "amin")
-        return lowest[:-1].masked_fill_(lowest[:-1] == none, -1).view(regions, streams)
+        count = torch.zeros(regions * streams + 1, dtype=torch.long, device=self.device).index_add_(0, stream, row_free)
+        lowest = lowest[:-1].masked_fill_(lowest[:-1] == none, -1)
+        return lowest.view(regions, streams), count[:-1].view(regions, streams)
 
     def make_fresh(self, slots: torch.Tensor) -> None:
         """Reset the policy state of ``slots`` [regions, n] (each region's slot ids) to fresh."""
