@@ -23,6 +23,9 @@ pytestmark = pytest.mark.skipif(not paged_kernel.available(), reason="no C compi
 @pytest.fixture(autouse=True)
 def _fresh_choices(monkeypatch):
     fresh_trials(monkeypatch, paged_kernel)
+    monkeypatch.setattr(paged_kernel, "_prefetch_choices", {})
+    monkeypatch.setattr(paged_kernel, "_prefetch_trials", {})
+    monkeypatch.delenv(paged_kernel.PREFETCH_ENV, raising=False)
 
 
 def random_pool(streams: int, group: int, head_dim: int, block: int, blocks: int, seed: int):
@@ -174,7 +177,7 @@ def test_the_faster_path_is_kept_after_the_trials(slow, monkeypatch):
     assert sorted(set(taken[:trials])) == ["native", "torch"] and taken[:trials].count("native") == trials // 2
     fast = "torch" if slow == "native" else "native"
     assert taken[trials:] == [fast] * 3
-    assert any(line.endswith(f": {fast}") and "probabilities" in line for line in paged_kernel.kernel_status())
+    assert any(f": {fast}" in line and "probabilities" in line for line in paged_kernel.kernel_status())
 
 
 @pytest.mark.parametrize("forced", ["native", "torch"])
@@ -334,3 +337,49 @@ def test_the_append_kernel_writes_into_chosen_slots_what_the_tensor_operations_w
     for name in ("keys", "values", "positions"):
         assert torch.equal(getattr(pools[0], name), getattr(pools[1], name)), name
     assert (pools[0].positions[owned >= 0] >= 0).all(), "every slot of the streams' blocks written once"
+
+
+@pytest.mark.parametrize("fetch", paged_kernel.PREFETCH)
+def test_either_prefetch_gives_what_the_tensor_operations_give(fetch, monkeypatch):
+    """The kernel asking for its next blocks or leaving that to the hardware: the same output
+    and probabilities as the tensor operations (threads splitting the blocks, free ones among
+    them)."""
+    monkeypatch.setenv(paged_kernel.PREFETCH_ENV, fetch)
+    keys, values, positions, owner, q, q_pos = random_pool(5, 3, 64, 16, 40, seed=11)
+    spec = AttentionSpec(num_heads=15, num_kv_heads=5, head_dim=64, scale=0.125)
+    out, probs = paged_kernel.run(keys, values, positions, owner, q, q_pos, spec.scale, None, "heads")
+    ref_out, ref_probs = tensor_decode_attention(keys, values, positions, owner, q, q_pos, spec, "heads")
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(probs, ref_probs, rtol=1e-5, atol=1e-7)
+    assert paged_kernel._prefetch_trials == {} and paged_kernel._prefetch_choices == {}
+
+
+@pytest.mark.parametrize("slow", paged_kernel.PREFETCH)
+def test_the_faster_prefetch_is_kept_after_its_trials(slow, monkeypatch):
+    """Each shape's calls alternate between asking for the next blocks and not; the faster
+    (here the other one made 2 ms slower) is kept and listed in kernel_status."""
+    real = paged_kernel.KERNEL.function()
+    asked = []
+
+    def kernel(*args):
+        asked.append(paged_kernel.PREFETCH[0] if args[-1] else paged_kernel.PREFETCH[1])
+        if asked[-1] == slow:
+            time.sleep(0.002)
+        return real(*args)
+
+    monkeypatch.setattr(paged_kernel.KERNEL, "function", lambda: kernel)
+    keys, values, positions, owner, q, q_pos = random_pool(3, 3, 64, 16, 20, seed=3)
+    for _ in range(2 * (TRIALS + 1) + 3):
+        paged_kernel.run(keys, values, positions, owner, q, q_pos, 0.125, None, None)
+    trials = 2 * (TRIALS + 1)
+    assert sorted(asked[:trials]) == sorted(paged_kernel.PREFETCH * (TRIALS + 1))
+    fast = next(name for name in paged_kernel.PREFETCH if name != slow)
+    assert asked[trials:] == [fast] * 3
+    assert any(line.endswith(f": native, {fast} prefetch") for line in paged_kernel.kernel_status())
+
+
+def test_a_misspelt_prefetch_names_the_choices(monkeypatch):
+    monkeypatch.setenv(paged_kernel.PREFETCH_ENV, "always")
+    keys, values, positions, owner, q, q_pos = random_pool(3, 3, 64, 16, 20, seed=3)
+    with pytest.raises(InputError, match="is not a decode-attention prefetch; use one of software, hardware"):
+        paged_kernel.run(keys, values, positions, owner, q, q_pos, 0.125, None, None)

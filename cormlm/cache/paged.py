@@ -59,7 +59,8 @@ def aligned_lead(counts: torch.Tensor, block_size: int) -> tuple[torch.Tensor, t
     hold different counts fill on different decode steps, and each such step costs a round of
     small operations per layer. Aligned, a pool's streams take their blocks together: one
     round per ``block_size`` steps. The price is under a block per stream, until the next
-    repack."""
+    repack. (Decode steps of an evicting cache fill holes instead, see
+    ``RaggedCache.reuse_holes``: there the lead slots are the first holes they fill.)"""
     fills = torch.arange(1, block_size + 1)[:, None]  # every possible common tail fill
     leads = (fills - counts[None, :]) % block_size  # [fills, S]
     live = counts > 0

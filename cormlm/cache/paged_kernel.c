@@ -58,13 +58,15 @@ static void score_block(const float *restrict q, const float *restrict k, const 
 enum { PROBS_NONE = 0, PROBS_HEADS = 1, PROBS_MAX = 2, PROBS_SUM = 3 };
 
 /* q [S,G,D], keys [NB,D,BS], values [NB,BS,D], pos [NB,BS] (-1: empty), owner [NB] (-1: free),
- * q_pos [S]; window <= 0: none. Writes out [S,G,D]; probs [NB,G,BS] is scratch, and the
+ * q_pos [S]; window <= 0: none; prefetch: each thread asks for its next block while it
+ * computes one (or leaves the fetching to the hardware: which is faster depends on the
+ * machine, and paged_kernel.py measures it). Writes out [S,G,D]; probs [NB,G,BS] is scratch, and the
  * normalised probabilities for PROBS_HEADS; reduced [NB,BS] gets the group's max or sum for
  * PROBS_MAX / PROBS_SUM. work: NB*G*(D+3) + NB + S + 1 floats (the last NB + S + 1 as int32). */
 void cormlm_paged_decode_f32(const float *q, const float *keys, const float *values, const int32_t *pos,
                              const int64_t *owner, const int32_t *q_pos, int64_t S, int64_t G, int64_t D,
                              int64_t NB, int64_t BS, float scale, int64_t window, float *out, float *probs,
-                             float *reduced, float *work, int probs_mode, int threads) {
+                             float *reduced, float *work, int probs_mode, int threads, int prefetch) {
     const int write_probs = probs_mode != PROBS_NONE;
     float *bmax = work, *bsum = work + NB * G, *coef = work + 2 * NB * G, *part = work + 3 * NB * G;
     /* each stream's blocks in pool order, order[start[s] .. start[s + 1]] (a counting sort), so
@@ -98,7 +100,7 @@ void cormlm_paged_decode_f32(const float *q, const float *keys, const float *val
             rank++;
             int64_t next = b + 1;  /* the thread's next block, fetched while this one is computed */
             while (next < NB && owner[next] < 0) next++;
-            const int has_next = next < NB && rank < last;
+            const int has_next = prefetch && next < NB && rank < last;
             score_block(q + s * G * D, keys + b * D * BS, values + b * BS * D, pos + b * BS, q_pos[s], G, D, BS,
                         scale, window, probs + b * G * BS, bmax + b * G, bsum + b * G, part + b * G * D,
                         has_next ? keys + next * D * BS : NULL, has_next ? values + next * BS * D : NULL);

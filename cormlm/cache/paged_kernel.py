@@ -24,6 +24,7 @@ over each block while it is in cache (``scripts/bench_compile.py`` measures both
 from __future__ import annotations
 
 import ctypes
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -38,13 +39,21 @@ PATHS = ("native", "torch")
 _p, _i64 = ctypes.c_void_p, ctypes.c_int64
 KERNEL = native.Kernel(SOURCE, "cormlm_paged_decode_f32",
                        [_p, _p, _p, _p, _p, _p, _i64, _i64, _i64, _i64, _i64, ctypes.c_float, _i64, _p, _p, _p, _p,
-                        ctypes.c_int, ctypes.c_int])
+                        ctypes.c_int, ctypes.c_int, ctypes.c_int])
 APPEND = native.Kernel(SOURCE, "cormlm_paged_append_f32",
                        [_p, _p, _p, _p, _p, _p, _i64, _p, _i64, _p, _p, _i64, _i64, _i64])
 FREE_SLOTS = native.Kernel(SOURCE, "cormlm_free_slots", [_p, _p, _p, _p, _i64, _i64, _i64, _p, _p])
 graph_path = "torch"  # what compiled decode steps call (choose_for_graphs decides it before tracing)
 _choices: dict[tuple, str] = {}
 _trials: dict[tuple, dict[str, list[float]]] = {}
+# Whether the kernel asks for each thread's next block while it computes one, or leaves the
+# fetching to the hardware prefetchers: which is faster depends on the machine's prefetchers
+# and memory, so it is measured per shape like the paths, in eager calls and graphs alike
+# (run() times the kernel itself: a graph calls it as an opaque operation).
+PREFETCH = ("software", "hardware")
+PREFETCH_ENV = "CORMLM_PAGED_PREFETCH"
+_prefetch_choices: dict[tuple, str] = {}
+_prefetch_trials: dict[tuple, dict[str, list[float]]] = {}
 
 
 _workspace = native.Workspace()
@@ -101,10 +110,28 @@ def run(keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, owner
     # the per-head probabilities: returned for "heads", else scratch
     per_head = (given if given is not None else q.new_empty(nb, g, bs)) if heads else space[work_size:].view(nb, g, bs)
     reduced = (given if given is not None else q.new_empty(nb, 1, bs)) if reduce else per_head
+    threads = torch.get_num_threads()
+    key = (s, trials.power_of_two(nb), g, d, bs, probs, threads)
+    fetch, trial = _choose_prefetch(key)
+    started = time.perf_counter() if trial else 0.0
     kernel(q.data_ptr(), keys.data_ptr(), values.data_ptr(), positions.data_ptr(), owner.data_ptr(), q_pos.data_ptr(),
            s, g, d, nb, bs, scale, window or 0, out.data_ptr(), per_head.data_ptr(), reduced.data_ptr(),
-           work.data_ptr(), PROBS_MODES[probs], torch.get_num_threads())
+           work.data_ptr(), PROBS_MODES[probs], threads, fetch == "software")
+    if trial:
+        trials.record(_prefetch_trials, _prefetch_choices, key, PREFETCH, fetch, time.perf_counter() - started)
     return out, None if probs is None else reduced
+
+
+def _choose_prefetch(key: tuple) -> tuple[str, bool]:
+    """How the kernel fetches blocks for a call keyed ``key`` (forced, decided, or the next
+    trial's) and whether the call is a trial."""
+    forced = trials.forced(PREFETCH_ENV, PREFETCH, "a decode-attention prefetch", "each shape")
+    if forced is not None:
+        return forced, False
+    choice = _prefetch_choices.get(key)
+    if choice is not None:
+        return choice, False
+    return next_trial(PREFETCH, _prefetch_trials.setdefault(key, {})), True
 
 
 def append(keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, tail: torch.Tensor,
@@ -213,14 +240,23 @@ _PROBS_LABEL = {None: "", "heads": ", probabilities", "max": ", group-max probab
                 "sum": ", group-sum probabilities"}
 
 
-def _numeric_order(item: tuple[tuple, str]) -> tuple:
-    key = item[0]
+def _numeric_order(key: tuple) -> tuple:
     return (*key[:5], key[5] or "", key[6])  # (no probabilities sort first)
 
 
 def kernel_status() -> list[str]:
-    """What decode attention runs as, e.g. 'streams 3, up to 64 blocks of 64, group 3, head 64, 2 threads: native'."""
+    """What decode attention runs as, e.g. 'streams 3, up to 64 blocks of 64, group 3, head 64,
+    2 threads: native, hardware prefetch' (graphs call the kernel without a trial against the
+    tensor operations: their shapes show the prefetch alone)."""
     if KERNEL.unavailable:
         return [f"native kernel unavailable ({KERNEL.unavailable[0]}): tensor operations"]
-    return [f"streams {s}, up to {nb} blocks of {bs}, group {g}, head {d}{_PROBS_LABEL[probs]}, {t} threads: {name}"
-            for (s, nb, g, d, bs, probs, t), name in sorted(_choices.items(), key=_numeric_order)]
+    fetch = trials.status(_prefetch_trials, _prefetch_choices, PREFETCH)
+    lines = []
+    for key in sorted(set(_choices) | set(fetch), key=_numeric_order):
+        s, nb, g, d, bs, probs, t = key
+        name = _choices.get(key, "native")
+        if name == "native" and key in fetch:
+            name += f", {fetch[key]} prefetch" if fetch[key] in PREFETCH else f", prefetch {fetch[key]}"
+        lines.append(f"streams {s}, up to {nb} blocks of {bs}, group {g}, head {d}{_PROBS_LABEL[probs]}, {t} threads: "
+                     f"{name}")
+    return lines
