@@ -160,6 +160,9 @@ def main() -> None:
                                    f"time, paged + probabilities (CORM layout) {probs / sdpa:.2f}x, i.e. "
                                    f"{probs / paged:.2f}x paged")
     print("\n" + "\n".join(summary))
+    if paged_kernel.available():  # the kernel's prefetch is a trial per shape, run in the warm-up and first rounds
+        print("\ncormlm decode attention's prefetch per pool shape (the kernel's own trials):")
+        print("\n".join(f"- {line}" for line in paged_kernel.kernel_status()))
 
 
 if __name__ == "__main__":

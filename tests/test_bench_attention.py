@@ -55,3 +55,12 @@ def test_one_summary_line_per_batch_context_and_path(output):
                          r".* (\d+\.\d\d)x paged$", output, re.MULTILINE)
     assert [(int(b), int(c), path) for b, c, path, _ in summary] == [(b, CONTEXT, p) for b in BATCHES for p in PATHS]
     assert all(float(ratio) > 0 for *_, ratio in summary)
+
+
+def test_the_kernels_prefetch_per_shape_is_printed(output):
+    if not paged_kernel.available():
+        pytest.skip("no C kernel here: no prefetch to choose")
+    tail = output[output.index("cormlm decode attention's prefetch per pool shape"):]
+    lines = re.findall(r"^- streams (\d+), up to \d+ blocks of \d+, group 2, head 8(, group-max probabilities)?, 1 threads: "
+                       r"native, ((software|hardware) prefetch|prefetch still measuring \(\d+ of 18 calls\))$", tail, re.MULTILINE)
+    assert {(int(s), bool(p)) for s, p, *_ in lines} == {(b * KV_HEADS, p) for b in BATCHES for p in (False, True)}, tail
