@@ -358,8 +358,8 @@ def test_a_repacked_pool_keeps_every_key_and_fills_its_streams_tails_alike(gqa, 
 def test_decode_steps_store_into_holes_what_tails_would_store(request, monkeypatch, model_name, policy, params):
     """Decode steps of a cache that evicts store each stream's key in the lowest free slot of
     its own blocks: the same live keys, values, positions and state, and the same logits, as
-    storing into tail blocks; a step takes a fresh block only for a stream with no free slot
-    (as many as ``bytes_for_next_token`` said before it); fewer blocks held than with tails."""
+    storing into tail blocks; a step takes fresh blocks only where a stream has no free slot
+    left (as many as ``bytes_for_next_token`` said before it); fewer blocks held than with tails."""
     model = request.getfixturevalue(model_name)
     ids = _ids(2, 90, seed=31)
     taken = []
