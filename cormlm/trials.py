@@ -33,6 +33,16 @@ def status(trials: dict[object, dict[str, list[float]]], choices: dict[object, s
                for key, times in trials.items()}, **choices}
 
 
+def pick(key: object, names: Sequence[str], choices: dict[object, str],
+         trials: dict[object, dict[str, list[float]]]) -> tuple[str, bool]:
+    """``key``'s kept choice, or the next trial's implementation while it is measured, and
+    whether the call is a trial (its time goes to :func:`record`)."""
+    choice = choices.get(key)
+    if choice is not None:
+        return choice, False
+    return next_trial(names, trials.setdefault(key, {})), True
+
+
 def next_trial(names: Sequence[str], times: dict[str, list[float]]) -> str:
     """The implementation to run next for a key still measured: the one run least (the first
     of ``names`` among equals)."""

@@ -1,6 +1,6 @@
 """The in-place trial rule both measured choices share (linear kernels, decode-attention paths)."""
 
-from cormlm.trials import TRIALS, decided, next_trial, power_of_two, status
+from cormlm.trials import TRIALS, decided, next_trial, pick, power_of_two, record, status
 
 
 def _times(**medians: float) -> dict[str, list[float]]:
@@ -70,3 +70,15 @@ def test_the_status_lists_kept_choices_and_the_trials_still_running():
     trials = {"k1": {"a": [1.0] * 3, "b": [1.0] * 2}}
     assert status(trials, {"k2": "b"}, ["a", "b"]) == {"k1": f"still measuring (5 of {2 * (TRIALS + 1)} calls)",
                                                         "k2": "b"}
+
+
+def test_pick_rotates_the_trials_then_keeps_the_choice():
+    choices, trials = {}, {}
+    picked = []
+    for _ in range(2 * (TRIALS + 1)):
+        name, trial = pick("k", ("a", "b"), choices, trials)
+        assert trial
+        picked.append(name)
+        record(trials, choices, "k", ("a", "b"), name, 1.0 if name == "b" else 2.0)
+    assert picked.count("a") == picked.count("b") == TRIALS + 1 and picked[:2] == ["a", "b"]
+    assert pick("k", ("a", "b"), choices, trials) == ("b", False) and trials == {}

@@ -22,7 +22,6 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .. import trials
 from ..models.alibi import alibi_bias
 from ..models.attention_ops import AttentionSpec, upcast
 from . import paged_kernel
@@ -82,7 +81,6 @@ def paged_decode_attention(keys: torch.Tensor, values: torch.Tensor, positions: 
     (a contiguous tensor of as many elements); check whether they landed there."""
     if probs not in paged_kernel.PROBS_MODES:  # never a silent fall-back to another form
         raise ValueError(f"probs must be one of {list(paged_kernel.PROBS_MODES)}, got {probs!r}")
-    s, g, d = q.shape
     fits = paged_kernel.fits(keys, values, positions, owner, q, spec.alibi_slopes is not None)
     if torch.compiler.is_compiling():
         if fits and paged_kernel.graph_path == "native":
@@ -91,12 +89,12 @@ def paged_decode_attention(keys: torch.Tensor, values: torch.Tensor, positions: 
         return tensor_decode_attention(keys, values, positions, owner, q, q_pos, spec, probs)
     # the fused kernel or the tensor operations, whichever measured faster for this shape
     if fits:
-        key = (s, trials.power_of_two(keys.shape[0]), g, d, keys.shape[2], probs, torch.get_num_threads())
+        key = paged_kernel.shape_key(keys, q, probs)
         path, trial = paged_kernel.choose(key)
         started = time.perf_counter() if trial else 0.0
         if path == "native":
             result = paged_kernel.run(keys, values, positions, owner, q, q_pos, spec.scale, spec.sliding_window, probs,
-                                      probs_out)
+                                      probs_out, key)
         else:
             result = tensor_decode_attention(keys, values, positions, owner, q, q_pos, spec, probs)
         if trial:

@@ -31,7 +31,6 @@ from pathlib import Path
 import torch
 
 from .. import native, trials
-from ..trials import next_trial
 
 SOURCE = Path(__file__).with_name("paged_kernel.c")
 FORCE_ENV = "CORMLM_PAGED_KERNEL"
@@ -88,13 +87,21 @@ def fits(keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, owne
 PROBS_MODES = {None: 0, "heads": 1, "max": 2, "sum": 3}  # the kernel's probs_mode for each ``probs``
 
 
+def shape_key(keys: torch.Tensor, q: torch.Tensor, probs: str | None) -> tuple:
+    """How a call's choices are keyed: (streams, pool blocks to a power of two, group, head
+    size, block size, probabilities, threads)."""
+    s, g, d = q.shape
+    return s, trials.power_of_two(keys.shape[0]), g, d, keys.shape[2], probs, torch.get_num_threads()
+
+
 def run(keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, owner: torch.Tensor, q: torch.Tensor,
         q_pos: torch.Tensor, scale: float, window: int | None, probs: str | None,
-        probs_out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        probs_out: torch.Tensor | None = None, key: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The kernel's output [S, G, D] and the probabilities ``probs`` asks for (None: none;
     "heads": [NB, G, block]; "max" / "sum": the group's, [NB, 1, block]; written into
     ``probs_out`` when given, a contiguous tensor of as many elements), the arguments as
-    :func:`cormlm.cache.paged_attention.paged_decode_attention` takes them."""
+    :func:`cormlm.cache.paged_attention.paged_decode_attention` takes them (``key``: the
+    call's :func:`shape_key`, where the caller made it already)."""
     kernel = _library()
     assert kernel is not None, "run() called although the kernel is unavailable"
     s, g, d = q.shape
@@ -110,8 +117,8 @@ def run(keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, owner
     # the per-head probabilities: returned for "heads", else scratch
     per_head = (given if given is not None else q.new_empty(nb, g, bs)) if heads else space[work_size:].view(nb, g, bs)
     reduced = (given if given is not None else q.new_empty(nb, 1, bs)) if reduce else per_head
-    threads = torch.get_num_threads()
-    key = (s, trials.power_of_two(nb), g, d, bs, probs, threads)
+    key = shape_key(keys, q, probs) if key is None else key
+    threads = key[-1]
     fetch, trial = _choose_prefetch(key)
     started = time.perf_counter() if trial else 0.0
     kernel(q.data_ptr(), keys.data_ptr(), values.data_ptr(), positions.data_ptr(), owner.data_ptr(), q_pos.data_ptr(),
@@ -128,10 +135,7 @@ def _choose_prefetch(key: tuple) -> tuple[str, bool]:
     forced = trials.forced(PREFETCH_ENV, PREFETCH, "a decode-attention prefetch", "each shape")
     if forced is not None:
         return forced, False
-    choice = _prefetch_choices.get(key)
-    if choice is not None:
-        return choice, False
-    return next_trial(PREFETCH, _prefetch_trials.setdefault(key, {})), True
+    return trials.pick(key, PREFETCH, _prefetch_choices, _prefetch_trials)
 
 
 def append(keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, tail: torch.Tensor,
@@ -222,13 +226,9 @@ def choose(key: tuple) -> tuple[str, bool]:
     forced = _forced()
     if forced is not None:
         return (forced if forced == "torch" or _library() is not None else "torch"), False
-    choice = _choices.get(key)
-    if choice is not None:
-        return choice, False
-    if _library() is None:
+    if key not in _choices and _library() is None:
         _choices[key] = "torch"
-        return "torch", False
-    return next_trial(PATHS, _trials.setdefault(key, {})), True
+    return trials.pick(key, PATHS, _choices, _trials)
 
 
 def record(key: tuple, path: str, seconds: float) -> None:

@@ -70,12 +70,9 @@ class SlotIndex:
                     tensor[new] = self.state[name][old]
         self.positions, self.owner, self.state = positions, owner, state
         self.spans, self.starts = list(spans), starts
-        self._bounds: torch.Tensor | None = None  # (starts, sizes) for C, made when next asked
-        # [rows]: the region (layer) of each row, spare rows included, and the row's index in it
+        self._bounds: torch.Tensor | None = None  # see bounds()
+        # [rows]: the region (layer) of each row, spare rows included
         self.region_of_row = torch.arange(len(spans), device=dev).repeat_interleave(torch.tensor(spans, device=dev))
-        self.row_in_region = torch.arange(total, device=dev) - torch.tensor(starts, dtype=torch.long,
-                                                                              device=dev)[self.region_of_row]
-        self.first_slot = torch.tensor(starts, dtype=torch.long, device=dev)[:, None] * bs  # [regions, 1]
 
     def reserve(self, rows: list[int]) -> None:
         """Each region is about to grow to ``rows[region]`` rows: make room for all of them in one
@@ -129,6 +126,12 @@ class SlotIndex:
         return self.positions[rows], self.owner[rows], {name: tensor[rows] for name, tensor in self.state.items()}
 
     # --------------------------------------------------------------- free slots
+    def bounds(self) -> torch.Tensor:
+        """[2, regions]: each region's first row and its used rows (made again after a resize)."""
+        if self._bounds is None:
+            self._bounds = torch.tensor([self.starts, self.sizes], dtype=torch.long, device=self.device)
+        return self._bounds
+
     def free_slots(self, streams: int) -> tuple[torch.Tensor, torch.Tensor]:
         """[regions, streams] each: each stream's lowest free slot among its pool's blocks that
         it owns (the pool's slot id; -1 where it has none), and how many free slots those
@@ -137,14 +140,13 @@ class SlotIndex:
         Why: a stream that evicts keys can store its next ones in the holes they leave, so that
         a pool under eviction neither takes fresh blocks nor needs repacking as often."""
         regions = len(self.spans)
-        if self._bounds is None:
-            self._bounds = torch.tensor([self.starts, self.sizes], dtype=torch.long)
-        found = paged_kernel.free_slots(self.positions, self.owner, self._bounds, streams)
+        found = paged_kernel.free_slots(self.positions, self.owner, self.bounds(), streams)
         if found is not None:
             return found[0].view(regions, streams), found[1].view(regions, streams)
         free = (self.positions < 0) & (self.owner >= 0)[:, None]
         row_free = free.sum(dim=1)
-        slot = self.row_in_region * self.block_size + free.to(torch.uint8).argmax(dim=1)  # (argmax: the first)
+        row_in_region = torch.arange(len(free), device=self.device) - self.bounds()[0][self.region_of_row]
+        slot = row_in_region * self.block_size + free.to(torch.uint8).argmax(dim=1)  # (argmax: the first)
         stream = torch.where(row_free > 0, self.region_of_row * streams + self.owner, regions * streams)
         none = torch.iinfo(torch.long).max
         lowest = torch.full((regions * streams + 1,), none, dtype=torch.long, device=self.device)
@@ -155,7 +157,7 @@ class SlotIndex:
 
     def make_fresh(self, slots: torch.Tensor) -> None:
         """Reset the policy state of ``slots`` [regions, n] (each region's slot ids) to fresh."""
-        flat = (slots + self.first_slot).view(-1)
+        flat = (slots + self.bounds()[0][:, None] * self.block_size).view(-1)
         for name, (_, fresh) in self.state_fields.items():
             self.state[name].view(-1).index_fill_(0, flat, fresh)
 

@@ -23,7 +23,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .. import trials
-from ..trials import next_trial
 
 if TYPE_CHECKING:
     from .transformer import Block
@@ -46,10 +45,8 @@ def choose(half: str, x: torch.Tensor) -> tuple[str, tuple | None]:
         return forced, None
     key = (half, x.shape[-1], trials.power_of_two(x.numel() // x.shape[-1]), str(x.dtype).removeprefix("torch."),
            torch.get_num_threads())
-    choice = _choices.get(key)
-    if choice is not None:
-        return choice, None
-    return next_trial(PATHS, _trials.setdefault(key, {})), key
+    path, trial = trials.pick(key, PATHS, _choices, _trials)
+    return path, key if trial else None
 
 
 def measured_halves(block: Block) -> tuple[Callable[..., Any], Callable[..., Any]]:
